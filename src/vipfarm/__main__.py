@@ -1,0 +1,3 @@
+from vipfarm.cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""Validated data shared by the data path, the lab and (later) the farm configuration.
+
+Pydantic models with `extra="forbid"` so that a misspelt key is an error, not a silent default.
+Everything here is plain data; nothing touches the kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Affinity(StrEnum):
+    """What the bucket hash is computed over."""
+
+    CLIENT_IP = "client-ip"
+    CLIENT_IP_PORT = "client-ip-port"
+    CLIENT_SUBNET = "client-subnet"
+
+
+class Proto(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule(_Strict):
+    """One balanced service: a VIP, a protocol, a port or port range, and the affinity."""
+
+    vip: IPAddress
+    proto: Proto = Proto.TCP
+    port: int = Field(ge=1, le=65535, description="first (or only) port")
+    port_end: int | None = Field(default=None, ge=1, le=65535, description="last port of a range")
+    affinity: Affinity = Affinity.CLIENT_IP
+    prefix4: Annotated[int, Field(ge=1, le=32)] = 24
+    prefix6: Annotated[int, Field(ge=1, le=128)] = 64
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> Rule:
+        if self.port_end is not None and self.port_end < self.port:
+            raise ValueError(
+                f"port range {self.port}-{self.port_end} is reversed: write it as "
+                f"{self.port_end}-{self.port}"
+            )
+        return self
+
+    @property
+    def ports_text(self) -> str:
+        if self.port_end is None or self.port_end == self.port:
+            return str(self.port)
+        return f"{self.port}-{self.port_end}"
+
+
+def vmac_for(farm: str, vip: IPAddress) -> str:
+    """The virtual MAC of a VIP: locally administered unicast (02:...), stable per farm and VIP.
+
+    Every node computes the same value, so no coordination is needed.
+    """
+    digest = hashlib.sha256(f"vipfarm\0{farm}\0{vip}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+class DatapathSpec(_Strict):
+    """Everything the kernel data path of one node needs, except which buckets it owns."""
+
+    farm: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,15}$")
+    interface: str = Field(min_length=1, max_length=15, description="LAN interface (e.g. eth0)")
+    rules: list[Rule] = Field(min_length=1)
+    buckets: int = Field(default=256, ge=1, le=4096)
+    seed: int = Field(default=0x5EED, ge=0, le=0xFFFFFFFF)
+    lease_s: float = Field(default=3.0, gt=0, le=3600)
+
+    @field_validator("rules")
+    @classmethod
+    def _no_overlap(cls, rules: list[Rule]) -> list[Rule]:
+        seen: list[Rule] = []
+        for r in rules:
+            lo, hi = r.port, r.port_end or r.port
+            for s in seen:
+                slo, shi = s.port, s.port_end or s.port
+                if s.vip == r.vip and s.proto == r.proto and lo <= shi and slo <= hi:
+                    raise ValueError(
+                        f"rules overlap: {r.vip} {r.proto} {r.ports_text} and {s.ports_text}; "
+                        "each port of a VIP may belong to one rule only"
+                    )
+            seen.append(r)
+        return rules
+
+    @property
+    def vips(self) -> list[IPAddress]:
+        out: list[IPAddress] = []
+        for r in self.rules:
+            if r.vip not in out:
+                out.append(r.vip)
+        return out
+
+    def vmac(self, vip: IPAddress) -> str:
+        return vmac_for(self.farm, vip)
+
+
+class NodeDatapathSpec(_Strict):
+    """What a stand-alone data path runner reads: the spec plus the buckets this node owns."""
+
+    datapath: DatapathSpec
+    owned: list[int] = Field(default_factory=list)
