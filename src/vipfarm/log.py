@@ -34,8 +34,6 @@ def setup(level: int = logging.INFO, stream: Any = None) -> None:
     root.setLevel(level)
     if not any(getattr(h, "_vipfarm", False) for h in root.handlers):
         handler = logging.StreamHandler(stream or sys.stdout)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         handler._vipfarm = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -1,0 +1,177 @@
+"""ARP for the VIPs: clients must learn VIP -> VMAC, from every node, without any node ever
+sending a frame whose Ethernet source is the VMAC (DESIGN section 3, step 2).
+
+`ArpResponder` is pure: it is fed raw Ethernet frames and returns the frames to send. It answers
+requests for a VIP, broadcast or unicast to the VMAC (clients re-check stale entries that way),
+with Ethernet source = this node's real MAC and ARP sender hardware address = the VMAC. Every node
+answers; the answers are identical, so the client's cache ends on the VMAC whichever comes last.
+`gratuitous()` builds the broadcasts sent on start and on every change of ownership, which refresh
+existing client entries (Linux updates, but does not create, entries from gratuitous ARP).
+
+`ArpService` is the thin I/O part: an AF_PACKET socket bound to the LAN interface and ETH_P_ARP,
+read from the asyncio loop. Receive and send errors are counted, never raised into the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+from vipfarm.log import event
+
+log = logging.getLogger("vipfarm.datapath.arp")
+
+ETH_P_ARP = 0x0806
+ETH_P_IP = 0x0800
+BROADCAST = b"\xff" * 6
+ZERO_MAC = b"\x00" * 6
+_ETH = struct.Struct("!6s6sH")
+_ARP = struct.Struct("!HHBBH6s4s6s4s")
+OP_REQUEST = 1
+OP_REPLY = 2
+
+
+def mac_bytes(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True, slots=True)
+class Arp:
+    eth_dst: bytes
+    eth_src: bytes
+    op: int
+    sha: bytes
+    spa: ipaddress.IPv4Address
+    tha: bytes
+    tpa: ipaddress.IPv4Address
+
+    def to_frame(self) -> bytes:
+        frame = _ETH.pack(self.eth_dst, self.eth_src, ETH_P_ARP) + _ARP.pack(
+            1, ETH_P_IP, 6, 4, self.op, self.sha, self.spa.packed, self.tha, self.tpa.packed
+        )
+        return frame.ljust(60, b"\x00")  # minimum Ethernet payload
+
+    @classmethod
+    def parse(cls, frame: bytes) -> Arp | None:
+        """None for anything that is not an Ethernet/IPv4 ARP request or reply."""
+        if len(frame) < _ETH.size + _ARP.size:
+            return None
+        dst, src, ethertype = _ETH.unpack_from(frame)
+        if ethertype != ETH_P_ARP:
+            return None
+        htype, ptype, hlen, plen, op, sha, spa, tha, tpa = _ARP.unpack_from(frame, _ETH.size)
+        if (htype, ptype, hlen, plen) != (1, ETH_P_IP, 6, 4) or op not in (OP_REQUEST, OP_REPLY):
+            return None
+        return cls(dst, src, op, sha, ipaddress.IPv4Address(spa), tha, ipaddress.IPv4Address(tpa))
+
+
+class ArpResponder:
+    """Pure ARP logic for one interface: which frames to answer, and with what."""
+
+    def __init__(self, node_mac: str, vmacs: dict[ipaddress.IPv4Address, str]) -> None:
+        self.node_mac = mac_bytes(node_mac)
+        self.vmacs = {vip: mac_bytes(m) for vip, m in vmacs.items()}
+        self.counters: Counter[str] = Counter()
+
+    def handle(self, frame: bytes) -> bytes | None:
+        arp = Arp.parse(frame)
+        if arp is None:
+            self.counters["ignored"] += 1
+            return None
+        vmac = self.vmacs.get(arp.tpa)
+        if arp.op != OP_REQUEST or vmac is None:
+            self.counters["ignored"] += 1
+            return None
+        if arp.sha in self.vmacs.values() or arp.eth_src == self.node_mac:
+            self.counters["own"] += 1  # a gratuitous ARP of this farm, or our own frame
+            return None
+        if arp.eth_dst not in (BROADCAST, vmac, self.node_mac):
+            self.counters["ignored"] += 1
+            return None
+        self.counters["answered"] += 1
+        return Arp(
+            eth_dst=arp.eth_src,
+            eth_src=self.node_mac,
+            op=OP_REPLY,
+            sha=vmac,
+            spa=arp.tpa,
+            tha=arp.sha,
+            tpa=arp.spa,
+        ).to_frame()
+
+    def gratuitous(self) -> list[bytes]:
+        return [
+            Arp(BROADCAST, self.node_mac, OP_REQUEST, vmac, vip, ZERO_MAC, vip).to_frame()
+            for vip, vmac in sorted(self.vmacs.items())
+        ]
+
+
+class ArpService:
+    """Runs an `ArpResponder` on a raw socket from the asyncio loop."""
+
+    def __init__(self, interface: str, responder: ArpResponder) -> None:
+        self.interface = interface
+        self.responder = responder
+        self.counters = responder.counters
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        try:
+            sock.bind((self.interface, ETH_P_ARP))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+        event(log, "arp_started", interface=self.interface, vips=len(self.responder.vmacs))
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        for _ in range(64):  # bounded, so a flood cannot starve the loop
+            try:
+                frame = self._sock.recv(2048)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.counters["recv_errors"] += 1
+                return
+            reply = self.responder.handle(frame)
+            if reply is not None:
+                self._send(reply)
+
+    def _send(self, frame: bytes) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.send(frame)
+        except OSError:
+            self.counters["send_errors"] += 1
+
+    def announce(self) -> None:
+        """Gratuitous ARP for every VIP."""
+        for frame in self.responder.gratuitous():
+            self._send(frame)
+        self.counters["gratuitous"] += 1

@@ -1,0 +1,238 @@
+"""The data path of one node: ruleset, owned buckets with leases, VIPs on `lo`, sysctls.
+
+`Datapath` turns a `DatapathSpec` into kernel state through a `Kernel` and takes it away again.
+`start` applies in an order where every intermediate state is safe (ARP sysctls before the VIP
+exists, the ruleset before the VIP so nothing is accepted unfiltered, an empty owned set before
+the real one), and undoes what it did if any step fails, so a failed start leaves nothing behind.
+Original sysctl values are saved in a state file before the first change and that file survives a
+crash, so a later `stop` (or the next start's cleanup) restores the operator's values, not ours.
+
+Owned buckets are leases: `set_owned` replaces the whole set in one transaction and `refresh`
+re-leases it; the return value is always read back from the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from vipfarm.datapath import ruleset
+from vipfarm.datapath.kernel import DatapathError, Kernel
+from vipfarm.log import event
+from vipfarm.model import DatapathSpec, IPAddress
+
+log = logging.getLogger("vipfarm.datapath")
+
+VIP_INTERFACE = "lo"
+
+
+def sysctl_settings(interface: str) -> dict[str, str]:
+    """DESIGN section 3: never answer ARP for the VIP from the kernel, never announce it, and never
+    pick up a TCP flow from its middle."""
+    return {
+        "net.ipv4.conf.all.arp_ignore": "1",
+        f"net.ipv4.conf.{interface}.arp_ignore": "1",
+        "net.ipv4.conf.all.arp_announce": "2",
+        f"net.ipv4.conf.{interface}.arp_announce": "2",
+        "net.netfilter.nf_conntrack_tcp_loose": "0",
+    }
+
+
+class Datapath:
+    def __init__(self, spec: DatapathSpec, kernel: Kernel, state_dir: Path) -> None:
+        self.spec = spec
+        self.kernel = kernel
+        self.state_dir = state_dir
+        self._owned: frozenset[int] = frozenset()
+        self._vips_added: list[IPAddress] = []
+        self._macs_added: list[str] = []
+
+    @property
+    def _sysctl_file(self) -> Path:
+        return self.state_dir / f"{self.spec.farm}.sysctl.json"
+
+    # checks
+    def preflight(self) -> None:
+        """Refuse to start when the node cannot host this spec; names the fix."""
+        spec = self.spec
+        if not self.kernel.link_exists(spec.interface):
+            raise DatapathError(
+                f"interface {spec.interface!r} does not exist on this node: set the node's "
+                "LAN interface to one shown by `ip link`"
+            )
+        for ifname, addrs in self.kernel.addresses().items():
+            if ifname == VIP_INTERFACE:
+                continue
+            for vip in spec.vips:
+                if vip in addrs:
+                    raise DatapathError(
+                        f"VIP {vip} is already an address of {ifname} on this node: a VIP must "
+                        f"live on lo only (ip addr del {vip} dev {ifname}) or choose another VIP"
+                    )
+        if spec.vips and any(v.version == 4 for v in spec.vips):
+            for name in sysctl_settings(spec.interface):
+                if name.startswith("net.ipv4") and self.kernel.read_sysctl(name) is None:
+                    raise DatapathError(f"sysctl {name} is missing: is IPv4 disabled here?")
+
+    # start / stop
+    def start(self, owned: Iterable[int] = ()) -> frozenset[int]:
+        self.preflight()
+        undo: list[Callable[[], None]] = []
+        try:
+            self._save_sysctls()
+            undo.append(self._restore_sysctls)
+            for name, value in sysctl_settings(self.spec.interface).items():
+                if not name.startswith("net.netfilter"):
+                    self.kernel.write_sysctl(name, value)
+            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec))
+            undo.append(lambda: self.kernel.nft_apply(ruleset.remove_batch(self.spec.farm)))
+            # conntrack is loaded by the ruleset's `ct` expressions, so its sysctl exists only now.
+            self.kernel.write_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
+            undo.append(self._remove_macs)
+            self._add_macs(self.spec)
+            undo.append(self._remove_vips)
+            self._add_vips(self.spec)
+            result = self.set_owned(owned)
+        except Exception:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception as e:  # keep undoing: a partial undo is worse
+                    event(log, "undo_failed", logging.ERROR, error=e)
+            raise
+        event(
+            log,
+            "datapath_started",
+            farm=self.spec.farm,
+            interface=self.spec.interface,
+            vips=",".join(map(str, self.spec.vips)),
+            rules=len(self.spec.rules),
+            owned=len(result),
+        )
+        return result
+
+    def stop(self) -> None:
+        """Remove every trace; keeps going past failures and reports them all at the end."""
+        errors: list[str] = []
+        for step in (
+            self._remove_vips,
+            self._remove_macs,
+            lambda: self.kernel.nft_apply(ruleset.remove_batch(self.spec.farm)),
+            self._restore_sysctls,
+        ):
+            try:
+                step()
+            except Exception as e:
+                errors.append(str(e))
+        self._owned = frozenset()
+        event(log, "datapath_stopped", farm=self.spec.farm, errors=len(errors))
+        if errors:
+            raise DatapathError("; ".join(errors))
+
+    def update(self, spec: DatapathSpec) -> frozenset[int]:
+        """Apply new rules or VIPs in place; owned buckets and their leases survive."""
+        if spec.farm != self.spec.farm or spec.interface != self.spec.interface:
+            raise DatapathError(
+                "farm name or interface changed: stop the data path and start it again"
+            )
+        if spec.buckets != self.spec.buckets or spec.seed != self.spec.seed:
+            # Every bucket means something else now: start from nothing owned.
+            self._owned = frozenset()
+        old_vips = set(self.spec.vips)
+        self.spec = spec
+        self.kernel.nft_apply(ruleset.ruleset_batch(spec))
+        self._add_macs(spec)
+        self._add_vips(spec)
+        for vip in old_vips - set(spec.vips):
+            self._del_vip(vip)
+        self._remove_macs(keep={spec.vmac(v) for v in spec.vips})
+        return self.set_owned(self._owned)
+
+    # owned buckets
+    def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
+        wanted = frozenset(buckets)
+        bad = sorted(b for b in wanted if not 0 <= b < self.spec.buckets)
+        if bad:
+            raise DatapathError(
+                f"bucket(s) {bad[:5]} out of range: buckets are 0..{self.spec.buckets - 1}"
+            )
+        self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s)
+        self._owned = wanted
+        return self.read_owned()
+
+    def refresh(self) -> frozenset[int]:
+        """Renew the lease of every owned bucket."""
+        return self.set_owned(self._owned)
+
+    def read_owned(self) -> frozenset[int]:
+        got = self.kernel.nft_read_owned(self.spec.farm)
+        return got if got is not None else frozenset()
+
+    @property
+    def intended(self) -> frozenset[int]:
+        return self._owned
+
+    # pieces
+    def _save_sysctls(self) -> None:
+        if self._sysctl_file.exists():  # left by a crashed run: it holds the true originals
+            return
+        saved = {
+            name: value
+            for name in sysctl_settings(self.spec.interface)
+            if (value := self.kernel.read_sysctl(name)) is not None
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._sysctl_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(self._sysctl_file)
+
+    def _restore_sysctls(self) -> None:
+        try:
+            saved: dict[str, str] = json.loads(self._sysctl_file.read_text())
+        except FileNotFoundError:
+            return
+        for name, value in saved.items():
+            if self.kernel.read_sysctl(name) is not None:
+                self.kernel.write_sysctl(name, value)
+        self._sysctl_file.unlink()
+
+    def _add_vips(self, spec: DatapathSpec) -> None:
+        present = set(self.kernel.addresses().get(VIP_INTERFACE, []))
+        for vip in spec.vips:
+            if vip not in present:
+                self.kernel.add_address(VIP_INTERFACE, vip)
+            if vip not in self._vips_added:
+                self._vips_added.append(vip)
+
+    def _del_vip(self, vip: IPAddress) -> None:
+        if vip in self.kernel.addresses().get(VIP_INTERFACE, []):
+            self.kernel.del_address(VIP_INTERFACE, vip)
+        if vip in self._vips_added:
+            self._vips_added.remove(vip)
+
+    def _remove_vips(self) -> None:
+        # Also VIPs a crashed earlier run left: every VIP of the spec is ours by definition.
+        for vip in list(dict.fromkeys([*self._vips_added, *self.spec.vips])):
+            self._del_vip(vip)
+
+    def _add_macs(self, spec: DatapathSpec) -> None:
+        for vip in spec.vips:
+            mac = spec.vmac(vip)
+            if mac not in self._macs_added:
+                try:
+                    self.kernel.add_uc_mac(spec.interface, mac)
+                except Exception as e:  # a NIC with no unicast filter list: frames still flood
+                    event(log, "vmac_filter_failed", logging.WARNING, mac=mac, error=e)
+                self._macs_added.append(mac)
+
+    def _remove_macs(self, keep: set[str] | None = None) -> None:
+        for mac in list(self._macs_added):
+            if keep and mac in keep:
+                continue
+            try:
+                self.kernel.del_uc_mac(self.spec.interface, mac)
+            except Exception as e:
+                event(log, "vmac_filter_remove_failed", logging.WARNING, mac=mac, error=e)
+            self._macs_added.remove(mac)

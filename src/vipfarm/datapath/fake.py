@@ -1,0 +1,100 @@
+"""In-memory stand-in for `LinuxKernel`, for unit tests of the data path logic.
+
+It models what the logic relies on: tables appear and disappear with the JSON batches, owned
+buckets expire with their lease on an injected clock, addresses and sysctls are dictionaries.
+`fail_on` makes a named operation raise, to test rollback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vipfarm.datapath import ruleset
+from vipfarm.datapath.kernel import DatapathError
+from vipfarm.model import IPAddress
+
+
+class FakeKernel:
+    def __init__(self, clock: Callable[[], float], links: dict[str, str] | None = None) -> None:
+        self.clock = clock
+        self.links = links if links is not None else {"lo": "00:00:00:00:00:00"}
+        self.tables: set[tuple[str, str]] = set()
+        self.batches: list[list[dict[str, Any]]] = []
+        self.owned: dict[str, dict[int, float]] = {}  # farm -> bucket -> expiry
+        self.addrs: dict[str, list[IPAddress]] = {name: [] for name in self.links}
+        self.sysctls: dict[str, str] = {}
+        self.uc_macs: dict[str, set[str]] = {}
+        self.fail_on: set[str] = set()
+
+    def _maybe_fail(self, op: str) -> None:
+        if op in self.fail_on:
+            raise DatapathError(f"injected failure in {op}")
+
+    def nft_apply(self, batch: list[dict[str, Any]]) -> None:
+        self._maybe_fail("nft_apply")
+        tables = set(self.tables)
+        for cmd in batch:
+            for verb, obj in cmd.items():
+                if "table" in obj and "name" in obj["table"]:
+                    key = (obj["table"]["family"], obj["table"]["name"])
+                    if verb == "add":
+                        tables.add(key)
+                    elif verb == "delete":
+                        tables.discard(key)
+                        if key[0] == "inet":
+                            self.owned.pop(key[1], None)
+        self.tables = tables
+        self.batches.append(batch)
+
+    def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
+        self._maybe_fail("nft_set_owned")
+        if ("inet", ruleset.table_name(farm)) not in self.tables:
+            raise DatapathError(f"no table for farm {farm}")
+        expiry = self.clock() + lease_s
+        self.owned[ruleset.table_name(farm)] = {b: expiry for b in buckets}
+
+    def nft_read_owned(self, farm: str) -> frozenset[int] | None:
+        t = ruleset.table_name(farm)
+        if ("inet", t) not in self.tables:
+            return None
+        now = self.clock()
+        return frozenset(b for b, exp in self.owned.get(t, {}).items() if exp > now)
+
+    def nft_tables(self) -> list[tuple[str, str]]:
+        return sorted(self.tables)
+
+    def link_exists(self, ifname: str) -> bool:
+        return ifname in self.links
+
+    def link_mac(self, ifname: str) -> str:
+        if ifname not in self.links:
+            raise DatapathError(f"interface {ifname!r} does not exist")
+        return self.links[ifname]
+
+    def addresses(self) -> dict[str, list[IPAddress]]:
+        return {k: list(v) for k, v in self.addrs.items()}
+
+    def add_address(self, ifname: str, addr: IPAddress) -> None:
+        self._maybe_fail("add_address")
+        if addr in self.addrs.setdefault(ifname, []):
+            raise DatapathError(f"address {addr} exists")
+        self.addrs[ifname].append(addr)
+
+    def del_address(self, ifname: str, addr: IPAddress) -> None:
+        self.addrs.get(ifname, []).remove(addr)
+
+    def read_sysctl(self, name: str) -> str | None:
+        return self.sysctls.get(name)
+
+    def write_sysctl(self, name: str, value: str) -> None:
+        self._maybe_fail("write_sysctl")
+        if name not in self.sysctls:
+            raise DatapathError(f"no sysctl {name}")
+        self.sysctls[name] = value
+
+    def add_uc_mac(self, ifname: str, mac: str) -> None:
+        self.uc_macs.setdefault(ifname, set()).add(mac)
+
+    def del_uc_mac(self, ifname: str, mac: str) -> None:
+        self.uc_macs.get(ifname, set()).discard(mac)

@@ -1,0 +1,190 @@
+"""The narrow interface between the data path logic and the Linux kernel.
+
+`Kernel` lists every kernel operation the data path needs; `LinuxKernel` does them with
+libnftables (JSON API for the ruleset, its text syntax for leases), pyroute2 (addresses,
+unicast MAC filter) and /proc/sys; `vipfarm.datapath.fake.FakeKernel` keeps the same state in
+memory for unit tests. Every method acts on the network namespace of the calling process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from vipfarm.datapath import ruleset
+from vipfarm.model import IPAddress
+
+
+class DatapathError(Exception):
+    """A data path operation failed; the message says what and how to fix it."""
+
+
+class Kernel(Protocol):
+    def nft_apply(self, batch: list[dict[str, Any]]) -> None: ...
+    def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None: ...
+    def nft_read_owned(self, farm: str) -> frozenset[int] | None:
+        """The owned set, or None when the farm's table does not exist."""
+        ...
+
+    def nft_tables(self) -> list[tuple[str, str]]: ...
+    def link_mac(self, ifname: str) -> str: ...
+    def link_exists(self, ifname: str) -> bool: ...
+    def addresses(self) -> dict[str, list[IPAddress]]:
+        """Every address of the namespace, by interface name."""
+        ...
+
+    def add_address(self, ifname: str, addr: IPAddress) -> None: ...
+    def del_address(self, ifname: str, addr: IPAddress) -> None: ...
+    def read_sysctl(self, name: str) -> str | None: ...
+    def write_sysctl(self, name: str, value: str) -> None: ...
+    def add_uc_mac(self, ifname: str, mac: str) -> None: ...
+    def del_uc_mac(self, ifname: str, mac: str) -> None: ...
+
+
+T = TypeVar("T")
+NTF_SELF = 0x02
+NUD_PERMANENT = 0x80
+
+
+def _new_iproute() -> Any:
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+class LinuxKernel:
+    """The real kernel of the current network namespace."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables
+        except ImportError as e:  # pragma: no cover - depends on the host
+            raise DatapathError(
+                "the nftables Python binding is missing: install the project's dependencies "
+                "(pip install pip-nftables) and the nftables package (apt-get install nftables)"
+            ) from e
+        try:
+            self._nft = nftables.Nftables()
+        except OSError as e:  # libnftables.so.1 not found
+            raise DatapathError(
+                f"libnftables cannot be loaded ({e}): apt-get install nftables"
+            ) from e
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+        # pyroute2 0.9's synchronous IPRoute runs its own event loop and refuses to work in a
+        # thread where one is already running (the daemon's), so it lives in a thread of its own.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        self._ipr: Any = self._pool.submit(_new_iproute).result()
+
+    def _nl(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._nl(self._ipr.close)
+        self._pool.shutdown()
+
+    # nftables
+    def _check(self, rc: int, err: str, what: str) -> None:
+        if rc != 0:
+            msg = err.strip() or f"exit code {rc}"
+            if "Operation not permitted" in msg:
+                msg += " (run as root, or with CAP_NET_ADMIN)"
+            raise DatapathError(f"nftables refused to {what}: {msg}")
+
+    def nft_apply(self, batch: list[dict[str, Any]]) -> None:
+        rc, _out, err = self._nft.json_cmd({"nftables": batch})
+        self._check(rc, err, "apply the ruleset")
+
+    def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
+        rc, _out, err = self._nft.cmd(ruleset.owned_text(farm, buckets, lease_s))
+        self._check(rc, err, "update the owned buckets")
+
+    def nft_read_owned(self, farm: str) -> frozenset[int] | None:
+        t = ruleset.table_name(farm)
+        rc, out, err = self._nft.cmd(f"list set inet {t} {ruleset.OWNED_SET}")
+        if rc != 0:
+            if "No such file or directory" in err or "does not exist" in err:
+                return None
+            self._check(rc, err, "read the owned buckets")
+        return ruleset.parse_owned(json.loads(out))
+
+    def nft_tables(self) -> list[tuple[str, str]]:
+        rc, out, err = self._nft.cmd("list tables")
+        self._check(rc, err, "list tables")
+        data = json.loads(out) if out.strip() else {}
+        return [
+            (o["table"]["family"], o["table"]["name"])
+            for o in data.get("nftables", [])
+            if "table" in o
+        ]
+
+    # links and addresses
+    def _index(self, ifname: str) -> int:
+        idx = self._nl(self._ipr.link_lookup, ifname=ifname)
+        if not idx:
+            raise DatapathError(f"interface {ifname!r} does not exist (see `ip link`)")
+        return int(idx[0])
+
+    def link_exists(self, ifname: str) -> bool:
+        return bool(self._nl(self._ipr.link_lookup, ifname=ifname))
+
+    def link_mac(self, ifname: str) -> str:
+        idx = self._index(ifname)
+        link = self._nl(lambda: list(self._ipr.get_links(idx)))[0]
+        return str(link.get_attr("IFLA_ADDRESS"))
+
+    def addresses(self) -> dict[str, list[IPAddress]]:
+        import ipaddress
+
+        links = self._nl(lambda: list(self._ipr.get_links()))
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        out: dict[str, list[IPAddress]] = {}
+        for a in self._nl(lambda: list(self._ipr.get_addr())):
+            name = names.get(a["index"], str(a["index"]))
+            out.setdefault(name, []).append(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
+        return out
+
+    def add_address(self, ifname: str, addr: IPAddress) -> None:
+        plen = 32 if addr.version == 4 else 128
+        idx = self._index(ifname)
+        self._nl(self._ipr.addr, "add", index=idx, address=str(addr), prefixlen=plen)
+
+    def del_address(self, ifname: str, addr: IPAddress) -> None:
+        plen = 32 if addr.version == 4 else 128
+        idx = self._index(ifname)
+        self._nl(self._ipr.addr, "del", index=idx, address=str(addr), prefixlen=plen)
+
+    # The VMAC goes into the NIC's unicast filter (like `bridge fdb add MAC dev IF self`), so a real
+    # NIC delivers VMAC frames without promiscuous mode.
+    def add_uc_mac(self, ifname: str, mac: str) -> None:
+        self._fdb("replace", ifname, mac)
+
+    def del_uc_mac(self, ifname: str, mac: str) -> None:
+        self._fdb("del", ifname, mac)
+
+    def _fdb(self, verb: str, ifname: str, mac: str) -> None:
+        idx = self._index(ifname)
+        self._nl(self._ipr.fdb, verb, ifindex=idx, lladdr=mac, state=NUD_PERMANENT, flags=NTF_SELF)
+
+    # sysctl
+    @staticmethod
+    def _sysctl_path(name: str) -> Path:
+        return Path("/proc/sys") / name.replace(".", "/")
+
+    def read_sysctl(self, name: str) -> str | None:
+        try:
+            return self._sysctl_path(name).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def write_sysctl(self, name: str, value: str) -> None:
+        try:
+            with open(self._sysctl_path(name), "w") as f:
+                f.write(value)
+        except OSError as e:
+            msg = os.strerror(e.errno or 0)
+            raise DatapathError(f"cannot set sysctl {name}={value}: {msg}") from e
