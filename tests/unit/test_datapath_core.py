@@ -1,0 +1,116 @@
+"""`Datapath` against the in-memory kernel: ordering, rollback, leases, read back."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from vipfarm.datapath.core import Datapath, sysctl_settings
+from vipfarm.datapath.fake import FakeKernel
+from vipfarm.datapath.kernel import DatapathError
+from vipfarm.model import DatapathSpec, Rule
+
+V4 = ipaddress.ip_address("198.51.100.100")
+V4B = ipaddress.ip_address("198.51.100.101")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(tmp_path: Path) -> tuple[Datapath, FakeKernel, Clock]:
+    clock = Clock()
+    k = FakeKernel(clock, links={"lo": "00:00:00:00:00:00", "eth0": "52:54:00:00:00:01"})
+    k.sysctls = {name: "0" for name in sysctl_settings("eth0")}
+    k.sysctls["net.netfilter.nf_conntrack_tcp_loose"] = "1"
+    spec = DatapathSpec(farm="web", interface="eth0", rules=[Rule(vip=V4, port=80)], lease_s=3)
+    return Datapath(spec, k, tmp_path), k, clock
+
+
+def test_start_applies_everything_and_stop_removes_it(tmp_path: Path) -> None:
+    dp, k, _ = make(tmp_path)
+    before = dict(k.sysctls)
+    assert dp.start([1, 2, 3]) == {1, 2, 3}
+    assert ("inet", "vipfarm_web") in k.tables and ("netdev", "vipfarm_web") in k.tables
+    assert V4 in k.addrs["lo"]
+    assert k.sysctls["net.ipv4.conf.eth0.arp_ignore"] == "1"
+    assert k.sysctls["net.ipv4.conf.all.arp_announce"] == "2"
+    assert k.sysctls["net.netfilter.nf_conntrack_tcp_loose"] == "0"
+    assert k.uc_macs["eth0"] == {dp.spec.vmac(V4)}
+    dp.stop()
+    assert k.tables == set() and k.addrs["lo"] == [] and k.uc_macs["eth0"] == set()
+    assert k.sysctls == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_start_leaves_nothing(tmp_path: Path) -> None:
+    dp, k, _ = make(tmp_path)
+    before = dict(k.sysctls)
+    k.fail_on.add("add_address")
+    with pytest.raises(DatapathError, match="injected"):
+        dp.start([1])
+    assert k.tables == set() and k.addrs["lo"] == [] and k.sysctls == before
+    assert k.uc_macs.get("eth0", set()) == set()
+
+
+def test_lease_expires_unless_refreshed(tmp_path: Path) -> None:
+    dp, _, clock = make(tmp_path)
+    dp.start(range(10))
+    clock.t += 2
+    assert dp.refresh() == set(range(10))
+    clock.t += 2.9
+    assert dp.read_owned() == set(range(10))
+    clock.t += 0.2
+    assert dp.read_owned() == set()
+
+
+def test_set_owned_replaces_and_reads_back(tmp_path: Path) -> None:
+    dp, _, _ = make(tmp_path)
+    dp.start([1, 2])
+    assert dp.set_owned([2, 3]) == {2, 3}
+    with pytest.raises(DatapathError, match=r"out of range: buckets are 0\.\.255"):
+        dp.set_owned([256])
+    assert dp.read_owned() == {2, 3}
+
+
+def test_vip_on_another_interface_is_refused(tmp_path: Path) -> None:
+    dp, k, _ = make(tmp_path)
+    k.addrs["eth0"] = [V4]
+    with pytest.raises(DatapathError, match="already an address of eth0"):
+        dp.start()
+    assert k.tables == set()
+
+
+def test_missing_interface_is_refused(tmp_path: Path) -> None:
+    dp, k, _ = make(tmp_path)
+    del k.links["eth0"]
+    with pytest.raises(DatapathError, match="interface 'eth0' does not exist"):
+        dp.start()
+
+
+def test_crash_keeps_original_sysctls(tmp_path: Path) -> None:
+    dp, k, _ = make(tmp_path)
+    before = dict(k.sysctls)
+    dp.start([1])
+    # the process dies without stop(); a new one starts over the leftovers
+    dp2 = Datapath(dp.spec, k, tmp_path)
+    dp2.start([1])
+    dp2.stop()
+    assert k.sysctls == before and k.addrs["lo"] == [] and k.tables == set()
+
+
+def test_update_changes_vips_and_keeps_leases(tmp_path: Path) -> None:
+    dp, k, _ = make(tmp_path)
+    dp.start([4, 5])
+    new = dp.spec.model_copy(update={"rules": [Rule(vip=V4B, port=443)]})
+    assert dp.update(new) == {4, 5}
+    assert k.addrs["lo"] == [V4B]
+    assert k.uc_macs["eth0"] == {new.vmac(V4B)}
+    with pytest.raises(DatapathError, match="interface changed"):
+        dp.update(new.model_copy(update={"interface": "eth1"}))
