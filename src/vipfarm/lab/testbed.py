@@ -1,0 +1,603 @@
+"""Build, drive and tear down a lab: a whole farm in network namespaces on one machine.
+
+`up()` creates the namespaces of `vipfarm.lab.topology`, sets their sysctls, wires them with two
+`ip -batch` runs per namespace at most, starts every node's application (nginx or the built-in
+one, plus the UDP echo) and, unless told not to, a stand-alone data path runner per node with an
+even share of the buckets. A failed `up` tears down what it built. `Lab` then offers what tests
+need: run a command in a namespace, HTTP and UDP requests from a client (one process for many
+requests), and moving buckets between nodes, release before acquire.
+
+Everything a lab owns is findable from its name alone, so `down()` works from another process,
+after a crash, or on a half-built lab: processes are recorded under `/run/vipfarm-lab/<name>/`
+and every process left in a lab namespace is the lab's. `down()` stops the data path runners
+first and waits for them, because they remove their kernel state on SIGTERM and must do so
+before their namespace goes; then the other processes, then stragglers found with `ip netns
+pids`, then the namespaces (which takes every veth with them) and the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from vipfarm.lab.apps import (
+    AppKind,
+    builtin_argv,
+    nginx_argv,
+    node_ready,
+    resolve_app,
+    write_nginx,
+)
+from vipfarm.lab.buckets import datapath_spec, even_split, node_key, plan_handover
+from vipfarm.lab.load import Reply
+from vipfarm.lab.procs import ProcRecord, alive, spawn, terminate
+from vipfarm.lab.topology import (
+    ECHO_PORT,
+    STATE_ROOT,
+    VIP4,
+    VIPS,
+    LabError,
+    Topology,
+    check_name,
+    host_batch,
+    lab_namespaces,
+    node_name,
+)
+from vipfarm.log import event
+from vipfarm.model import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
+
+log = logging.getLogger("vipfarm.lab")
+
+READY_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine starts a few Pythons slowly
+
+
+class LabConfig(BaseModel):
+    """What `up` was asked for, saved as `lab.json` so other processes can attach."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    nodes: int
+    clients: int
+    remote_clients: int
+    app: AppKind
+    datapath: bool
+    rules: list[Rule]
+
+
+def state_dir(name: str) -> Path:
+    return STATE_ROOT / name
+
+
+def ip_command() -> str:
+    """Path of ip(8); the lab needs root and iproute2."""
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces): run it with sudo or as root")
+    found = shutil.which("ip", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    if found is None:
+        raise LabError("ip(8) not found: install iproute2 (apt-get install iproute2)")
+    return found
+
+
+def _run(
+    argv: list[str], *, input: str | None = None, check: bool = True, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise LabError(f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def list_netns(ip: str) -> list[str]:
+    out = _run([ip, "-j", "netns", "list"]).stdout.strip()
+    return [entry["name"] for entry in json.loads(out)] if out else []
+
+
+def url_for(vip: IPAddress = VIP4, port: int = 80, path: str = "/") -> str:
+    host = f"[{vip}]" if vip.version == 6 else str(vip)
+    return f"http://{host}:{port}{path}"
+
+
+def _poll(what: str, done: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _tail(path: str, lines: int = 10) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Lab:
+    """A running lab. Get one from `up()` or `Lab.attach(name)`."""
+
+    def __init__(self, config: LabConfig, ip: str) -> None:
+        self.config = config
+        self.topology = Topology(config.name, config.nodes, config.clients, config.remote_clients)
+        self.ip = ip
+        self.dir = state_dir(config.name)
+        self.spec: DatapathSpec = datapath_spec(config.name, config.rules)
+
+    @classmethod
+    def attach(cls, name: str) -> Lab:
+        check_name(name)
+        path = state_dir(name) / "lab.json"
+        try:
+            config = LabConfig.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise LabError(
+                f"no lab named {name!r} ({path} is missing): start one with "
+                f"`vipfarm lab up --name {name}`"
+            ) from None
+        return cls(config, ip_command())
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node_name(i) for i in range(1, self.config.nodes + 1)]
+
+    def ns(self, who: str) -> str:
+        """Namespace of a host given as `node1`, `client1`, `remote1`, `router` or `switch`."""
+        if who in ("switch", self.topology.switch_ns):
+            return self.topology.switch_ns
+        return self.topology.host(who).ns
+
+    def exec(
+        self,
+        who: str,
+        argv: list[str],
+        *,
+        check: bool = False,
+        timeout: float = 30.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` in a lab namespace; text output captured."""
+        return _run(
+            [self.ip, "netns", "exec", self.ns(who), *argv],
+            input=input,
+            check=check,
+            timeout=timeout,
+        )
+
+    # ---- requests from clients
+
+    def load(
+        self,
+        client: str,
+        url: str | None = None,
+        count: int = 100,
+        *,
+        concurrency: int = 50,
+        timeout: float = 2.0,
+        total_timeout: float = 30.0,
+        source_port: int | None = None,
+    ) -> list[Reply]:
+        """`count` requests from `client` in one process (see `vipfarm.lab.load`), in order."""
+        argv = [
+            sys.executable,
+            "-m",
+            "vipfarm.lab.load",
+            url or url_for(),
+            "--count",
+            str(count),
+            "--concurrency",
+            str(concurrency),
+            "--timeout",
+            str(timeout),
+            "--total-timeout",
+            str(total_timeout),
+        ]
+        if source_port is not None:
+            argv += ["--source-port", str(source_port)]
+        proc = self.exec(client, argv, check=True, timeout=total_timeout + 30)
+        return [Reply(**r) for r in json.loads(proc.stdout)["results"]]
+
+    def http_get(
+        self,
+        client: str,
+        url: str | None = None,
+        source_port: int | None = None,
+        timeout: float = 5.0,
+    ) -> Reply:
+        """One HTTP GET (default: the v4 VIP); `.node` names the server, `.error` why none did."""
+        return self.load(
+            client, url, 1, timeout=timeout, total_timeout=timeout, source_port=source_port
+        )[0]
+
+    def udp_echo(
+        self,
+        client: str,
+        vip: IPAddress = VIP4,
+        source_port: int | None = None,
+        timeout: float = 2.0,
+    ) -> Reply:
+        """One datagram to the echo service on `vip`; `.node` names the node that answered."""
+        host = f"[{vip}]" if vip.version == 6 else str(vip)
+        return self.load(
+            client,
+            f"udp://{host}:{ECHO_PORT}",
+            1,
+            timeout=timeout,
+            total_timeout=timeout,
+            source_port=source_port,
+        )[0]
+
+    # ---- buckets
+
+    def _spec_path(self, node: str) -> Path:
+        return self.dir / f"{node}.spec.json"
+
+    def spec_owned(self, node: str) -> list[int]:
+        """The buckets `node` is told to own (its spec file)."""
+        text = self._spec_path(node).read_text()
+        return NodeDatapathSpec.model_validate_json(text).owned
+
+    def _write_spec(self, node: str, owned: Iterable[int]) -> None:
+        path = self._spec_path(node)
+        tmp = path.with_suffix(".tmp")
+        spec = NodeDatapathSpec(datapath=self.spec, owned=sorted(owned))
+        tmp.write_text(spec.model_dump_json(indent=2))
+        tmp.replace(path)  # the runner re-reads on SIGHUP: never let it see half a file
+
+    def kernel_owned(self, nodes: Iterable[str] | None = None) -> dict[str, list[int] | None]:
+        """Buckets each node's kernel holds (None when it cannot be read), queried in parallel."""
+        procs = {
+            node: subprocess.Popen(
+                [
+                    self.ip,
+                    "netns",
+                    "exec",
+                    self.ns(node),
+                    sys.executable,
+                    "-m",
+                    "vipfarm",
+                    "datapath",
+                    "owned",
+                    "--farm",
+                    self.name,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            for node in (self.node_names if nodes is None else nodes)
+        }
+        out: dict[str, list[int] | None] = {}
+        for node, proc in procs.items():
+            try:
+                stdout, _ = proc.communicate(timeout=30)
+                out[node] = sorted(json.loads(stdout)) if proc.returncode == 0 else None
+            except (subprocess.TimeoutExpired, ValueError):
+                proc.kill()
+                proc.wait()
+                out[node] = None
+        return out
+
+    def _apply(self, owned: Mapping[str, list[int]], timeout: float) -> None:
+        """Rewrite spec files, SIGHUP the runners, wait until every kernel shows its new set."""
+        records = {r.role: r for r in self.records()}
+        for node, buckets in owned.items():
+            self._write_spec(node, buckets)
+            rec = records.get(f"{node}-datapath")
+            if rec is None or not alive(rec):
+                raise LabError(f"{node}: its data path runner is not running (see lab status)")
+            os.kill(rec.pid, signal.SIGHUP)
+        pending = dict(owned)
+
+        def applied() -> bool:
+            for node, got in self.kernel_owned(pending).items():
+                if got == sorted(pending[node]):
+                    del pending[node]
+            return not pending
+
+        _poll(f"the kernels of {', '.join(owned)} to show their new buckets", applied, timeout, 0)
+
+    def set_owned(self, changes: Mapping[int | str, Iterable[int]], timeout: float = 15.0) -> None:
+        """Give nodes new bucket sets (nodes not named keep theirs), never owning one twice.
+
+        Nodes that lose buckets release them first; nodes gain buckets only once every kernel
+        shows the releases. Keys are node numbers (1) or names ("node1").
+        """
+        if not self.config.datapath:
+            raise LabError(f"lab {self.name!r} runs no data path (it was started without one)")
+        target = {node_key(k, self.config.nodes): list(v) for k, v in changes.items()}
+        current = {n: self.spec_owned(n) for n in self.node_names}
+        release, acquire = plan_handover(current, target, self.spec.buckets)
+        t0 = time.monotonic()
+        if release:
+            self._apply(release, timeout)
+        if acquire:
+            self._apply(acquire, timeout)
+        event(
+            log,
+            "lab_set_owned",
+            lab=self.name,
+            released=",".join(release),
+            acquired=",".join(acquire),
+            ms=round((time.monotonic() - t0) * 1000),
+        )
+
+    # ---- processes
+
+    def records(self) -> list[ProcRecord]:
+        return _records(self.name)
+
+    def _start(self, role: str, ns: str, argv: list[str]) -> ProcRecord:
+        (self.dir / "procs").mkdir(exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        log_path = self.dir / "logs" / f"{role}.log"
+        return spawn(self.ip, role, ns, argv, log_path, self.dir / "procs" / f"{role}.json")
+
+    def _start_apps(self) -> None:
+        vips = list(dict.fromkeys([*VIPS, *self.spec.vips]))
+        builtin_http = self.config.app is AppKind.BUILTIN
+        first: dict[str, ProcRecord] = {}
+        started: list[ProcRecord] = []
+        for node in self.node_names:
+            ns = self.ns(node)
+            if not builtin_http:
+                root = self.dir / "nginx" / node
+                write_nginx(node, root)
+                started.append(self._start(f"{node}-nginx", ns, nginx_argv(root)))
+            first[node] = self._start(f"{node}-app", ns, builtin_argv(node, builtin_http, vips))
+            started.append(first[node])
+
+        def ready() -> bool:
+            for rec in started:
+                if not alive(rec):
+                    raise LabError(f"{rec.role} exited during start:\n{_tail(rec.log)}")
+            return all(node_ready(rec.pid, rec.ns, vips) for rec in first.values())
+
+        _poll("node applications to listen", ready, READY_TIMEOUT_S)
+
+    def _start_datapath(self) -> None:
+        split = even_split(self.config.nodes, self.spec.buckets)
+        runners = []
+        for node in self.node_names:
+            self._write_spec(node, split[node])
+            argv = [
+                sys.executable,
+                "-m",
+                "vipfarm",
+                "datapath",
+                "run",
+                "--spec",
+                str(self._spec_path(node)),
+            ]
+            runners.append(self._start(f"{node}-datapath", self.ns(node), argv))
+        pending = dict(split)
+
+        def ready() -> bool:
+            for rec in runners:
+                if not alive(rec):
+                    raise LabError(f"{rec.role} exited during start:\n{_tail(rec.log)}")
+            for node, got in self.kernel_owned(pending).items():
+                if got == pending[node]:
+                    del pending[node]
+            return not pending
+
+        _poll("data path runners to own their buckets", ready, READY_TIMEOUT_S, 0)
+
+    def _build_network(self) -> None:
+        topo = self.topology
+        _run(
+            [self.ip, "-batch", "-"], input="".join(f"netns add {ns}\n" for ns in topo.namespaces())
+        )
+        sysctls = {topo.switch_ns: topo.switch_sysctls()}
+        sysctls.update({h.ns: h.sysctls for h in topo.hosts()})
+        for ns, pairs in sysctls.items():
+            _run(
+                [
+                    self.ip,
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    *(f"{k}={v}" for k, v in pairs),
+                ]
+            )
+        # Devices are created only now, after accept_dad=0, so they inherit it.
+        _run(
+            [self.ip, "-n", topo.switch_ns, "-batch", "-"],
+            input="\n".join(topo.switch_batch()) + "\n",
+        )
+        for h in topo.hosts():
+            _run([self.ip, "-n", h.ns, "-batch", "-"], input="\n".join(host_batch(h)) + "\n")
+
+    def status(self) -> dict[str, Any]:
+        return status(self.name)
+
+    def down(self) -> None:
+        down(self.name)
+
+
+def _records(name: str) -> list[ProcRecord]:
+    out = []
+    for path in sorted((state_dir(name) / "procs").glob("*.json")):
+        try:
+            out.append(ProcRecord.load(path))
+        except (OSError, ValueError, TypeError):
+            continue  # a record half-written by a crashed `up`: `ip netns pids` still finds it
+    return out
+
+
+def up(
+    name: str = "vf",
+    nodes: int = 3,
+    clients: int = 1,
+    remote_clients: int = 0,
+    app: AppKind | str = AppKind.AUTO,
+    rules: list[Rule] | None = None,
+    datapath: bool = True,
+) -> Lab:
+    """Build lab `name` and return it running; on any failure remove what was built."""
+    ip = ip_command()
+    Topology(name, nodes, clients, remote_clients)  # validates before anything is touched
+    config = LabConfig(
+        name=name,
+        nodes=nodes,
+        clients=clients,
+        remote_clients=remote_clients,
+        app=resolve_app(app),
+        datapath=datapath,
+        rules=datapath_spec(name, rules).rules,
+    )
+    existing = lab_namespaces(name, list_netns(ip))
+    if existing or state_dir(name).exists():
+        what = ", ".join(existing) or str(state_dir(name))
+        raise LabError(
+            f"lab {name!r} already exists ({what}): remove it with `vipfarm lab down --name {name}`"
+        )
+    t0 = time.monotonic()
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir(name).mkdir()  # atomic: of two concurrent `up`, one fails here
+    except FileExistsError:
+        raise LabError(f"lab {name!r} is being created by another process") from None
+    try:
+        (state_dir(name) / "lab.json").write_text(config.model_dump_json(indent=2))
+        lab = Lab(config, ip)
+        lab._build_network()
+        lab._start_apps()
+        if datapath:
+            lab._start_datapath()
+    except BaseException as exc:
+        try:
+            down(name)
+        except LabError as e:
+            event(log, "lab_cleanup_failed", level=logging.ERROR, lab=name, error=e)
+        raise exc
+    event(
+        log,
+        "lab_up",
+        lab=name,
+        nodes=nodes,
+        clients=clients,
+        remote=remote_clients,
+        app=config.app,
+        datapath=datapath,
+        s=round(time.monotonic() - t0, 2),
+    )
+    return lab
+
+
+def down(name: str, grace_s: float = 10.0) -> None:
+    """Remove everything lab `name` made; idempotent, also for a half-built lab or none."""
+    check_name(name)
+    ip = ip_command()
+    t0 = time.monotonic()
+    records = _records(name)
+    # Runners first, and waited for: they remove their kernel state on SIGTERM.
+    runners = [(r.pid, r.start) for r in records if r.role.endswith("-datapath")]
+    killed = terminate(runners, grace_s)
+    others = [(r.pid, r.start) for r in records if not r.role.endswith("-datapath")]
+    killed += terminate(others, grace_s)
+    namespaces = lab_namespaces(name, list_netns(ip))
+    for ns in namespaces:
+        pids = _run([ip, "netns", "pids", ns], check=False).stdout.split()
+        killed += terminate([(int(p), None) for p in pids], grace_s)
+    if namespaces:
+        _run(
+            [ip, "-force", "-batch", "-"],
+            input="".join(f"netns del {ns}\n" for ns in namespaces),
+            check=False,
+        )
+    shutil.rmtree(state_dir(name), ignore_errors=True)
+    left = lab_namespaces(name, list_netns(ip))
+    if left or state_dir(name).exists():
+        raise LabError(f"lab {name!r}: could not remove {', '.join(left) or state_dir(name)}")
+    event(
+        log,
+        "lab_down",
+        lab=name,
+        namespaces=len(namespaces),
+        processes=len(records),
+        killed=len(killed),
+        s=round(time.monotonic() - t0, 2),
+    )
+
+
+def _addresses(ip: str, ns: str) -> dict[str, list[str]]:
+    """Global addresses per interface (the VIPs on `lo` included)."""
+    proc = _run([ip, "-n", ns, "-j", "addr", "show"], check=False)
+    out: dict[str, list[str]] = {}
+    for link in json.loads(proc.stdout or "[]"):
+        addrs = [
+            f"{a['local']}/{a['prefixlen']}"
+            for a in link.get("addr_info", [])
+            if a.get("scope") == "global"
+        ]
+        if addrs:
+            out[link["ifname"]] = addrs
+    return out
+
+
+def status(name: str) -> dict[str, Any]:
+    """What exists of lab `name`: config, namespaces with addresses, processes, owned buckets."""
+    check_name(name)
+    ip = ip_command()
+    present = lab_namespaces(name, list_netns(ip))
+    try:
+        lab: Lab | None = Lab.attach(name)
+    except LabError:
+        lab = None
+    expected = lab.topology.namespaces() if lab else []
+    names = expected + sorted(set(present) - set(expected))
+    records = _records(name)
+    owned: dict[str, list[int] | None] = {}
+    if lab and lab.config.datapath:
+        running = [
+            r.role.removesuffix("-datapath")
+            for r in records
+            if r.role.endswith("-datapath") and alive(r)
+        ]
+        owned = {n: None for n in lab.node_names}
+        owned.update(lab.kernel_owned(running))
+    return {
+        "name": name,
+        "exists": bool(present) or state_dir(name).exists(),
+        "state_dir": str(state_dir(name)),
+        "config": lab.config.model_dump(mode="json") if lab else None,
+        "namespaces": [
+            {
+                "name": ns,
+                "role": ns.removeprefix(f"{name}-").rstrip("0123456789"),
+                "present": ns in present,
+                "addresses": _addresses(ip, ns) if ns in present else {},
+            }
+            for ns in names
+        ],
+        "processes": [
+            {
+                "role": r.role,
+                "ns": r.ns,
+                "pid": r.pid,
+                "alive": alive(r),
+                "log": r.log,
+                "argv": r.argv,
+            }
+            for r in records
+        ],
+        "owned": owned,
+    }
