@@ -48,7 +48,7 @@ def test_ignores_other_targets_replies_own_frames_and_garbage() -> None:
     r = ArpResponder(NODE_MAC, {VIP: VMAC})
     assert r.handle(request(tpa=ipaddress.IPv4Address("198.51.100.11"))) is None
     assert r.handle(request(dst=mac_bytes("52:54:00:00:00:42"))) is None
-    garp = r.gratuitous()[0]
+    garp = r.announcements()[0]
     assert r.handle(garp) is None  # another node's (or our own) gratuitous ARP
     assert r.handle(b"\x00" * 10) is None
     assert r.handle(b"\xff" * 60) is None
@@ -60,9 +60,9 @@ def test_ignores_other_targets_replies_own_frames_and_garbage() -> None:
 def test_gratuitous_announces_every_vip() -> None:
     vip2 = ipaddress.IPv4Address("198.51.100.101")
     r = ArpResponder(NODE_MAC, {VIP: VMAC, vip2: "02:00:00:00:00:02"})
-    frames = [Arp.parse(f) for f in r.gratuitous()]
+    frames = [Arp.parse(f) for f in r.announcements()]
     assert [(f.spa, f.tpa, f.eth_dst, f.eth_src) for f in frames if f] == [
         (VIP, VIP, BROADCAST, mac_bytes(NODE_MAC)),
         (vip2, vip2, BROADCAST, mac_bytes(NODE_MAC)),
     ]
-    assert all(len(f) == 60 for f in r.gratuitous())
+    assert all(len(f) == 60 for f in r.announcements())

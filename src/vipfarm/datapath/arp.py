@@ -5,26 +5,18 @@ sending a frame whose Ethernet source is the VMAC (DESIGN section 3, step 2).
 requests for a VIP, broadcast or unicast to the VMAC (clients re-check stale entries that way),
 with Ethernet source = this node's real MAC and ARP sender hardware address = the VMAC. Every node
 answers; the answers are identical, so the client's cache ends on the VMAC whichever comes last.
-`gratuitous()` builds the broadcasts sent on start and on every change of ownership, which refresh
-existing client entries (Linux updates, but does not create, entries from gratuitous ARP).
+`announcements()` builds the broadcasts sent on start and on every change of ownership, which
+refresh existing client entries (Linux updates, but does not create, entries from gratuitous ARP).
 
-`ArpService` is the thin I/O part: an AF_PACKET socket bound to the LAN interface and ETH_P_ARP,
-read from the asyncio loop. Receive and send errors are counted, never raised into the loop.
+The socket side is `vipfarm.datapath.packet.PacketService`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import logging
-import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass
-
-from vipfarm.log import event
-
-log = logging.getLogger("vipfarm.datapath.arp")
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
@@ -111,67 +103,9 @@ class ArpResponder:
             tpa=arp.spa,
         ).to_frame()
 
-    def gratuitous(self) -> list[bytes]:
+    def announcements(self) -> list[bytes]:
+        """Gratuitous ARP for every VIP."""
         return [
             Arp(BROADCAST, self.node_mac, OP_REQUEST, vmac, vip, ZERO_MAC, vip).to_frame()
             for vip, vmac in sorted(self.vmacs.items())
         ]
-
-
-class ArpService:
-    """Runs an `ArpResponder` on a raw socket from the asyncio loop."""
-
-    def __init__(self, interface: str, responder: ArpResponder) -> None:
-        self.interface = interface
-        self.responder = responder
-        self.counters = responder.counters
-        self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self) -> None:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
-        try:
-            sock.bind((self.interface, ETH_P_ARP))
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
-        event(log, "arp_started", interface=self.interface, vips=len(self.responder.vmacs))
-
-    def stop(self) -> None:
-        if self._sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-
-    def _readable(self) -> None:
-        assert self._sock is not None
-        for _ in range(64):  # bounded, so a flood cannot starve the loop
-            try:
-                frame = self._sock.recv(2048)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counters["recv_errors"] += 1
-                return
-            reply = self.responder.handle(frame)
-            if reply is not None:
-                self._send(reply)
-
-    def _send(self, frame: bytes) -> None:
-        if self._sock is None:
-            return
-        try:
-            self._sock.send(frame)
-        except OSError:
-            self.counters["send_errors"] += 1
-
-    def announce(self) -> None:
-        """Gratuitous ARP for every VIP."""
-        for frame in self.responder.gratuitous():
-            self._send(frame)
-        self.counters["gratuitous"] += 1

@@ -1,7 +1,7 @@
 """The data path as the asyncio programs (the stand-alone runner, the daemon) use it.
 
-`DatapathService` composes the kernel state (`Datapath`) with the ARP responder, and announces
-the VMAC with gratuitous ARP on start and after every change of ownership.
+`DatapathService` composes the kernel state (`Datapath`) with the ARP and NDP responders, and
+announces the VMACs (gratuitous ARP, unsolicited NA) on start and after every change of ownership.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
 
-from vipfarm.datapath.arp import ArpResponder, ArpService
+from vipfarm.datapath.arp import ETH_P_ARP, ArpResponder
 from vipfarm.datapath.core import Datapath
 from vipfarm.datapath.kernel import Kernel, LinuxKernel
+from vipfarm.datapath.ndp import ETH_P_IPV6, NdpResponder, ns_filter
+from vipfarm.datapath.packet import PacketService
 from vipfarm.model import DatapathSpec
 
 
@@ -20,34 +22,55 @@ class DatapathService:
     def __init__(self, spec: DatapathSpec, state_dir: Path, kernel: Kernel | None = None) -> None:
         self.kernel = kernel or LinuxKernel()
         self.datapath = Datapath(spec, self.kernel, state_dir)
-        self.arp: ArpService | None = None
+        self.responders: list[PacketService] = []
 
     @property
     def spec(self) -> DatapathSpec:
         return self.datapath.spec
 
-    def _make_arp(self, spec: DatapathSpec) -> ArpService:
-        vmacs = {v: spec.vmac(v) for v in spec.vips if isinstance(v, ipaddress.IPv4Address)}
-        responder = ArpResponder(self.kernel.link_mac(spec.interface), vmacs)
-        return ArpService(spec.interface, responder)
+    def _start_responders(self, spec: DatapathSpec) -> None:
+        self._stop_responders()
+        mac = self.kernel.link_mac(spec.interface)
+        v4 = {v: spec.vmac(v) for v in spec.vips if isinstance(v, ipaddress.IPv4Address)}
+        v6 = {v: spec.vmac(v) for v in spec.vips if isinstance(v, ipaddress.IPv6Address)}
+        if v4:
+            self.responders.append(PacketService(spec.interface, ETH_P_ARP, ArpResponder(mac, v4)))
+        if v6:
+            ndp = NdpResponder(mac, v6)
+            self.responders.append(
+                PacketService(
+                    spec.interface, ETH_P_IPV6, ndp, bpf=ns_filter(), multicast=ndp.multicast_macs
+                )
+            )
+        for r in self.responders:
+            r.start()
+        self.announce()
+
+    def _stop_responders(self) -> None:
+        for r in self.responders:
+            r.stop()
+        self.responders = []
+
+    def announce(self) -> None:
+        for r in self.responders:
+            r.announce()
 
     async def start(self, owned: Iterable[int] = ()) -> frozenset[int]:
         result = self.datapath.start(owned)
         try:
-            self.arp = self._make_arp(self.spec)
-            self.arp.start()
+            self._start_responders(self.spec)
         except Exception:
+            self._stop_responders()
             self.datapath.stop()
             raise
-        self.arp.announce()
         return result
 
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
         wanted = frozenset(buckets)
         changed = wanted != self.datapath.intended
         result = self.datapath.set_owned(wanted)
-        if changed and self.arp is not None:
-            self.arp.announce()
+        if changed:
+            self.announce()
         return result
 
     def refresh(self) -> frozenset[int]:
@@ -55,15 +78,9 @@ class DatapathService:
 
     def update(self, spec: DatapathSpec) -> frozenset[int]:
         result = self.datapath.update(spec)
-        if self.arp is not None:
-            self.arp.stop()
-        self.arp = self._make_arp(spec)
-        self.arp.start()
-        self.arp.announce()
+        self._start_responders(spec)
         return result
 
     def stop(self) -> None:
-        if self.arp is not None:
-            self.arp.stop()
-            self.arp = None
+        self._stop_responders()
         self.datapath.stop()
