@@ -50,6 +50,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server4(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops SYNs as soon as one node takes a load burst,
+    # which would look like a data path fault.
+    request_queue_size = 1024
 
 
 class _Server6(_Server4):

@@ -374,6 +374,8 @@ class Lab:
         runners = []
         for node in self.node_names:
             self._write_spec(node, split[node])
+            # Per-node state dir: the runner keeps the sysctls it must restore there, and the
+            # nodes share one filesystem.
             argv = [
                 sys.executable,
                 "-m",
@@ -382,6 +384,8 @@ class Lab:
                 "run",
                 "--spec",
                 str(self._spec_path(node)),
+                "--state-dir",
+                str(self.dir / "datapath" / node),
             ]
             runners.append(self._start(f"{node}-datapath", self.ns(node), argv))
         pending = dict(split)
@@ -463,7 +467,7 @@ def up(
         datapath=datapath,
         rules=datapath_spec(name, rules).rules,
     )
-    existing = lab_namespaces(name, list_netns(ip))
+    existing = sorted(lab_namespaces(name, list_netns(ip)))
     if existing or state_dir(name).exists():
         what = ", ".join(existing) or str(state_dir(name))
         raise LabError(
