@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -74,6 +75,11 @@ class LabConfig(BaseModel):
     app: AppKind
     datapath: bool
     rules: list[Rule]
+
+
+def unique_name(prefix: str = "vt") -> str:
+    """A fresh lab name for a test run, short enough for every namespace and port name."""
+    return prefix + secrets.token_hex(3)
 
 
 def state_dir(name: str) -> Path:
@@ -504,6 +510,20 @@ def up(
         s=round(time.monotonic() - t0, 2),
     )
     return lab
+
+
+class LabFactory(Protocol):
+    """The signature of `up` without the name: what the `lab_factory` test fixture offers."""
+
+    def __call__(
+        self,
+        nodes: int = 3,
+        clients: int = 1,
+        remote_clients: int = 0,
+        app: AppKind | str = AppKind.AUTO,
+        rules: list[Rule] | None = None,
+        datapath: bool = True,
+    ) -> Lab: ...
 
 
 def down(name: str, grace_s: float = 10.0) -> None:
