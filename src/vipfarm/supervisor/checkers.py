@@ -1,0 +1,189 @@
+"""Health checkers and the rise/fall filter.
+
+Theory of operation
+-------------------
+A checker is one probe of the application, run every `interval_s` and bounded by `timeout_s`:
+
+- `tcp`: a TCP connection to host:port opens.
+- `http`: `GET url` (HTTP/1.0 over asyncio streams, no dependency) answers `expect_status`, and
+  the first 64 KiB of the body contain `expect_body` when it is set.
+- `process`: a process with that name runs (its `comm`, or the basename of `argv[0]`, from
+  /proc), or the PID in `pidfile` is alive. Zombies count as dead.
+- `command`: the command exits 0; it runs in its own process group, killed as a group on timeout.
+- `link`: /sys/class/net/IF/operstate is `up`, or `unknown` with carrier (loopback, some
+  virtual devices never report `up`).
+
+A probe never raises: every failure, including its timeout, becomes `CheckResult(ok=False,
+detail)`. `RiseFall` turns the stream of results into a state with hysteresis: healthy after
+`rise` consecutive successes, unhealthy after `fall` consecutive failures. It starts unhealthy,
+so an application is never reported healthy before it has proved it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from vipfarm.config import (
+    CheckerSpec,
+    CommandCheck,
+    HttpCheck,
+    LinkCheck,
+    ProcessCheck,
+    TcpCheck,
+)
+from vipfarm.supervisor.scripts import ScriptRunner
+
+HTTP_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    ok: bool
+    detail: str
+
+
+class RiseFall:
+    """Healthy after `rise` consecutive successes, unhealthy after `fall` consecutive failures."""
+
+    def __init__(self, rise: int, fall: int) -> None:
+        self.rise, self.fall = rise, fall
+        self.healthy = False
+        self._streak = 0  # consecutive results that disagree with the current state
+
+    def update(self, ok: bool) -> bool:
+        """Feed one result; True when the state changed."""
+        if ok == self.healthy:
+            self._streak = 0
+            return False
+        self._streak += 1
+        if self._streak >= (self.rise if ok else self.fall):
+            self.healthy, self._streak = ok, 0
+            return True
+        return False
+
+
+async def _tcp(spec: TcpCheck) -> CheckResult:
+    _, writer = await asyncio.open_connection(spec.host, spec.port)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return CheckResult(True, "connected")
+
+
+async def _http(spec: HttpCheck) -> CheckResult:
+    url = urlsplit(spec.url)
+    host = url.hostname or ""
+    port = url.port or 80
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    hostport = f"[{host}]" if ":" in host else host
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.0\r\nHost: {hostport}:{port}\r\n"
+            "User-Agent: vipfarm-checker\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        status_line = await reader.readline()
+        parts = status_line.split(maxsplit=2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return CheckResult(False, f"not an HTTP response: {status_line[:80]!r}")
+        status = int(parts[1])
+        if status != spec.expect_status:
+            return CheckResult(False, f"status {status}, expected {spec.expect_status}")
+        if spec.expect_body is None:
+            return CheckResult(True, f"status {status}")
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+            pass  # headers
+        body = await reader.read(HTTP_BODY_LIMIT)
+        if spec.expect_body.encode() not in body:
+            return CheckResult(False, f"status {status}, body lacks {spec.expect_body!r}")
+        return CheckResult(True, f"status {status}, body matches")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
+
+
+def _process_names(pid: str) -> tuple[str, str]:
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    return comm, os.path.basename(argv0.decode(errors="replace"))
+
+
+def _process(spec: ProcessCheck) -> CheckResult:
+    if spec.pidfile is not None:
+        try:
+            text = spec.pidfile.read_text().strip()
+        except OSError as exc:
+            return CheckResult(False, f"pidfile {spec.pidfile}: {exc.strerror}")
+        if not text.isdigit():
+            return CheckResult(False, f"pidfile {spec.pidfile} holds {text[:20]!r}, not a PID")
+        pid = int(text)
+        if _alive(pid):
+            return CheckResult(True, f"pid {pid} alive")
+        return CheckResult(False, f"pid {pid} from {spec.pidfile} is not running")
+    name = spec.process or ""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            # comm is cut at 15 characters; argv[0] has the full name (if not rewritten).
+            if name in _process_names(entry.name) and _alive(int(entry.name)):
+                return CheckResult(True, f"pid {entry.name} is {name}")
+        except OSError:
+            continue  # exited while we looked
+    return CheckResult(False, f"no process named {name}")
+
+
+def _link(spec: LinkCheck) -> CheckResult:
+    base = Path("/sys/class/net") / spec.interface
+    try:
+        state = (base / "operstate").read_text().strip()
+    except OSError:
+        return CheckResult(False, f"no interface {spec.interface}")
+    if state == "up":
+        return CheckResult(True, "up")
+    if state == "unknown":
+        with contextlib.suppress(OSError):
+            if (base / "carrier").read_text().strip() == "1":
+                return CheckResult(True, "unknown, carrier up")
+    return CheckResult(False, f"operstate {state}")
+
+
+async def run_check(spec: CheckerSpec, runner: ScriptRunner) -> CheckResult:
+    """One probe, bounded by spec.timeout_s; every failure is a result, never an exception."""
+    try:
+        if isinstance(spec, CommandCheck):
+            # The runner owns the timeout so it can kill the whole group.
+            res = await runner.run(
+                spec.label, spec.argv, spec.timeout_s, grace_s=0, to_app_log=False
+            )
+            detail = res.tail[-1] if res.tail else ""
+            return CheckResult(res.ok, res.summary + (f": {detail}" if detail else ""))
+        async with asyncio.timeout(spec.timeout_s):
+            if isinstance(spec, TcpCheck):
+                return await _tcp(spec)
+            if isinstance(spec, HttpCheck):
+                return await _http(spec)
+            if isinstance(spec, ProcessCheck):
+                return _process(spec)
+            return _link(spec)
+    except TimeoutError:
+        return CheckResult(False, f"timed out after {spec.timeout_s:g}s")
+    except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+        return CheckResult(False, str(exc) or type(exc).__name__)
+    except Exception as exc:  # a bug in a probe must read as a failed check, not kill the loop
+        return CheckResult(False, f"checker error: {exc!r}")
