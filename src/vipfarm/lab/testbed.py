@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from vipfarm.datapath.ruleset import OWNED_SET, parse_owned, table_name
 from vipfarm.lab.apps import (
     AppKind,
     builtin_argv,
@@ -265,22 +266,16 @@ class Lab:
         tmp.replace(path)  # the runner re-reads on SIGHUP: never let it see half a file
 
     def kernel_owned(self, nodes: Iterable[str] | None = None) -> dict[str, list[int] | None]:
-        """Buckets each node's kernel holds (None when it cannot be read), queried in parallel."""
+        """Buckets each node's kernel holds (None when there is no data path), in parallel.
+
+        Same reading as `vipfarm datapath owned` (the data path's own table name and parser),
+        but through the `nft` binary: a Python start per node per poll costs ~0.4 s of CPU,
+        which a 32-node lab polling on 2 cores cannot afford.
+        """
+        argv = ["nft", "-j", "list", "set", "inet", table_name(self.name), OWNED_SET]
         procs = {
             node: subprocess.Popen(
-                [
-                    self.ip,
-                    "netns",
-                    "exec",
-                    self.ns(node),
-                    sys.executable,
-                    "-m",
-                    "vipfarm",
-                    "datapath",
-                    "owned",
-                    "--farm",
-                    self.name,
-                ],
+                [self.ip, "netns", "exec", self.ns(node), *argv],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
@@ -291,31 +286,42 @@ class Lab:
         for node, proc in procs.items():
             try:
                 stdout, _ = proc.communicate(timeout=30)
-                out[node] = sorted(json.loads(stdout)) if proc.returncode == 0 else None
+                ok = proc.returncode == 0
+                out[node] = sorted(parse_owned(json.loads(stdout))) if ok else None
             except (subprocess.TimeoutExpired, ValueError):
                 proc.kill()
                 proc.wait()
                 out[node] = None
         return out
 
-    def _apply(self, owned: Mapping[str, list[int]], timeout: float) -> None:
-        """Rewrite spec files, SIGHUP the runners, wait until every kernel shows its new set."""
-        records = {r.role: r for r in self.records()}
-        for node, buckets in owned.items():
-            self._write_spec(node, buckets)
-            rec = records.get(f"{node}-datapath")
-            if rec is None or not alive(rec):
-                raise LabError(f"{node}: its data path runner is not running (see lab status)")
-            os.kill(rec.pid, signal.SIGHUP)
-        pending = dict(owned)
+    def _wait_owned(self, expected: Mapping[str, list[int]], timeout: float) -> None:
+        """Poll the kernels until each node in `expected` holds exactly its buckets."""
+        runners = self.runners()
+        pending = {node: sorted(b) for node, b in expected.items()}
 
-        def applied() -> bool:
+        def done() -> bool:
+            for node in pending:
+                rec = runners.get(node)
+                if rec is None or not alive(rec):
+                    log_tail = _tail(rec.log) if rec else "(never started)"
+                    raise LabError(f"{node}: its data path runner is not running:\n{log_tail}")
             for node, got in self.kernel_owned(pending).items():
-                if got == sorted(pending[node]):
+                if got == pending[node]:
                     del pending[node]
             return not pending
 
-        _poll(f"the kernels of {', '.join(owned)} to show their new buckets", applied, timeout, 0)
+        what = f"the kernels of {', '.join(expected)} to show their buckets"
+        _poll(what, done, timeout, interval=0)  # each poll runs a process per node anyway
+
+    def _apply(self, owned: Mapping[str, list[int]], timeout: float) -> None:
+        """Rewrite spec files, SIGHUP the runners, wait until every kernel shows its new set."""
+        runners = self.runners()
+        for node, buckets in owned.items():
+            self._write_spec(node, buckets)
+            rec = runners.get(node)
+            if rec is not None and alive(rec):
+                os.kill(rec.pid, signal.SIGHUP)
+        self._wait_owned(owned, timeout)
 
     def set_owned(self, changes: Mapping[int | str, Iterable[int]], timeout: float = 15.0) -> None:
         """Give nodes new bucket sets (nodes not named keep theirs), never owning one twice.
@@ -347,6 +353,11 @@ class Lab:
     def records(self) -> list[ProcRecord]:
         return _records(self.name)
 
+    def runners(self) -> dict[str, ProcRecord]:
+        """The data path runners' records, by node name."""
+        suffix = "-datapath"
+        return {r.role.removesuffix(suffix): r for r in self.records() if r.role.endswith(suffix)}
+
     def _start(self, role: str, ns: str, argv: list[str]) -> ProcRecord:
         (self.dir / "procs").mkdir(exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
@@ -356,7 +367,7 @@ class Lab:
     def _start_apps(self) -> None:
         vips = list(dict.fromkeys([*VIPS, *self.spec.vips]))
         builtin_http = self.config.app is AppKind.BUILTIN
-        first: dict[str, ProcRecord] = {}
+        apps: list[ProcRecord] = []  # one per node: its namespace is ready when this listens
         started: list[ProcRecord] = []
         for node in self.node_names:
             ns = self.ns(node)
@@ -364,20 +375,19 @@ class Lab:
                 root = self.dir / "nginx" / node
                 write_nginx(node, root)
                 started.append(self._start(f"{node}-nginx", ns, nginx_argv(root)))
-            first[node] = self._start(f"{node}-app", ns, builtin_argv(node, builtin_http, vips))
-            started.append(first[node])
+            apps.append(self._start(f"{node}-app", ns, builtin_argv(node, builtin_http, vips)))
+            started.append(apps[-1])
 
         def ready() -> bool:
             for rec in started:
                 if not alive(rec):
                     raise LabError(f"{rec.role} exited during start:\n{_tail(rec.log)}")
-            return all(node_ready(rec.pid, rec.ns, vips) for rec in first.values())
+            return all(node_ready(rec.pid, rec.ns, vips) for rec in apps)
 
         _poll("node applications to listen", ready, READY_TIMEOUT_S)
 
     def _start_datapath(self) -> None:
         split = even_split(self.config.nodes, self.spec.buckets)
-        runners = []
         for node in self.node_names:
             self._write_spec(node, split[node])
             # Per-node state dir: the runner keeps the sysctls it must restore there, and the
@@ -393,19 +403,8 @@ class Lab:
                 "--state-dir",
                 str(self.dir / "datapath" / node),
             ]
-            runners.append(self._start(f"{node}-datapath", self.ns(node), argv))
-        pending = dict(split)
-
-        def ready() -> bool:
-            for rec in runners:
-                if not alive(rec):
-                    raise LabError(f"{rec.role} exited during start:\n{_tail(rec.log)}")
-            for node, got in self.kernel_owned(pending).items():
-                if got == pending[node]:
-                    del pending[node]
-            return not pending
-
-        _poll("data path runners to own their buckets", ready, READY_TIMEOUT_S, 0)
+            self._start(f"{node}-datapath", self.ns(node), argv)
+        self._wait_owned(split, READY_TIMEOUT_S)
 
     def _build_network(self) -> None:
         topo = self.topology
@@ -591,11 +590,7 @@ def status(name: str) -> dict[str, Any]:
     records = _records(name)
     owned: dict[str, list[int] | None] = {}
     if lab and lab.config.datapath:
-        running = [
-            r.role.removesuffix("-datapath")
-            for r in records
-            if r.role.endswith("-datapath") and alive(r)
-        ]
+        running = [node for node, rec in lab.runners().items() if alive(rec)]
         owned = {n: None for n in lab.node_names}
         owned.update(lab.kernel_owned(running))
     return {
