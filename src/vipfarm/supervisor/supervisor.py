@@ -81,7 +81,7 @@ class Restarting:
 
 @dataclass(frozen=True, slots=True)
 class Exhausted:
-    """The restart policy is used up; the application was stopped: leave the farm."""
+    """The restart policy is used up: leave the farm. The application is stopped next."""
 
     restarts: int
     within_s: float

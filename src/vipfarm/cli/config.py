@@ -1,0 +1,89 @@
+"""`vipfarm config`: validate a farm file without applying anything.
+
+`check` loads the file exactly as the daemon will (including the module and every node's macro
+substitution), prints a short summary and exits 0, or prints every problem and exits 2. It only
+reads: the file, the key file, the module directory and, to say which node this host is, the
+addresses of the local interfaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vipfarm.config import ConfigError, FarmConfig, NodeSection, load_config, local_addresses
+
+app = typer.Typer(help="Farm configuration files.", no_args_is_help=True)
+
+EXIT_INVALID = 2
+
+
+@app.callback()
+def _group() -> None:
+    """Farm configuration files."""
+
+
+@app.command()
+def check(
+    file: Path = typer.Argument(..., help="farm configuration (TOML)"),
+    node: str | None = typer.Option(
+        None, "--node", help="check as this node (default: the node owning a local address)"
+    ),
+) -> None:
+    """Validate FILE: print a summary and exit 0, or every problem and exit 2."""
+    out, err = Console(), Console(stderr=True)
+    try:
+        cfg = load_config(file)
+        me = _this_node(cfg, node)
+    except ConfigError as exc:
+        err.print(f"[bold red]{exc.source}: invalid[/]", highlight=False)
+        for p in exc.problems:
+            err.print(f"  {p}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    _summary(out, file, cfg, me)
+
+
+def _this_node(cfg: FarmConfig, name: str | None) -> NodeSection | None:
+    if name is not None:
+        return cfg.find_self(name)
+    try:
+        return cfg.find_self(local_addresses=local_addresses())
+    except ConfigError:
+        return None  # checking on a workstation is fine: the file itself is valid
+    except OSError:
+        return None
+
+
+def _summary(out: Console, file: Path, cfg: FarmConfig, me: NodeSection | None) -> None:
+    t = cfg.timing
+    out.print(
+        f"[green]{file}: valid[/] - farm [bold]{cfg.farm.name}[/], {len(cfg.nodes)} nodes, "
+        f"{cfg.farm.buckets} buckets, interval {t.interval_ms} ms, lease {t.lease_ms} ms, "
+        f"dead after {t.dead_after_ms} ms",
+        highlight=False,
+        soft_wrap=True,
+    )
+    nodes = Table("node", "weight", "interface", *(n.name for n in cfg.networks), box=None)
+    for n in cfg.nodes:
+        mark = " (this host)" if me is not None and n.name == me.name else ""
+        addrs = [str(n.address[net.name]) for net in cfg.networks]
+        nodes.add_row(n.name + mark, str(n.weight), n.interface, *addrs)
+    out.print(nodes)
+    rules = Table("vip", "proto", "ports", "affinity", box=None)
+    for r in (s.rule for s in cfg.rules):
+        affinity = str(r.affinity)
+        if r.affinity == "client-subnet":
+            affinity += f" /{r.prefix4 if r.vip.version == 4 else r.prefix6}"
+        rules.add_row(str(r.vip), str(r.proto), r.ports_text, affinity)
+    out.print(rules)
+    app_spec = cfg.app_spec(me or cfg.nodes[0])
+    checkers = ", ".join(c.label for c in app_spec.checkers) or "none"
+    out.print(
+        f"module [bold]{app_spec.module}[/] ({app_spec.directory}); checkers: {checkers}; "
+        f"restart at most {app_spec.restart.max} times in {app_spec.restart.within_s:g} s",
+        highlight=False,
+        soft_wrap=True,
+    )
