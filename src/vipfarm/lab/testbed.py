@@ -1,11 +1,12 @@
 """Build, drive and tear down a lab: a whole farm in network namespaces on one machine.
 
-`up()` creates the namespaces of `vipfarm.lab.topology`, sets their sysctls, wires them with two
-`ip -batch` runs per namespace at most, starts every node's application (nginx or the built-in
-one, plus the UDP echo) and, unless told not to, a stand-alone data path runner per node with an
-even share of the buckets. A failed `up` tears down what it built. `Lab` then offers what tests
-need: run a command in a namespace, HTTP and UDP requests from a client (one process for many
-requests), and moving buckets between nodes, release before acquire.
+`up()` creates the namespaces of `vipfarm.lab.topology` (one `ip -batch`), sets their sysctls
+before any device exists (one `sysctl` per namespace), wires and addresses them (one `ip -batch`
+per namespace), starts every node's application (nginx or the built-in one, plus the UDP echo)
+and, unless told not to, a stand-alone data path runner per node with an even share of the
+buckets. A 3-node lab is up in about a second. A failed `up` tears down what it built. `Lab`
+then offers what tests need: run a command in a namespace, HTTP and UDP requests from a client
+(one process for many requests), and moving buckets between nodes, release before acquire.
 
 Everything a lab owns is findable from its name alone, so `down()` works from another process,
 after a crash, or on a half-built lab: processes are recorded under `/run/vipfarm-lab/<name>/`
