@@ -319,25 +319,37 @@ SERVER = textwrap.dedent(
 )
 
 
+FARM = """
+[farm]
+name = "t"
+key_file = "farm.key"
+[[network]]
+name = "lan"
+[[node]]
+name = "n1"
+address = { lan = "127.0.0.1" }
+[[rule]]
+vip = "198.51.100.100"
+ports = "80"
+"""
+
+
+def app_spec(tmp_path: Path, module_section: str) -> AppSpec:
+    """The AppSpec of a one-node farm whose [module] section is module_section."""
+    key = tmp_path / "farm.key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    key.chmod(0o600)
+    text = FARM + textwrap.dedent(module_section)
+    return parse_config(text, base_dir=tmp_path).app_spec("n1")
+
+
 def generic_app(tmp_path: Path, *, extra_args: str = "", restart_max: int = 1) -> AppSpec:
     port = free_port()
     server = tmp_path / "server.py"
     server.write_text(SERVER)
-    key = tmp_path / "farm.key"
-    key.write_bytes(os.urandom(32).hex().encode())
-    key.chmod(0o600)
-    text = f"""
-        [farm]
-        name = "t"
-        key_file = "farm.key"
-        [[network]]
-        name = "lan"
-        [[node]]
-        name = "n1"
-        address = {{ lan = "127.0.0.1" }}
-        [[rule]]
-        vip = "198.51.100.100"
-        ports = "80"
+    return app_spec(
+        tmp_path,
+        f"""
         [module]
         name = "generic"
         stop_timeout_s = 1
@@ -357,9 +369,8 @@ def generic_app(tmp_path: Path, *, extra_args: str = "", restart_max: int = 1) -
         [module.restart]
         max = {restart_max}
         within_s = 60
-    """
-    cfg = parse_config(textwrap.dedent(text), base_dir=tmp_path)
-    return cfg.app_spec("n1")
+        """,
+    )
 
 
 def app_pid(tmp_path: Path) -> int:
@@ -525,21 +536,9 @@ def nginx_app(tmp_path: Path) -> AppSpec:
     port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp_path, port=port))
-    key = tmp_path / "farm.key"
-    key.write_bytes(os.urandom(32).hex().encode())
-    key.chmod(0o600)
-    text = f"""
-        [farm]
-        name = "t"
-        key_file = "farm.key"
-        [[network]]
-        name = "lan"
-        [[node]]
-        name = "n1"
-        address = {{ lan = "127.0.0.1" }}
-        [[rule]]
-        vip = "198.51.100.100"
-        ports = "80"
+    return app_spec(
+        tmp_path,
+        f"""
         [module]
         name = "nginx"
         stop_timeout_s = 10
@@ -555,31 +554,114 @@ def nginx_app(tmp_path: Path) -> AppSpec:
         expect_body = "ok"
         interval_s = 0.1
         rise = 1
-    """
-    return parse_config(textwrap.dedent(text), base_dir=tmp_path).app_spec("n1")
+        """,
+    )
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
-def test_nginx_module_start_is_idempotent_and_stop_is_graceful(
-    logs: tuple[Any, Any, Path], tmp_path: Path
-) -> None:
+def test_nginx_module(logs: tuple[Any, Any, Path], tmp_path: Path) -> None:
     spec = nginx_app(tmp_path)
+    pidfile = tmp_path / "nginx.pid"
 
     async def main() -> None:
         r = ScriptRunner(env=spec.env, cwd=spec.directory, app_log=logs[1], module_log=logs[0])
         sup = AppSupervisor(spec, module_log=logs[0], app_log=logs[1])
         await sup.start()
         assert await sup.wait_healthy(20), (logs[2] / "app.log").read_text()
-        master = int((tmp_path / "nginx.pid").read_text())
+        master = int(pidfile.read_text())
         again = await r.run("start", spec.start, 10)  # already running: nothing to do
         assert again.ok and "already running" in again.tail[-1]
-        assert int((tmp_path / "nginx.pid").read_text()) == master
-        await sup.stop()
+        assert int(pidfile.read_text()) == master
+        await sup.stop()  # graceful
         assert not alive(master)
         assert not group_members(master)  # the workers went with the master
         stopped = await r.run("stop", spec.stop, 10)  # not running: still success
         assert stopped.ok and "not running" in stopped.tail[-1]
+
+        assert (await r.run("start", spec.start, 10)).ok
+        master = int(pidfile.read_text())
+        assert spec.force_stop is not None
+        assert (await r.run("force_stop", spec.force_stop, 10)).ok
+        assert not alive(master) and not group_members(master)
         r.close()
         sup.close()
 
     run(main())
+
+
+# A stand-in for apache2ctl: the "server" is a sleep in its own session, as a daemon would be.
+FAKE_CTL = """#!/bin/sh
+case "$1" in
+configtest) echo "Syntax OK" ;;
+start)
+    setsid sh -c 'echo $$ > "$VIPFARM_M_PIDFILE"; exec sleep 60' </dev/null >/dev/null 2>&1 &
+    while [ ! -s "$VIPFARM_M_PIDFILE" ]; do sleep 0.02; done ;;
+graceful-stop) [ -n "${IGNORE_GRACEFUL:-}" ] || kill "$(cat "$VIPFARM_M_PIDFILE")" ;;
+stop) kill "$(cat "$VIPFARM_M_PIDFILE")" ;;
+esac
+"""
+
+
+def test_apache_module_with_a_stand_in_ctl(logs: tuple[Any, Any, Path], tmp_path: Path) -> None:
+    ctl = tmp_path / "ctl"
+    ctl.write_text(FAKE_CTL)
+    ctl.chmod(0o755)
+    pidfile = tmp_path / "httpd.pid"
+    spec = app_spec(
+        tmp_path,
+        f"""
+        [module]
+        name = "apache"
+        stop_timeout_s = 0.5
+        kill_timeout_s = 5
+        [module.macros]
+        ctl = "{ctl}"
+        pidfile = "{pidfile}"
+        init = "direct"
+        [[module.checker]]
+        type = "process"
+        pidfile = "${{pidfile}}"
+        interval_s = 0.1
+        rise = 1
+        """,
+    )
+
+    async def main() -> None:
+        r = ScriptRunner(env=spec.env, cwd=spec.directory, app_log=logs[1], module_log=logs[0])
+        sup = AppSupervisor(spec, module_log=logs[0], app_log=logs[1])
+        await sup.start()
+        assert await sup.wait_healthy(20), (logs[2] / "app.log").read_text()
+        server = int(pidfile.read_text())
+        again = await r.run("start", spec.start, 10)
+        assert again.ok and "already running" in again.tail[-1]
+        await sup.stop()
+        assert not alive(server)
+        assert (await r.run("stop", spec.stop, 10)).ok  # not running: still success
+
+        # A server deaf to graceful-stop: the stop times out and force_stop ends it.
+        r2 = ScriptRunner(
+            env={**spec.env, "IGNORE_GRACEFUL": "1"},
+            cwd=spec.directory,
+            app_log=logs[1],
+            module_log=logs[0],
+        )
+        assert (await r2.run("start", spec.start, 10)).ok
+        server = int(pidfile.read_text())
+        assert not (await r2.run("stop", spec.stop, 0.5, grace_s=0.1)).ok
+        assert alive(server)
+        assert spec.force_stop is not None
+        assert (await r2.run("force_stop", spec.force_stop, 10)).ok
+        assert not alive(server)
+        r.close()
+        r2.close()
+        sup.close()
+
+    run(main())
+
+
+def test_module_scripts_parse() -> None:
+    scripts = [p for p in (REPO / "modules").glob("*/*") if p.suffix not in (".md", ".toml")]
+    assert len(scripts) >= 9
+    for script in scripts:
+        res = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{script}: {res.stderr}"
