@@ -19,5 +19,29 @@ app.add_typer(datapath_cli.app, name="datapath")
 app.command("sim")(sim_cli.sim)
 
 
+@app.command()
+def demo(
+    nodes: int = typer.Option(3, "--nodes", help="farm nodes"),
+    name: str = typer.Option("vf", "--name", help="lab name"),
+    keep: bool = typer.Option(False, "--keep", help="leave the lab up afterwards"),
+) -> None:
+    """Build a farm in network namespaces and watch it balance, rebalance and recover."""
+    import os
+
+    from rich.console import Console
+
+    from vipfarm.demo import run_demo
+    from vipfarm.lab.topology import LabError
+
+    if os.geteuid() != 0:
+        typer.echo("error: the demo builds network namespaces: run it as root", err=True)
+        raise typer.Exit(2)
+    try:
+        raise typer.Exit(run_demo(Console(), name=name, nodes=nodes, keep=keep))
+    except LabError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     app()
