@@ -74,7 +74,8 @@ def static_acts(lab: Lab) -> list[Act]:
         lab.set_owned(plan)
 
     def rejoin(lab: Lab) -> None:
-        plan: dict[int | str, list[int]] = dict(even_split(len(lab.node_names)))
+        plan: dict[int | str, list[int]] = {}
+        plan.update(even_split(len(lab.node_names)))
         lab.set_owned(plan)
 
     return [
