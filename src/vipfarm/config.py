@@ -47,6 +47,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -261,6 +262,17 @@ def _split_argv(value: object) -> object:
     return value
 
 
+def _ip(value: object) -> IPAddress:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise ValueError("an IPv4 or IPv6 address, e.g. 198.51.100.100 or 2001:db8::100") from None
+
+
+# One validator instead of pydantic's IPv4|IPv6 union, which reports two errors per bad address.
+Address = Annotated[IPAddress, PlainValidator(_ip)]
 Argv = Annotated[list[str], BeforeValidator(_split_argv), Field(min_length=1)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 MacroName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
@@ -402,6 +414,15 @@ class AppSpec(_Strict):
 # The file's sections
 
 
+def key_bytes(data: bytes) -> bytes:
+    """The key in a key file: its bytes without one final line ending, so that a key written
+    with or without a newline by an editor is the same key; binary keys work too."""
+    for ending in (b"\r\n", b"\n"):
+        if data.endswith(ending):
+            return data[: -len(ending)]
+    return data
+
+
 def _farm_name_pattern() -> str:
     # The farm name ends up in the data path (nftables table names), whose model owns the rule.
     return str(DatapathSpec.model_json_schema()["properties"]["farm"]["pattern"])
@@ -437,9 +458,9 @@ class FarmSection(_Strict):
             ) from None
         if st.st_mode & 0o004:
             raise ValueError(f"a key file that others cannot read: chmod 600 {path}")
-        if len(data.strip()) < KEY_MIN_BYTES:
+        if len(key_bytes(data)) < KEY_MIN_BYTES:
             raise ValueError(
-                f"a key of at least {KEY_MIN_BYTES} bytes, {path} has {len(data.strip())}"
+                f"a key of at least {KEY_MIN_BYTES} bytes, {path} has {len(key_bytes(data))}"
             )
         return path
 
@@ -485,7 +506,7 @@ class NodeSection(_Strict):
     name: NodeName
     weight: int = Field(default=100, ge=0, le=65535)
     interface: str = "eth0"
-    address: dict[str, IPAddress] = Field(min_length=1)
+    address: dict[str, Address] = Field(min_length=1)
 
 
 def _ports_text(value: object) -> object:
@@ -497,7 +518,7 @@ _RULE_KEY = {"port": "ports", "port_end": "ports", "prefix4": "prefix", "prefix6
 
 
 class RuleSection(_Strict):
-    vip: IPAddress
+    vip: Address
     proto: Proto = Proto.TCP
     ports: Annotated[str, BeforeValidator(_ports_text)]
     affinity: Affinity = Affinity.CLIENT_IP
@@ -508,12 +529,17 @@ class RuleSection(_Strict):
     @model_validator(mode="after")
     def _to_rule(self) -> RuleSection:
         m = _PORTS_RE.match(self.ports)
+        errors = []
         if not m:
-            _raise([_error(("ports",), self.ports, "a port like '80' or a range like '8000-8100'")])
-        if self.prefix is not None and self.affinity != Affinity.CLIENT_SUBNET:
-            _raise(
-                [_error(("prefix",), self.prefix, "no prefix unless affinity = 'client-subnet'")]
+            errors.append(
+                _error(("ports",), self.ports, "a port like '80' or a range like '8000-8100'")
             )
+        if self.prefix is not None and self.affinity != Affinity.CLIENT_SUBNET:
+            errors.append(
+                _error(("prefix",), self.prefix, "no prefix unless affinity = 'client-subnet'")
+            )
+        if errors or m is None:
+            _raise(errors)
         fields: dict[str, Any] = {
             "vip": self.vip,
             "proto": self.proto,
@@ -733,8 +759,8 @@ class FarmConfig(_Strict):
                         _error(
                             ("node", i, "address", net),
                             None,
-                            f"an address on heartbeat network '{net}': add {net} = \"...\" "
-                            f"to node {node.name}'s address table",
+                            f'missing: add {net} = "<address>" to the address table of '
+                            f"node {node.name}; every node needs one on every network",
                             show_value=False,
                         )
                     )
@@ -742,7 +768,12 @@ class FarmConfig(_Strict):
                 loc: Loc = ("node", i, "address", net)
                 if net not in nets:
                     errors.append(
-                        _error(loc, str(addr), f"a key naming a network: one of {', '.join(nets)}")
+                        _error(
+                            loc,
+                            None,
+                            f"unknown network '{net}': expected one of {', '.join(nets)}",
+                            show_value=False,
+                        )
                     )
                     continue
                 if addr in owner:
@@ -831,12 +862,16 @@ class FarmConfig(_Strict):
             errors.append(
                 _error(
                     b[:-1],
-                    f"${{{b[-1]}}}",
-                    f"a known macro ({', '.join(macros)}); define it under [module.macros]",
+                    None,
+                    f"unknown macro ${{{b[-1]}}}: expected one of {', '.join(macros)}; "
+                    "or define it under [module.macros]",
+                    show_value=False,
                 )
             )
         checkers: list[CheckerSpec] = []
         for i, raw_checker in enumerate(subst["checker"]):
+            if any(b[:3] == ("module", "checker", i) for b in bad):
+                continue  # already reported; its fields would only fail again
             try:
                 checkers.append(self._checker(raw_checker, mod.path))
             except ValidationError as exc:
@@ -890,11 +925,8 @@ class FarmConfig(_Strict):
 
     @property
     def vips(self) -> list[IPAddress]:
-        out: list[IPAddress] = []
-        for r in self.rules:
-            if r.vip not in out:
-                out.append(r.vip)
-        return out
+        """Every VIP, in the order of the rules (the same on every node)."""
+        return next(iter(self._specs.values())).vips
 
     def node(self, name: str) -> NodeSection:
         for n in self.nodes:
@@ -937,8 +969,8 @@ class FarmConfig(_Strict):
         return self.node(node if isinstance(node, str) else node.name).name
 
     def key(self) -> bytes:
-        """The farm's shared HMAC key: the key file's bytes, surrounding whitespace removed."""
-        return self.farm.key_file.read_bytes().strip()
+        """The farm's shared HMAC key (see `key_bytes`)."""
+        return key_bytes(self.farm.key_file.read_bytes())
 
 
 def _dedupe(errors: list[InitErrorDetails]) -> list[InitErrorDetails]:

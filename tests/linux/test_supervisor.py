@@ -44,6 +44,7 @@ from vipfarm.supervisor import (
     SupervisorEvent,
     Unhealthy,
     group_members,
+    pid_alive,
     run_check,
     setup_node_logs,
 )
@@ -66,14 +67,6 @@ async def until(pred: Callable[[], bool], timeout_s: float = 15, what: str = "")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or pred}")
         await asyncio.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
 
 
 def free_port() -> int:
@@ -135,7 +128,7 @@ def test_timeout_kills_the_whole_group_including_grandchildren(
         assert res.timed_out and not res.ok
         assert time.monotonic() - began < 10
         grandchild = int(pidfile.read_text())
-        assert not alive(grandchild)
+        assert not pid_alive(grandchild)
 
     run(main())
 
@@ -146,7 +139,7 @@ def test_finished_script_leaves_nothing_behind(logs: tuple[Any, Any, Path], tmp_
     async def main() -> None:
         res = await runner(logs).run("stop", sh(f"sleep 60 & echo $! > {pidfile}"), 10)
         assert res.ok
-        assert not alive(int(pidfile.read_text()))
+        assert not pid_alive(int(pidfile.read_text()))
 
     run(main())
 
@@ -161,11 +154,11 @@ def test_start_group_is_kept_until_forced_stop(logs: tuple[Any, Any, Path], tmp_
         res = await r.run("start", sh(script), 10, keep_group=True)
         assert res.ok and res.duration_s < 5
         app = int(pidfile.read_text())
-        assert alive(app) and r.kept_groups
+        assert pid_alive(app) and r.kept_groups
         pgid = r.kept_groups[0]
         assert group_members(pgid) == [app]
         assert await r.kill_kept_groups(grace_s=0.2) == 1
-        assert not alive(app) and not r.kept_groups
+        assert not pid_alive(app) and not r.kept_groups
         r.close()
 
     run(main())
@@ -184,7 +177,7 @@ def test_cancelling_a_script_kills_its_group(logs: tuple[Any, Any, Path], tmp_pa
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await until(lambda: not alive(grandchild), 5, "grandchild gone")
+        await until(lambda: not pid_alive(grandchild), 5, "grandchild gone")
 
     run(main())
 
@@ -271,7 +264,7 @@ def test_command_checker_exit_status_and_timeout(
         res = await run_check(slow, r)
         assert not res.ok and "timed out" in res.detail
         assert time.monotonic() - began < 5
-        assert not alive(int(pidfile.read_text()))
+        assert not pid_alive(int(pidfile.read_text()))
 
     run(main())
 
@@ -389,12 +382,12 @@ def test_restart_then_exhaustion_stops_the_app(logs: tuple[Any, Any, Path], tmp_
         await sup.start()
         assert await sup.wait_healthy(20)
         first = app_pid(tmp_path)
-        assert alive(first)
+        assert pid_alive(first)
 
         os.kill(first, signal.SIGKILL)  # the application dies
         await until(lambda: kinds().count(Healthy) == 2, 20, "healthy after a restart")
         second = app_pid(tmp_path)
-        assert second != first and alive(second)
+        assert second != first and pid_alive(second)
         assert kinds() == [Healthy, Unhealthy, Restarting, Healthy]
         restarting = next(e for e in events if isinstance(e, Restarting))
         assert restarting.attempt == 1 and "tcp:127.0.0.1" in restarting.reason
@@ -428,7 +421,7 @@ def test_stop_times_out_then_forces(logs: tuple[Any, Any, Path], tmp_path: Path)
         began = time.monotonic()
         await sup.stop()
         took = time.monotonic() - began
-        assert not alive(app)
+        assert not pid_alive(app)
         assert sup.state == AppState.STOPPED
         # stop_timeout_s 1 + grace 0.5, then the start group: 0.5 more, plus slack.
         assert 1 <= took < 8, took
@@ -502,7 +495,7 @@ def test_stop_during_start_leaves_no_orphan(logs: tuple[Any, Any, Path], tmp_pat
         await until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", what="start")
         grandchild = int(pidfile.read_text())
         await sup.stop()
-        await until(lambda: not alive(grandchild), 5, "no orphan")
+        await until(lambda: not pid_alive(grandchild), 5, "no orphan")
         assert (tmp_path / "stopped").exists()  # stop is idempotent, so it runs anyway
         assert sup.state == AppState.STOPPED
 
@@ -573,7 +566,7 @@ def test_nginx_module(logs: tuple[Any, Any, Path], tmp_path: Path) -> None:
         assert again.ok and "already running" in again.tail[-1]
         assert int(pidfile.read_text()) == master
         await sup.stop()  # graceful
-        assert not alive(master)
+        assert not pid_alive(master)
         assert not group_members(master)  # the workers went with the master
         stopped = await r.run("stop", spec.stop, 10)  # not running: still success
         assert stopped.ok and "not running" in stopped.tail[-1]
@@ -582,7 +575,7 @@ def test_nginx_module(logs: tuple[Any, Any, Path], tmp_path: Path) -> None:
         master = int(pidfile.read_text())
         assert spec.force_stop is not None
         assert (await r.run("force_stop", spec.force_stop, 10)).ok
-        assert not alive(master) and not group_members(master)
+        assert not pid_alive(master) and not group_members(master)
         r.close()
         sup.close()
 
@@ -594,6 +587,7 @@ FAKE_CTL = """#!/bin/sh
 case "$1" in
 configtest) echo "Syntax OK" ;;
 start)
+    rm -f "$VIPFARM_M_PIDFILE"  # as httpd does when it exits
     setsid sh -c 'echo $$ > "$VIPFARM_M_PIDFILE"; exec sleep 60' </dev/null >/dev/null 2>&1 &
     while [ ! -s "$VIPFARM_M_PIDFILE" ]; do sleep 0.02; done ;;
 graceful-stop) [ -n "${IGNORE_GRACEFUL:-}" ] || kill "$(cat "$VIPFARM_M_PIDFILE")" ;;
@@ -635,7 +629,7 @@ def test_apache_module_with_a_stand_in_ctl(logs: tuple[Any, Any, Path], tmp_path
         again = await r.run("start", spec.start, 10)
         assert again.ok and "already running" in again.tail[-1]
         await sup.stop()
-        assert not alive(server)
+        assert not pid_alive(server)
         assert (await r.run("stop", spec.stop, 10)).ok  # not running: still success
 
         # A server deaf to graceful-stop: the stop times out and force_stop ends it.
@@ -648,10 +642,10 @@ def test_apache_module_with_a_stand_in_ctl(logs: tuple[Any, Any, Path], tmp_path
         assert (await r2.run("start", spec.start, 10)).ok
         server = int(pidfile.read_text())
         assert not (await r2.run("stop", spec.stop, 0.5, grace_s=0.1)).ok
-        assert alive(server)
+        assert pid_alive(server)
         assert spec.force_stop is not None
         assert (await r2.run("force_stop", spec.force_stop, 10)).ok
-        assert not alive(server)
+        assert not pid_alive(server)
         r.close()
         r2.close()
         sup.close()

@@ -193,7 +193,7 @@ def test_substitute() -> None:
 def test_example_and_shipped_modules_load(tmp_path: Path) -> None:
     shutil.copy(REPO / "examples" / "web.toml", tmp_path)
     key = tmp_path / "web.key"
-    key.write_bytes(os.urandom(32))
+    key.write_bytes(os.urandom(16).hex().encode())
     key.chmod(0o600)
     cfg = load_config(tmp_path / "web.toml")
     assert cfg.app_spec("node3").module == "nginx"
@@ -350,9 +350,9 @@ def test_key_file_checks(farm_dir: Path) -> None:
         f"chmod 600 {key}"
     )
     key.chmod(0o600)
-    key.write_bytes(b"short\n")
+    key.write_bytes(b"31 bytes, one short of the mark\r\n")
     (p,) = problems(farm_dir, GOOD)
-    assert p.endswith(f"expected a key of at least 32 bytes, {key} has 5")
+    assert p.endswith(f"expected a key of at least 32 bytes, {key} has 31")
     key.unlink()
     (p,) = problems(farm_dir, GOOD)
     assert p.startswith("farm.key_file: bad value 'farm.key': expected a readable key file")

@@ -6,7 +6,13 @@ See `supervisor.py` for the life cycle, `scripts.py` for process groups and outp
 
 from vipfarm.supervisor.checkers import CheckResult, RiseFall, run_check
 from vipfarm.supervisor.logs import setup_node_logs
-from vipfarm.supervisor.scripts import ScriptResult, ScriptRunner, group_members, kill_group
+from vipfarm.supervisor.scripts import (
+    ScriptResult,
+    ScriptRunner,
+    group_members,
+    kill_group,
+    pid_alive,
+)
 from vipfarm.supervisor.supervisor import (
     AppState,
     AppSupervisor,
@@ -35,6 +41,7 @@ __all__ = [
     "Unhealthy",
     "group_members",
     "kill_group",
+    "pid_alive",
     "run_check",
     "setup_node_logs",
 ]

@@ -36,7 +36,7 @@ from vipfarm.config import (
     ProcessCheck,
     TcpCheck,
 )
-from vipfarm.supervisor.scripts import ScriptRunner
+from vipfarm.supervisor.scripts import ScriptRunner, pid_alive
 
 HTTP_BODY_LIMIT = 64 * 1024
 
@@ -109,14 +109,6 @@ async def _http(spec: HttpCheck) -> CheckResult:
             await writer.wait_closed()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
-
-
 def _process_names(pid: str) -> tuple[str, str]:
     comm = Path(f"/proc/{pid}/comm").read_text().strip()
     argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
@@ -132,7 +124,7 @@ def _process(spec: ProcessCheck) -> CheckResult:
         if not text.isdigit():
             return CheckResult(False, f"pidfile {spec.pidfile} holds {text[:20]!r}, not a PID")
         pid = int(text)
-        if _alive(pid):
+        if pid_alive(pid):
             return CheckResult(True, f"pid {pid} alive")
         return CheckResult(False, f"pid {pid} from {spec.pidfile} is not running")
     name = spec.process or ""
@@ -141,7 +133,7 @@ def _process(spec: ProcessCheck) -> CheckResult:
             continue
         try:
             # comm is cut at 15 characters; argv[0] has the full name (if not rewritten).
-            if name in _process_names(entry.name) and _alive(int(entry.name)):
+            if name in _process_names(entry.name) and pid_alive(int(entry.name)):
                 return CheckResult(True, f"pid {entry.name} is {name}")
         except OSError:
             continue  # exited while we looked

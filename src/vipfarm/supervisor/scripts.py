@@ -74,20 +74,31 @@ class ScriptResult:
         return f"{self.name} exited {self.exit_code}"
 
 
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat from the state field on, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields start after the last ')'.
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and len(fields) > 0 and fields[0] != b"Z"
+
+
 def group_members(pgid: int) -> list[int]:
     """PIDs of the live (non-zombie) processes whose process group is pgid."""
     out = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the fields start after the last ')'.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
+        fields = _stat_fields(entry.name)
+        if fields and len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
             out.append(int(entry.name))
     return out
 
