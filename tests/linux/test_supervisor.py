@@ -282,12 +282,21 @@ def test_process_and_link_checkers(logs: tuple[Any, Any, Path], tmp_path: Path) 
     sleeper = tmp_path / f"vfchk{os.getpid()}"
     shutil.copy(shutil.which("sleep") or "/bin/sleep", sleeper)
     proc = subprocess.Popen([str(sleeper), "60"])
+    check = ProcessCheck(process=sleeper.name)
+
+    async def seen_by_name() -> None:
+        # Popen may return (vfork) before the kernel has renamed the child: poll.
+        deadline = time.monotonic() + 10
+        while not (await run_check(check, r)).ok:
+            assert time.monotonic() < deadline, "process never seen by name"
+            await asyncio.sleep(0.02)
+
     try:
-        assert run(run_check(ProcessCheck(process=sleeper.name), r)).ok
+        run(seen_by_name())
     finally:
         proc.kill()
         proc.wait()
-    assert not run(run_check(ProcessCheck(process=sleeper.name), r)).ok
+    assert not run(run_check(check, r)).ok
 
     assert run(run_check(LinkCheck(interface="lo"), r)).ok
     assert not run(run_check(LinkCheck(interface="vf-nonexist"), r)).ok

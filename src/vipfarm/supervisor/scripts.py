@@ -236,9 +236,9 @@ class ScriptRunner:
         pump = _LinePump(on_line)
         self._lingering.add(pump)
         pump.done.add_done_callback(lambda _: self._lingering.discard(pump))
-        await loop.connect_read_pipe(lambda: pump, os.fdopen(rfd, "rb", buffering=0))
         timed_out = False
         try:
+            await loop.connect_read_pipe(lambda: pump, os.fdopen(rfd, "rb", buffering=0))
             try:
                 code = await asyncio.wait_for(proc.wait(), timeout_s)
             except TimeoutError:
@@ -250,6 +250,7 @@ class ScriptRunner:
             elif group_members(pgid):
                 self.kept_groups.append(pgid)
         except asyncio.CancelledError:
+            # Whatever the script was doing, nothing of it may outlive the cancellation.
             signal_group(pgid, signal.SIGKILL)
             pump.close()
             raise
