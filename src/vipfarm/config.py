@@ -78,7 +78,6 @@ __all__ = [
 ]
 
 KEY_MIN_BYTES = 32
-BUILTIN_MACROS = ("vip", "node", "farm", "module_dir")
 
 Loc = tuple[str | int, ...]
 
@@ -731,7 +730,7 @@ class FarmConfig(_Strict):
             for node in self.nodes:
                 errors += self._build_node(node)
         if errors:
-            _raise(_dedupe(errors))
+            _raise(errors)  # repeats (one per node) are merged by _problems
         return self
 
     def _check_networks(self) -> list[InitErrorDetails]:
@@ -973,17 +972,6 @@ class FarmConfig(_Strict):
         return key_bytes(self.farm.key_file.read_bytes())
 
 
-def _dedupe(errors: list[InitErrorDetails]) -> list[InitErrorDetails]:
-    seen: set[tuple[Loc, str]] = set()
-    out = []
-    for e in errors:
-        key = (tuple(e["loc"]), str(e["type"]))
-        if key not in seen:
-            seen.add(key)
-            out.append(e)
-    return out
-
-
 def _in_module(argv: list[str], module_dir: Path) -> list[str]:
     """A relative program that exists in the module directory runs from there; else from PATH."""
     prog = argv[0]
@@ -1037,13 +1025,18 @@ def load_config(path: Path | str, *, module_path: Sequence[Path] | None = None) 
 
 
 def local_addresses() -> set[IPAddress]:
-    """Every address configured on this host's interfaces (read-only netlink dump)."""
-    from pyroute2 import IPRoute
+    """Every address configured on this host's interfaces (read-only netlink dump).
+
+    Raises OSError when netlink cannot be read."""
+    from pyroute2 import IPRoute, NetlinkError
 
     out: set[IPAddress] = set()
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = msg.get_attr("IFA_ADDRESS")
-            if addr:
-                out.add(ipaddress.ip_address(addr.split("%")[0]))
+    try:
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr():
+                addr = msg.get_attr("IFA_ADDRESS")
+                if addr:
+                    out.add(ipaddress.ip_address(addr.split("%")[0]))
+    except NetlinkError as exc:
+        raise OSError(f"cannot list local addresses: {exc}") from None
     return out

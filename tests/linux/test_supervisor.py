@@ -456,7 +456,9 @@ def test_failing_start_exhausts_the_policy(logs: tuple[Any, Any, Path]) -> None:
     async def main() -> None:
         sup = AppSupervisor(spec, module_log=logs[0], app_log=logs[1], on_event=events.append)
         await sup.start()
-        await until(lambda: sup.state == AppState.EXHAUSTED, 20, "exhausted")
+        began = time.monotonic()
+        assert not await sup.wait_healthy(30)  # returns as soon as the policy is used up
+        assert sup.state == AppState.EXHAUSTED and time.monotonic() - began < 20
         starts = [e for e in events if isinstance(e, ScriptFinished) and e.result.name == "start"]
         assert len(starts) == 3  # the first start and two restarts
         ex = [e for e in events if isinstance(e, Exhausted)]

@@ -51,10 +51,8 @@ def _this_node(cfg: FarmConfig, name: str | None) -> NodeSection | None:
         return cfg.find_self(name)
     try:
         return cfg.find_self(local_addresses=local_addresses())
-    except ConfigError:
+    except (ConfigError, OSError):
         return None  # checking on a workstation is fine: the file itself is valid
-    except OSError:
-        return None
 
 
 def _summary(out: Console, file: Path, cfg: FarmConfig, me: NodeSection | None) -> None:

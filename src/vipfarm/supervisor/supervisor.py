@@ -166,12 +166,14 @@ class AppSupervisor:
         if self._task is not None and not self._task.done():
             return
         self._window.reset()
+        self._set_state(AppState.STARTING)
         self._task = asyncio.create_task(self._supervise(), name=f"supervise-{self.spec.module}")
 
     async def wait_healthy(self, timeout_s: float) -> bool:
-        """True once healthy within timeout_s."""
+        """True once healthy within timeout_s; False at once if stopped or exhausted."""
+        done = (AppState.HEALTHY, AppState.STOPPED, AppState.EXHAUSTED)
         with contextlib.suppress(TimeoutError):
-            await self._until(lambda: self.healthy, timeout_s)
+            await self._until(lambda: self.state in done, timeout_s)
         return self.healthy
 
     async def stop(self) -> None:
