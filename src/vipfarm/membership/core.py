@@ -1,0 +1,643 @@
+"""The membership core: sans-I/O heartbeat membership and safe bucket handover.
+
+The core never touches a socket, a clock or the kernel (in the style of aioquic). The daemon
+feeds it datagrams and the time, sends what it returns, and applies the events it emits:
+
+    core.receive_datagram(data, network, now)     # never raises
+    core.handle_timer(now)                        # when now >= core.get_timer()
+    for network, payload in core.datagrams_to_send(now): send payload to every peer on network
+    while (ev := core.next_event()) is not None: act on ev (BucketsChanged -> kernel, then
+                                                  core.confirm_owned(kernel buckets, now))
+
+Theory of operation (docs/MEMBERSHIP.md has the long version and the safety argument):
+
+- **Liveness.** Every node sends a heartbeat every `interval` on every heartbeat network. A peer
+  is alive while a valid heartbeat arrived on some network within `dead_after`. A peer that is
+  silent towards us but that another live peer reports hearing within two intervals (the
+  heartbeat's "fresh" bitmap) is not declared dead: a lossy link is not a failover. Silence on one
+  network while another works is a warning (`NetworkLost`).
+- **Assignment.** The UP set (self and live peers whose latest heartbeat says UP) and the
+  weights determine every bucket's owner (`assignment.assign`), anchored on the configured farm
+  while every live node advertises the same configuration digest.
+- **Release before acquire.** A heartbeat carries `owned` (every bucket this node's kernel holds
+  or may hold: confirmed buckets plus acquisitions not yet confirmed, and released buckets until
+  the release is confirmed) and `want` (buckets it is waiting to acquire). A node releases what
+  it should no longer own at once. It acquires a wanted bucket b only when the latest heartbeat
+  of every live peer (1) acknowledges a heartbeat of ours that already wanted b, (2) does not
+  own b, and (3) does not want b unless we have priority (lower node name). A claim (want, then
+  owned) is continuous from its first heartbeat to its release, so two nodes can never both pass
+  this test for one bucket while they hear each other; dead peers are ignored because their
+  kernel leases (lease < dead_after) expired before we noticed.
+- **Split brain.** Nodes that cannot hear each other each take the missing buckets. When they
+  hear each other again, a double claim is reported and resolved: a node releases a bucket that
+  a live peer with priority also holds, and the normal handover then gives it to its assigned
+  owner.
+- **Hung daemon.** If no heartbeat was sent for longer than `lease`, the kernel leases have
+  expired: the core releases everything (`LeaseLost`) and listens for `dead_after` again before
+  claiming anything.
+- **Timers.** `get_timer()` is exact: the next heartbeat, the end of a listening period, or the
+  earliest peer deadline. Peer deadlines only move later when a heartbeat arrives, so the minimum
+  is recomputed only when the peer that holds it is heard from, which keeps the receive path O(1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from vipfarm.log import event as log_event
+from vipfarm.membership import events as ev
+from vipfarm.membership.assignment import Assignment, Members, assign
+from vipfarm.membership.states import Trigger, next_state
+from vipfarm.protocol import (
+    MAX_ACKS,
+    MAX_NAME_BYTES,
+    Ack,
+    Codec,
+    Drop,
+    Heartbeat,
+    NodeState,
+    bits_of,
+    config_digest,
+    mask_of,
+    node_id,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_WEIGHT: Final = 65535
+_FRESH_INTERVALS: Final = 2  # a peer heard within this many intervals is reported fresh
+_TRIGGER_FRACTION: Final = 20  # extra heartbeats are at least interval/20 apart
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    """What the daemon knows from the farm configuration; validated at construction."""
+
+    farm: str
+    node: str
+    key: bytes
+    nodes: Mapping[str, int]  # every configured node (self included) -> configured weight
+    networks: tuple[str, ...] = ("lan",)
+    buckets: int = 256
+    interval: float = 0.1
+    dead_after: float = 0.5
+    lease: float = 0.3
+    nodes_sorted: tuple[tuple[str, int], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.farm:
+            raise ValueError("farm name is empty: set the farm name in the configuration")
+        if not self.nodes:
+            raise ValueError("the farm has no nodes: list at least this node")
+        if len(self.nodes) > MAX_ACKS:
+            raise ValueError(f"{len(self.nodes)} nodes configured; a farm has at most {MAX_ACKS}")
+        for name, weight in self.nodes.items():
+            size = len(name.encode())
+            if not 1 <= size <= MAX_NAME_BYTES:
+                raise ValueError(
+                    f"node name {name!r} is {size} bytes of UTF-8; use 1..{MAX_NAME_BYTES} bytes"
+                )
+            if isinstance(weight, bool) or not isinstance(weight, int):
+                raise ValueError(f"weight of node {name!r} is {weight!r}; use an integer")
+            if not 0 <= weight <= MAX_WEIGHT:
+                raise ValueError(
+                    f"weight {weight} of node {name!r} is out of range: use 0..{MAX_WEIGHT} "
+                    "(0 = the node takes no buckets)"
+                )
+        if self.node not in self.nodes:
+            raise ValueError(
+                f"this node {self.node!r} is not among the configured nodes "
+                f"{sorted(self.nodes)}: add it or fix the node name"
+            )
+        ids: dict[int, str] = {}
+        for name in self.nodes:
+            other = ids.setdefault(node_id(name), name)
+            if other != name:
+                raise ValueError(f"node names {other!r} and {name!r} hash to the same id: rename one")
+        if not self.networks or len(set(self.networks)) != len(self.networks) or "" in self.networks:
+            raise ValueError(
+                f"heartbeat networks {list(self.networks)!r} must be a non-empty list of "
+                "distinct names"
+            )
+        if not 1 <= self.buckets <= 4096:
+            raise ValueError(f"bucket count {self.buckets} is out of range: use 1..4096")
+        if not (math.isfinite(self.interval) and self.interval > 0):
+            raise ValueError(f"interval {self.interval} s must be a positive number of seconds")
+        if not self.interval < self.lease < self.dead_after:
+            raise ValueError(
+                f"timers must satisfy interval < lease < dead_after, got interval={self.interval} "
+                f"lease={self.lease} dead_after={self.dead_after}: the lease must outlive one "
+                "heartbeat interval and expire before peers declare the node dead "
+                "(defaults: 0.1 < 0.3 < 0.5)"
+            )
+        object.__setattr__(self, "nodes_sorted", tuple(sorted(self.nodes.items())))
+
+
+class _Peer:
+    __slots__ = (
+        "alive",
+        "hb",
+        "heard",
+        "id",
+        "incarnation",
+        "index",
+        "indirect",
+        "name",
+        "net_heard",
+        "net_lost",
+        "net_seq",
+        "prio",
+        "seq",
+    )
+
+    def __init__(self, name: str, index: int, prio: bool, networks: int) -> None:
+        self.name = name
+        self.id = node_id(name)
+        self.index = index  # position in the sorted configured node list (fresh bitmap)
+        self.prio = prio  # wins ties against us (lower name)
+        self.alive = False
+        self.hb: Heartbeat | None = None
+        self.incarnation = 0
+        self.seq = 0  # latest applied heartbeat
+        self.heard = -math.inf  # latest valid heartbeat, any network
+        self.indirect = -math.inf  # latest time another peer vouched for this one
+        self.net_seq = [0] * networks
+        self.net_heard = [-math.inf] * networks
+        self.net_lost = [False] * networks
+
+
+class Membership:
+    """One node's membership core. See the module docstring for the protocol."""
+
+    def __init__(self, config: MembershipConfig, incarnation: int, codec: Codec | None = None):
+        if not 1 <= incarnation < 2**64:
+            raise ValueError(
+                f"incarnation {incarnation} is out of range: use 1..2**64-1, growing at every "
+                "daemon start (e.g. the start time in milliseconds)"
+            )
+        self.config = config
+        self.name = config.node
+        self.incarnation = incarnation
+        if codec is None:
+            codec = Codec(config.farm, config.key, config.buckets)
+        elif codec.buckets != config.buckets:
+            raise ValueError(f"codec has {codec.buckets} buckets, config has {config.buckets}")
+        self._decode = codec.decode
+        self._codec = codec
+        self._id = node_id(config.node)
+        self._digest = config_digest(dict(config.nodes), config.buckets)
+        self._anchor: Members = config.nodes_sorted
+        self._fresh_len = (len(config.nodes) + 7) // 8
+        self._nets = {n: i for i, n in enumerate(config.networks)}
+        names = [n for n, _ in config.nodes_sorted]
+        self._peer_list = [
+            _Peer(n, i, n < config.node, len(config.networks))
+            for i, n in enumerate(names)
+            if n != config.node
+        ]
+        self._peers = {p.id: p for p in self._peer_list}
+        self.drops: dict[str, int] = {}
+
+        self.state = NodeState.STOP
+        self.weight = config.nodes[config.node]
+        self.app_healthy = False
+        self._seq = 0
+        self._held = 0  # confirmed by the daemon
+        self._requested = 0  # what the kernel was asked to hold
+        self._unconfirmed = False
+        self._want = 0
+        self._want_since: dict[int, int] = {}
+        self._learn_until = -math.inf
+        self._view: tuple[Members, Members | None] | None = None
+        self._assignment: Assignment | None = None
+        self._split = False
+        self._events: deque[ev.Event] = deque()
+
+        self._last_send: float | None = None
+        self._next_send = -math.inf  # send at the first opportunity
+        self._timer = -math.inf
+        self._timer_dirty = True
+        self._timer_peer: _Peer | None = None
+
+    # ----------------------------------------------------------------- daemon-facing API
+    def receive_datagram(self, data: bytes, network: str, now: float) -> None:
+        """Process one received datagram. Bad ones are counted in `drops` and ignored."""
+        hb = self._decode(data)
+        if not isinstance(hb, Heartbeat):
+            self._count(hb)
+            return
+        peer = self._peers.get(hb.node_id)
+        if peer is None:
+            self._count(Drop.OWN if hb.node_id == self._id else Drop.UNKNOWN_NODE)
+            return
+        ni = self._nets.get(network)
+        if ni is None:
+            self._count(Drop.UNKNOWN_NETWORK)
+            return
+        if hb.incarnation != peer.incarnation:
+            if hb.incarnation < peer.incarnation:
+                self._count(Drop.REPLAY)
+                return
+            self._new_incarnation(peer, hb)
+        elif hb.seq <= peer.net_seq[ni]:
+            self._count(Drop.DUPLICATE if hb.seq == peer.net_seq[ni] else Drop.REPLAY)
+            return
+        peer.net_seq[ni] = hb.seq
+        peer.net_heard[ni] = now
+        peer.heard = now
+        if peer is self._timer_peer:
+            self._timer_dirty = True
+        if peer.net_lost[ni]:
+            self._net_restored(peer, ni)
+        if hb.seq <= peer.seq:
+            return  # a late copy from a slower network: counts for liveness only
+        peer.seq = hb.seq
+        old = peer.hb
+        peer.hb = hb
+        if peer.alive and old is not None and old.body == hb.body:
+            return
+        if not peer.alive:
+            peer.alive = True
+            self._timer_dirty = True
+            self._emit(ev.PeerUp(peer.name, hb.incarnation, restarted=False))
+        if hb.want and (old is None or hb.want & ~old.want):
+            self._schedule_send(now)  # acknowledge new claims quickly
+        self._evaluate(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[str, bytes]]:
+        """Heartbeats due now, as (network, payload): send each payload to every peer on it."""
+        if now < self._next_send:
+            return []
+        self._check_lease(now)
+        self._seq += 1
+        payload = self._codec.encode(
+            node_id=self._id,
+            digest=self._digest,
+            incarnation=self.incarnation,
+            seq=self._seq,
+            state=self.state,
+            weight=self.weight,
+            owned=self._held | self._requested,
+            want=self._want,
+            fresh=self._fresh(now),
+            fresh_len=self._fresh_len,
+            acks=tuple(
+                Ack(p.id, p.incarnation, p.seq)
+                for p in self._peer_list
+                if p.alive and p.hb is not None and p.hb.want
+            ),
+        )
+        self._last_send = now
+        self._next_send = now + self.config.interval
+        self._timer_dirty = True
+        return [(net, payload) for net in self.config.networks]
+
+    def get_timer(self) -> float:
+        """When `handle_timer` (and then `datagrams_to_send`) must next be called."""
+        if self._timer_dirty:
+            self._timer_dirty = False
+            best = min(self._next_send, self._learn_until) if self._learning() else self._next_send
+            self._timer_peer = None
+            for p in self._peer_list:
+                if p.alive:
+                    d = self._deadline(p)
+                    if d < best:
+                        best = d
+                        self._timer_peer = p
+            self._timer = best
+        return self._timer
+
+    def handle_timer(self, now: float) -> None:
+        """Declare silent peers dead or their networks lost, and finish listening periods."""
+        self._check_lease(now)
+        changed = False
+        for p in self._peer_list:
+            if p.alive and self._deadline(p) <= now:
+                changed |= self._expire(p, now)
+        if self.state is NodeState.STARTING and now >= self._learn_until:
+            self._fire(Trigger.LEARNED, now)
+            changed = True
+        elif self._learn_until != -math.inf and now >= self._learn_until:
+            self._learn_until = -math.inf
+            changed = True
+        if not self._unconfirmed and self._held != self._requested and now >= self._next_send:
+            self._request(self._requested, self._held)  # the kernel did not do what we asked
+        if changed:
+            self._evaluate(now)
+        self._timer_dirty = True
+
+    def next_event(self) -> ev.Event | None:
+        return self._events.popleft() if self._events else None
+
+    def confirm_owned(self, buckets: Iterable[int], now: float) -> None:
+        """What the kernel holds after applying the latest `BucketsChanged`."""
+        held = mask_of(buckets)
+        self._unconfirmed = False
+        if held != self._held:
+            self._held = held
+            self._schedule_send(now)
+            self._evaluate(now)
+
+    # -- local commands
+    def join(self, now: float) -> None:
+        """Ask to be in the farm (STOP -> STARTING, or cancel a drain)."""
+        if self.state is NodeState.STOP:
+            self._learn_until = now + self.config.dead_after
+        self._fire(Trigger.JOIN, now)
+
+    def leave(self, now: float) -> None:
+        """Drain: give away every bucket; `Drained` follows once the kernel confirmed it."""
+        self._fire(Trigger.LEAVE, now)
+
+    def stopped(self, now: float) -> None:
+        """The daemon stopped the application after `Drained` (STOPPING -> STOP)."""
+        self._fire(Trigger.STOPPED, now)
+
+    def set_weight(self, weight: int, now: float) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight {weight!r} is out of range: use an integer 0..{MAX_WEIGHT}")
+        if weight != self.weight:
+            self.weight = weight
+            self._schedule_send(now)
+            self._evaluate(now)
+
+    def set_app_healthy(self, healthy: bool, now: float) -> None:
+        if healthy != self.app_healthy:
+            self.app_healthy = healthy
+            self._settle(now)
+            self._evaluate(now)
+
+    # -- read-only views
+    @property
+    def owned(self) -> frozenset[int]:
+        """Buckets the kernel holds or may hold (what our heartbeats advertise)."""
+        return frozenset(bits_of(self._held | self._requested))
+
+    @property
+    def members(self) -> Members:
+        return self._view[0] if self._view else ()
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """JSON-ready state of the farm as this node sees it (for `vipfarm state --json`)."""
+        b = self.config.buckets
+
+        def share(mask: int) -> float:
+            return round(100.0 * mask.bit_count() / b, 2)
+
+        nodes: list[dict[str, Any]] = [
+            {
+                "name": self.name,
+                "self": True,
+                "state": self.state.name,
+                "alive": True,
+                "share": share(self._held | self._requested),
+                "incarnation": self.incarnation,
+                "weight": self.weight,
+                "heartbeat_age_ms": {},
+            }
+        ]
+        for p in self._peer_list:
+            hb = p.hb
+            nodes.append(
+                {
+                    "name": p.name,
+                    "self": False,
+                    "state": hb.state.name if hb else None,
+                    "alive": p.alive,
+                    "share": share(hb.owned) if hb and p.alive else 0.0,
+                    "incarnation": p.incarnation or None,
+                    "weight": hb.weight if hb else self.config.nodes[p.name],
+                    "heartbeat_age_ms": {
+                        net: (round((now - p.net_heard[i]) * 1000.0, 1) if p.hb else None)
+                        for net, i in self._nets.items()
+                    },
+                }
+            )
+        nodes.sort(key=lambda n: n["name"])
+        return {
+            "farm": self.config.farm,
+            "node": self.name,
+            "state": self.state.name,
+            "members": [list(m) for m in self.members],
+            "owned": bits_of(self._held | self._requested),
+            "wanted": bits_of(self._want),
+            "split_brain": self._split,
+            "drops": dict(self.drops),
+            "nodes": nodes,
+        }
+
+    # ----------------------------------------------------------------- internals
+    def _count(self, reason: Drop) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _emit(self, e: ev.Event) -> None:
+        self._events.append(e)
+        if log.isEnabledFor(logging.INFO):
+            fields = {k: getattr(e, k) for k in getattr(e, "__slots__", ())}
+            for k, v in fields.items():
+                if isinstance(v, frozenset):
+                    fields[k] = ",".join(map(str, sorted(v))) or "-"
+            log_event(log, type(e).__name__, node=self.name, **fields)
+
+    def _learning(self) -> bool:
+        return self._learn_until != -math.inf
+
+    def _deadline(self, p: _Peer) -> float:
+        d = max(p.heard, p.indirect) + self.config.dead_after
+        if len(p.net_heard) > 1:
+            for i, t in enumerate(p.net_heard):
+                if not p.net_lost[i]:
+                    d = min(d, t + self.config.dead_after)
+        return d
+
+    def _expire(self, p: _Peer, now: float) -> bool:
+        """Handle a peer whose deadline passed; True when it died."""
+        dead_after = self.config.dead_after
+        if max(p.heard, p.indirect) + dead_after <= now:
+            vouched = [
+                q.heard
+                for q in self._peer_list
+                if q.alive
+                and q is not p
+                and q.hb is not None
+                and q.hb.digest == self._digest
+                and q.hb.fresh >> p.index & 1
+            ]
+            if vouched:
+                p.indirect = max(p.indirect, max(vouched) - _FRESH_INTERVALS * self.config.interval)
+        if max(p.heard, p.indirect) + dead_after <= now:
+            p.alive = False
+            p.net_lost = [True] * len(p.net_lost)
+            self._emit(ev.PeerDown(p.name))
+            return True
+        if len(p.net_heard) > 1:
+            for i, t in enumerate(p.net_heard):
+                if not p.net_lost[i] and t + dead_after <= now:
+                    p.net_lost[i] = True
+                    self._emit(ev.NetworkLost(p.name, self.config.networks[i]))
+        return False
+
+    def _net_restored(self, p: _Peer, ni: int) -> None:
+        p.net_lost[ni] = False
+        if p.alive and len(p.net_lost) > 1:
+            self._emit(ev.NetworkRestored(p.name, self.config.networks[ni]))
+
+    def _new_incarnation(self, p: _Peer, hb: Heartbeat) -> None:
+        restarted = p.alive
+        p.incarnation = hb.incarnation
+        p.seq = 0
+        p.net_seq = [0] * len(p.net_seq)
+        p.indirect = -math.inf
+        if restarted:
+            self._emit(ev.PeerUp(p.name, hb.incarnation, restarted=True))
+
+    def _fresh(self, now: float) -> int:
+        horizon = now - _FRESH_INTERVALS * self.config.interval
+        mask = 0
+        for p in self._peer_list:
+            if p.alive and p.heard >= horizon:
+                mask |= 1 << p.index
+        return mask
+
+    def _schedule_send(self, now: float) -> None:
+        gap = self.config.interval / _TRIGGER_FRACTION
+        soon = now if self._last_send is None else max(now, self._last_send + gap)
+        if soon < self._next_send:
+            self._next_send = soon
+            self._timer_dirty = True
+
+    def _check_lease(self, now: float) -> None:
+        last = self._last_send
+        if last is None or now - last <= self.config.lease:
+            return
+        # No heartbeat means no lease refresh: the kernel already dropped our buckets.
+        self._last_send = now
+        if self._held | self._requested | self._want:
+            self._emit(ev.LeaseLost(round(now - last, 6)))
+            self._want = 0
+            self._want_since.clear()
+            self._request(0, self._held | self._requested)
+        self._learn_until = now + self.config.dead_after
+        self._timer_dirty = True
+
+    def _fire(self, trigger: Trigger, now: float) -> None:
+        new = next_state(self.state, trigger)
+        if new is None:
+            log_event(log, "ignored", level=logging.DEBUG, node=self.name, trigger=trigger)
+            return
+        old, self.state = self.state, new
+        if new is not NodeState.STARTING and old is NodeState.STARTING:
+            self._learn_until = -math.inf
+        self._emit(ev.StateChanged(old, new))
+        self._schedule_send(now)
+        self._settle(now)
+        self._evaluate(now)
+
+    def _settle(self, now: float) -> None:
+        """Apply the application's health to WAIT/UP."""
+        if self.state is NodeState.WAIT and self.app_healthy:
+            self._fire(Trigger.HEALTHY, now)
+        elif self.state is NodeState.UP and not self.app_healthy:
+            self._fire(Trigger.UNHEALTHY, now)
+
+    def _request(self, requested: int, previous: int) -> None:
+        self._requested = requested
+        self._unconfirmed = True
+        self._emit(
+            ev.BucketsChanged(
+                release=frozenset(bits_of(previous & ~requested)),
+                acquire=frozenset(bits_of(requested & ~previous)),
+                owned=frozenset(bits_of(requested)),
+            )
+        )
+
+    def _evaluate(self, now: float) -> None:
+        """Recompute the view and move buckets: the heart of release-before-acquire."""
+        alive = [p for p in self._peer_list if p.alive]
+        me_up = self.state is NodeState.UP
+        members = tuple(
+            sorted(
+                [(p.name, p.hb.weight) for p in alive if p.hb and p.hb.state is NodeState.UP]
+                + ([(self.name, self.weight)] if me_up else [])
+            )
+        )
+        anchor = self._anchor if all(p.hb and p.hb.digest == self._digest for p in alive) else None
+        view = (members, anchor)
+        if view != self._view:
+            self._view = view
+            self._assignment = assign(members, self.config.buckets, anchor)
+            self._emit(ev.ViewChanged(members, anchor is not None))
+        assert self._assignment is not None
+        mine = self._assignment.mask(self.name) if me_up and not self._learning() else 0
+
+        mine_held = self._held | self._requested
+        prio_owned = prio_want = others = dup = 0
+        seen = mine_held
+        for p in alive:
+            hb = p.hb
+            assert hb is not None
+            o = hb.owned
+            dup |= seen & o
+            seen |= o
+            others |= o
+            if p.prio:
+                prio_owned |= o
+                prio_want |= hb.want
+
+        # Release first: what is no longer ours, and what a peer with priority also holds.
+        requested = self._requested & mine & ~prio_owned
+        self._want &= mine
+        for b in [b for b in self._want_since if not self._want >> b & 1]:
+            del self._want_since[b]
+        new_wants = mine & ~requested & ~self._want
+        if new_wants:
+            since = self._seq + 1  # the next heartbeat is the first to carry the claim
+            for b in bits_of(new_wants):
+                self._want_since[b] = since
+            self._want |= new_wants
+            self._schedule_send(now)
+
+        ready = self._want & ~(others | prio_want)
+        if ready and alive:
+            acked = min(self._ack_of(p.hb) for p in alive if p.hb is not None)
+            for b in bits_of(ready):
+                if self._want_since[b] > acked:
+                    ready &= ~(1 << b)
+        if ready:
+            self._want &= ~ready
+            for b in bits_of(ready):
+                del self._want_since[b]
+            requested |= ready
+        if requested != self._requested:
+            self._request(requested, self._requested)
+            self._schedule_send(now)
+
+        if dup and not self._split:
+            self._split = True
+            holders = tuple(
+                sorted(
+                    ([self.name] if mine_held & dup else [])
+                    + [p.name for p in alive if p.hb is not None and p.hb.owned & dup]
+                )
+            )
+            self._emit(ev.SplitBrainDetected(frozenset(bits_of(dup)), holders))
+        elif not dup and self._split:
+            self._split = False
+            self._emit(ev.SplitBrainHealed())
+
+        if (
+            self.state is NodeState.DRAINING
+            and not (self._held | self._requested)
+            and not self._unconfirmed
+        ):
+            self._emit(ev.Drained())
+            self._fire(Trigger.DRAINED, now)
+
+    def _ack_of(self, hb: Heartbeat) -> int:
+        a = hb.acks.get(self._id)
+        return a[1] if a is not None and a[0] == self.incarnation else 0

@@ -1,0 +1,589 @@
+"""Farm simulator: the real membership cores over a simulated network and a virtual clock.
+
+Each simulated node is a `Membership` core plus a tiny simulated daemon: it applies
+`BucketsChanged` to a simulated kernel set at once and confirms it, refreshes the kernel lease
+whenever it sends heartbeats (so a crashed daemon's buckets stay "owned" until the lease runs
+out, exactly like nftables element timeouts), and handles drains. The network delivers every
+heartbeat to every reachable peer with independent loss, uniform delay, optional duplication
+and optional extra delay that reorders datagrams.
+
+Theory of operation:
+
+- The virtual clock advances in slots of 0.1 ms. Deliveries and core wake-ups are appended to a
+  per-slot list; a heap holds the slot numbers that have work. That is one list append per
+  datagram instead of a heap operation, which is what makes 64 nodes x 10 minutes (about 24
+  million receptions) feasible in Python. Timers are rounded up to the next slot.
+- Every core asks for its next wake-up with `get_timer()`; a stale wake-up (the core since
+  asked for an earlier one) is skipped when its slot comes.
+- Metrics follow the issue: double ownership is checked whenever a kernel gains a bucket, and
+  counted only while the live nodes are connected (no partition active); split brain during a
+  partition is reported separately. Convergence of an event ends when, in every connected
+  component, every live node's kernel holds exactly the buckets the assignment of that
+  component's UP nodes gives it, and every core's view agrees.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vipfarm.membership import events as ev
+from vipfarm.membership.assignment import Members, assign, min_moves, moved, quotas
+from vipfarm.membership.core import Membership, MembershipConfig
+from vipfarm.protocol import Codec, NodeState, bits_of, mask_of
+
+SCENARIOS = ("crash", "join", "drain", "partition", "flap", "rolling")
+RES = 1e-4  # seconds per slot
+_INV = 1.0 / RES
+_KEY = b"vipfarm-simulator-key-0123456789abcdef"
+
+
+@dataclass
+class SimConfig:
+    nodes: int = 8
+    buckets: int = 256
+    scenario: str = "crash"
+    loss: float = 0.0
+    delay_ms: tuple[float, float] = (1.0, 5.0)
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    duration: float = 30.0
+    seed: int = 1
+    interval: float = 0.1
+    dead_after: float = 0.5
+    lease: float = 0.3
+    weights: list[int] | None = None
+    period: float = 4.0  # seconds between scenario events
+    networks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r}: use one of {', '.join(SCENARIOS)}")
+        if not 1 <= self.nodes <= 255:
+            raise ValueError(f"--nodes {self.nodes} is out of range: use 1..255")
+        if not 0.0 <= self.loss < 1.0:
+            raise ValueError(f"--loss {self.loss} is out of range: use a probability in [0, 1)")
+        for name, p in (("--dup", self.duplicate), ("--reorder", self.reorder)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} {p} is out of range: use a probability in [0, 1]")
+        lo, hi = self.delay_ms
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"--delay-ms {lo}-{hi} is invalid: use MIN-MAX with 0 <= MIN <= MAX")
+        if self.duration <= 0:
+            raise ValueError(f"--duration {self.duration} must be positive")
+        if self.weights is not None and len(self.weights) != self.nodes:
+            raise ValueError(f"{len(self.weights)} weights for {self.nodes} nodes: give one each")
+        if self.period < 4 * self.dead_after:
+            raise ValueError(f"period {self.period} s is too short: use at least 4 x dead_after")
+
+
+@dataclass
+class _Node:
+    index: int
+    name: str
+    weight: int
+    core: Membership | None = None
+    incarnation: int = 0
+    kernel: int = 0
+    lease_until: float = -math.inf
+    wake: int = 2**62  # slot of the pending wake-up
+    group: int = 0
+    joining: bool = False  # becomes a convergence event when it turns UP
+
+
+@dataclass
+class _Pending:
+    kind: str
+    t: float
+    node: str
+    before: list[str | None] | None
+
+
+@dataclass
+class _Metrics:
+    max_owners: int = 0
+    max_owners_partitioned: int = 0
+    false_failovers: int = 0
+    convergence: list[dict[str, Any]] = field(default_factory=list)
+    moved: int = 0
+    optimal: int = 0
+    balance: float = 0.0
+    bytes_sent: int = 0
+    datagrams: int = 0
+    deliveries: int = 0
+    max_unowned: float = 0.0
+    split_brain_events: int = 0
+
+
+class Simulator:
+    """Runs one scenario; `run()` returns the JSON-ready result."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.rnd = random.Random(cfg.seed)
+        weights = cfg.weights or [1] * cfg.nodes
+        self.nodes = [_Node(i, f"node{i + 1:02d}", w) for i, w in enumerate(weights)]
+        self.by_name = {n.name: n for n in self.nodes}
+        self.networks = tuple(["lan", "hb2", "hb3"][: cfg.networks])
+        self.mcfg = {
+            n.name: MembershipConfig(
+                farm="sim",
+                node=n.name,
+                key=_KEY,
+                nodes={m.name: m.weight for m in self.nodes},
+                networks=self.networks,
+                buckets=cfg.buckets,
+                interval=cfg.interval,
+                dead_after=cfg.dead_after,
+                lease=cfg.lease,
+            )
+            for n in self.nodes
+        }
+        self.anchor: Members = next(iter(self.mcfg.values())).nodes_sorted
+        self.codec = Codec("sim", _KEY, cfg.buckets)
+        self.slots: dict[int, list[tuple[int, bytes | None, str | None]]] = {}
+        self.heap: list[int] = []
+        self.actions: list[tuple[float, int, Callable[[float], None]]] = []
+        self._action_seq = 0
+        self.targets: list[list[int]] = []
+        self.partitioned = False
+        self.m = _Metrics()
+        self.pending: list[_Pending] = []
+        self.last_converged: list[str | None] | None = None
+        self.ready = False  # initial convergence reached: metrics count from here
+        self.unowned_since: list[float] = [math.inf] * cfg.buckets
+        self.owner_count = [0] * cfg.buckets
+        self.dmin = max(1, round(cfg.delay_ms[0] * 1e-3 * _INV))
+        self.dspan = max(0, round((cfg.delay_ms[1] - cfg.delay_ms[0]) * 1e-3 * _INV)) + 1
+        self.now = 0.0
+
+    # ---------------------------------------------------------------- topology
+    def _retarget(self) -> None:
+        live = [n for n in self.nodes if n.core is not None]
+        self.targets = [
+            [m.index for m in live if m is not n and m.group == n.group] for n in self.nodes
+        ]
+        self.partitioned = len({n.group for n in live}) > 1
+
+    def _reachable(self, a: _Node, b: _Node) -> bool:
+        return a.core is not None and b.core is not None and a.group == b.group
+
+    # ---------------------------------------------------------------- scheduling
+    def at(self, t: float, fn: Callable[[float], None]) -> None:
+        self._action_seq += 1
+        heapq.heappush(self.actions, (t, self._action_seq, fn))
+
+    def _put(self, k: int, item: tuple[int, bytes | None, str | None]) -> None:
+        lst = self.slots.get(k)
+        if lst is None:
+            self.slots[k] = lst = []
+            heapq.heappush(self.heap, k)
+        lst.append(item)
+
+    def _schedule(self, node: _Node, k_now: int) -> None:
+        core = node.core
+        if core is None:
+            return
+        t = core.get_timer()
+        k = k_now + 1 if t == -math.inf else max(k_now + 1, math.ceil(t * _INV - 1e-6))
+        if k < node.wake:
+            node.wake = k
+            self._put(k, (node.index, None, None))
+
+    # ---------------------------------------------------------------- node lifecycle
+    def start(self, node: _Node, now: float) -> None:
+        """Start a daemon: fresh core, empty kernel, join and report the app healthy."""
+        node.incarnation += 1
+        node.kernel = 0  # the daemon flushes the kernel set at start
+        node.core = Membership(self.mcfg[node.name], node.incarnation, codec=self.codec)
+        node.wake = 2**62
+        node.joining = True
+        self._retarget()
+        node.core.join(now)
+        node.core.set_app_healthy(True, now)
+        self._events(node, now)
+        self._schedule(node, self._k(now))
+
+    def crash(self, node: _Node, now: float) -> None:
+        """The daemon dies; its kernel keeps the buckets until the lease runs out."""
+        self._unserve(node, node.kernel, now)
+        node.core = None
+        node.wake = 2**62
+        self._retarget()
+        self._pend("crash", now, node.name)
+
+    def _k(self, t: float) -> int:
+        return math.ceil(t * _INV - 1e-6)
+
+    # ---------------------------------------------------------------- kernel and metrics
+    def _set_kernel(self, node: _Node, mask: int, now: float) -> None:
+        gained = mask & ~node.kernel
+        lost = node.kernel & ~mask
+        if gained and self.ready:
+            for b in bits_of(gained):
+                owners = 1 + sum(
+                    1
+                    for m in self.nodes
+                    if m is not node and m.kernel >> b & 1 and m.lease_until > now
+                )
+                if self.partitioned:
+                    self.m.max_owners_partitioned = max(self.m.max_owners_partitioned, owners)
+                else:
+                    self.m.max_owners = max(self.m.max_owners, owners)
+        node.kernel = mask
+        if node.core is not None:
+            self._unserve(node, lost, now)
+            self._serve(gained, now)
+
+    def _serve(self, mask: int, now: float) -> None:
+        for b in bits_of(mask):
+            if self.owner_count[b] == 0 and self.ready:
+                self.m.max_unowned = max(self.m.max_unowned, now - self.unowned_since[b])
+            self.owner_count[b] += 1
+
+    def _unserve(self, node: _Node, mask: int, now: float) -> None:
+        for b in bits_of(mask):
+            self.owner_count[b] -= 1
+            if self.owner_count[b] == 0:
+                self.unowned_since[b] = now
+
+    # ---------------------------------------------------------------- events of one core
+    def _events(self, node: _Node, now: float, first: ev.Event | None = None) -> None:
+        core = node.core
+        relevant = False
+        e = first
+        while core is not None and (e is not None or (e := core.next_event()) is not None):
+            if isinstance(e, ev.BucketsChanged):
+                self._set_kernel(node, mask_of(e.owned), now)
+                core.confirm_owned(e.owned, now)
+                relevant = True
+            elif isinstance(e, ev.PeerDown):
+                peer = self.by_name[e.name]
+                if self._reachable(node, peer):
+                    self.m.false_failovers += 1
+                relevant = True
+            elif isinstance(e, ev.StateChanged):
+                relevant = True
+                if e.new is NodeState.UP and node.joining:
+                    node.joining = False
+                    self._pend("join", now, node.name)
+            elif isinstance(e, ev.Drained):
+                self.at(now + 0.1, lambda t, n=node: self._stopped(n, t))
+            elif isinstance(e, ev.SplitBrainDetected):
+                self.m.split_brain_events += 1
+            elif isinstance(e, ev.ViewChanged | ev.PeerUp):
+                relevant = True
+            e = None
+        if relevant and self.pending:
+            self._check_converged(now)
+
+    def _stopped(self, node: _Node, now: float) -> None:
+        if node.core is not None and node.core.state is NodeState.STOPPING:
+            node.core.stopped(now)
+            self._events(node, now)
+            # The daemon exits after STOP: peers see it go silent.
+            self._unserve(node, node.kernel, now)
+            node.core = None
+            node.wake = 2**62
+            self._retarget()
+
+    # ---------------------------------------------------------------- convergence
+    def _pend(self, kind: str, now: float, node: str) -> None:
+        if self.ready:
+            self.pending.append(_Pending(kind, now, node, self.last_converged))
+
+    def _components(self) -> dict[int, list[_Node]]:
+        comps: dict[int, list[_Node]] = {}
+        for n in self.nodes:
+            if n.core is not None:
+                comps.setdefault(n.group, []).append(n)
+        return comps
+
+    def _check_converged(self, now: float) -> bool:
+        comps = self._components()
+        for comp in comps.values():
+            members = tuple(
+                sorted(
+                    (n.name, n.core.weight)
+                    for n in comp
+                    if n.core is not None and n.core.state is NodeState.UP
+                )
+            )
+            target = assign(members, self.cfg.buckets, self.anchor)
+            for n in comp:
+                assert n.core is not None
+                if n.kernel != target.mask(n.name) or n.core.members != members:
+                    return False
+        owners: list[str | None] | None = None
+        if len(comps) == 1:
+            owners = target.owner_names()
+            self._balance(owners, members)
+        before = self.pending[0].before if self.pending else None
+        for p in self.pending:
+            self.m.convergence.append(
+                {
+                    "event": p.kind,
+                    "node": p.node,
+                    "t": round(p.t, 4),
+                    "convergence_ms": round((now - p.t) * 1000.0, 1),
+                }
+            )
+        if before is not None and owners is not None:
+            # Moves of one quiet period, against the converged state before it.
+            item = self.m.convergence[-1]
+            item["moved"] = moved(before, owners)
+            item["optimal_moved"] = min_moves(before, members, self.cfg.buckets)
+            self.m.moved += item["moved"]
+            self.m.optimal += item["optimal_moved"]
+        self.pending.clear()
+        self.last_converged = owners
+        return True
+
+    def _balance(self, owners: list[str | None], members: Members) -> None:
+        active = [(n, w) for n, w in members if w > 0]
+        if not active:
+            return
+        total = sum(w for _, w in active)
+        counts: dict[str | None, int] = {}
+        for o in owners:
+            counts[o] = counts.get(o, 0) + 1
+        worst = max(counts.get(n, 0) / (self.cfg.buckets * w / total) for n, w in active)
+        self.m.balance = max(self.m.balance, worst)
+        lo, hi = quotas([w for _, w in active], self.cfg.buckets)
+        for (n, _), a, b in zip(active, lo, hi, strict=True):
+            if not a <= counts.get(n, 0) <= b:
+                raise AssertionError(f"{n} owns {counts.get(n, 0)} buckets, quota {a}..{b}")
+
+    # ---------------------------------------------------------------- the main loop
+    def _wake(self, node: _Node, k: int, now: float) -> None:
+        core = node.core
+        assert core is not None
+        core.handle_timer(now)
+        out = core.datagrams_to_send(now)
+        if out:
+            node.lease_until = now + self.cfg.lease
+            for net, payload in out:
+                self._broadcast(node, payload, net, k)
+        self._events(node, now)
+        self._schedule(node, k)
+
+    def _broadcast(self, node: _Node, payload: bytes, net: str, k: int) -> None:
+        targets = self.targets[node.index]
+        self.m.datagrams += 1
+        self.m.bytes_sent += len(payload) * (len(self.nodes) - 1)
+        rnd = self.rnd.random
+        loss, dup, reorder = self.cfg.loss, self.cfg.duplicate, self.cfg.reorder
+        base, span = k + self.dmin, self.dspan
+        slots, heap = self.slots, self.heap
+        late = int(2 * self.cfg.interval * _INV)
+        for r in targets:
+            if loss and rnd() < loss:
+                continue
+            copies = 2 if dup and rnd() < dup else 1
+            for _ in range(copies):
+                kk = base + int(rnd() * span)
+                if reorder and rnd() < reorder:
+                    kk += int(rnd() * late)
+                lst = slots.get(kk)
+                if lst is None:
+                    slots[kk] = lst = []
+                    heapq.heappush(heap, kk)
+                lst.append((r, payload, net))
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        wall = time.perf_counter()
+        self._plan()
+        end_k = self._k(cfg.duration)
+        nodes, slots, heap, actions = self.nodes, self.slots, self.heap, self.actions
+        deliveries = 0
+        while heap or actions:
+            k = heap[0] if heap else end_k + 1
+            if actions and self._k(actions[0][0]) <= k:
+                t, _, fn = heapq.heappop(actions)
+                if t > cfg.duration:
+                    break
+                self.now = t
+                fn(t)
+                continue
+            if k > end_k:
+                break
+            heapq.heappop(heap)
+            items = slots.pop(k)
+            now = k * RES
+            self.now = now
+            for r, payload, net in items:
+                node = nodes[r]
+                core = node.core
+                if core is None:
+                    continue
+                if payload is None:
+                    if node.wake == k:
+                        node.wake = 2**62
+                        self._wake(node, k, now)
+                    continue
+                deliveries += 1
+                core.receive_datagram(payload, net, now)  # type: ignore[arg-type]
+                e = core.next_event()
+                if e is not None:
+                    self._events(node, now, e)
+                if core.get_timer() < node.wake * RES:
+                    self._schedule(node, k)
+        self.m.deliveries = deliveries
+        return self._result(time.perf_counter() - wall)
+
+    # ---------------------------------------------------------------- scenarios
+    def _plan(self) -> None:
+        cfg = self.cfg
+        n = len(self.nodes)
+        first = n // 2 if cfg.scenario == "join" else n
+        for node in self.nodes[: max(1, first)]:
+            self.at(0.0, lambda t, nd=node: self.start(nd, t))
+        warm = 2 * cfg.dead_after + 0.5
+        self.at(warm, self._warm)
+        t = warm + cfg.period / 2
+        while t < cfg.duration:
+            self.at(t, getattr(self, f"_step_{cfg.scenario}"))
+            t += cfg.period
+
+    def _warm(self, now: float) -> None:
+        self.ready = True
+        for b in range(self.cfg.buckets):
+            if self.owner_count[b] == 0:
+                self.unowned_since[b] = now
+        self.pending.append(_Pending("start", now, "-", None))
+        self._check_converged(now)
+
+    def _live(self) -> list[_Node]:
+        return [n for n in self.nodes if n.core is not None]
+
+    def _step_crash(self, now: float) -> None:
+        live = self._live()
+        if not live:
+            return
+        victim = self.rnd.choice(live)
+        self.crash(victim, now)
+        self.at(now + self.cfg.period / 2, lambda t: self.start(victim, t))
+
+    def _drain(self, node: _Node, now: float) -> None:
+        if node.core is None:
+            return
+        self._pend("drain", now, node.name)
+        node.core.leave(now)
+        self._events(node, now)
+        self._schedule(node, self._k(now))
+
+    def _step_join(self, now: float) -> None:
+        down = [n for n in self.nodes if n.core is None]
+        if down:
+            self.start(down[0], now)
+            return
+        node = self.rnd.choice(self.nodes)
+        self._drain(node, now)
+        self.at(now + self.cfg.period / 2, lambda t: self._restart(node, t))
+
+    def _restart(self, node: _Node, now: float) -> None:
+        if node.core is None:
+            self.start(node, now)
+
+    def _step_drain(self, now: float) -> None:
+        live = [n for n in self._live() if n.core is not None and n.core.state is NodeState.UP]
+        if not live:
+            return
+        node = self.rnd.choice(live)
+        self._drain(node, now)
+        self.at(now + self.cfg.period / 2, lambda t: self._restart(node, t))
+
+    def _step_partition(self, now: float) -> None:
+        live = self._live()
+        if len(live) < 2:
+            return
+        self.rnd.shuffle(live)
+        cut = self.rnd.randint(1, len(live) - 1)
+        for i, node in enumerate(live):
+            node.group = 0 if i < cut else 1
+        self._retarget()
+        self._pend("partition", now, "-")
+        self.at(now + self.cfg.period / 2, self._heal)
+
+    def _heal(self, now: float) -> None:
+        for node in self.nodes:
+            node.group = 0
+        self._retarget()
+        self.pending.clear()  # a partition's own convergence is per side; measure the heal
+        self._pend("heal", now, "-")
+
+    def _step_flap(self, now: float) -> None:
+        node = self.nodes[0]
+        if node.core is None:
+            return
+        steps = max(1, int(self.cfg.period / (2 * self.cfg.dead_after)))
+        for i in range(steps):
+            self.at(now + i * 2 * self.cfg.dead_after, lambda t, nd=node: self._toggle(nd, t))
+
+    def _toggle(self, node: _Node, now: float) -> None:
+        if node.core is None:
+            return
+        self._pend("flap", now, node.name)
+        node.core.set_app_healthy(not node.core.app_healthy, now)
+        self._events(node, now)
+        self._schedule(node, self._k(now))
+
+    def _step_rolling(self, now: float) -> None:
+        live = self._live()
+        if not live:
+            return
+        index = int(now / self.cfg.period) % len(self.nodes)
+        node = self.nodes[index]
+        self._drain(node, now)
+        self.at(now + self.cfg.period / 2, lambda t: self._restart(node, t))
+
+    # ---------------------------------------------------------------- result
+    def _result(self, wall: float) -> dict[str, Any]:
+        cfg, m = self.cfg, self.m
+        for b in range(cfg.buckets):
+            if self.ready and self.owner_count[b] == 0:
+                m.max_unowned = max(m.max_unowned, cfg.duration - self.unowned_since[b])
+        conv = [c for c in m.convergence if c["event"] != "start"]
+        drops: dict[str, int] = {}
+        for n in self.nodes:
+            if n.core is not None:
+                for k, v in n.core.drops.items():
+                    drops[k] = drops.get(k, 0) + v
+        return {
+            "nodes": cfg.nodes,
+            "buckets": cfg.buckets,
+            "scenario": cfg.scenario,
+            "loss": cfg.loss,
+            "delay_ms": list(cfg.delay_ms),
+            "duplicate": cfg.duplicate,
+            "reorder": cfg.reorder,
+            "duration_s": cfg.duration,
+            "seed": cfg.seed,
+            "max_owners_per_bucket": m.max_owners,
+            "max_owners_while_partitioned": m.max_owners_partitioned,
+            "max_unowned_ms": round(m.max_unowned * 1000.0, 1),
+            "convergence_ms": [c["convergence_ms"] for c in conv],
+            "events": conv,
+            "unconverged_events": [p.kind for p in self.pending],
+            "moved_buckets": m.moved,
+            "optimal_moved_buckets": m.optimal,
+            "balance_max_over_mean": round(m.balance, 4),
+            "false_failovers": m.false_failovers,
+            "split_brain_events": m.split_brain_events,
+            "heartbeat_bytes_per_node_per_s": round(
+                m.bytes_sent / max(1, cfg.nodes) / cfg.duration, 1
+            ),
+            "datagrams_received": m.deliveries,
+            "drops": drops,
+            "wall_s": round(wall, 2),
+        }
+
+
+def simulate(cfg: SimConfig) -> dict[str, Any]:
+    return Simulator(cfg).run()
