@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from vipfarm.cli import config as config_cli
 from vipfarm.cli import datapath as datapath_cli
 from vipfarm.cli import lab as lab_cli
 from vipfarm.cli import sim as sim_cli
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(lab_cli.app, name="lab")
 app.add_typer(datapath_cli.app, name="datapath")
+app.add_typer(config_cli.app, name="config")
 app.command("sim")(sim_cli.sim)
 
 
