@@ -30,10 +30,11 @@ def lab_factory() -> Iterator[LabFactory]:
         app: AppKind | str = AppKind.AUTO,
         rules: list[Rule] | None = None,
         datapath: bool = True,
+        daemon: bool = False,
     ) -> Lab:
         name = unique_name()
         made.append(name)
-        return testbed.up(name, nodes, clients, remote_clients, app, rules, datapath)
+        return testbed.up(name, nodes, clients, remote_clients, app, rules, datapath, daemon)
 
     yield make
     failures = []

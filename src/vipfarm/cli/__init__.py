@@ -7,6 +7,7 @@ import typer
 from vipfarm.cli import config as config_cli
 from vipfarm.cli import datapath as datapath_cli
 from vipfarm.cli import lab as lab_cli
+from vipfarm.cli import node as node_cli
 from vipfarm.cli import sim as sim_cli
 
 app = typer.Typer(
@@ -19,6 +20,11 @@ app.add_typer(lab_cli.app, name="lab")
 app.add_typer(datapath_cli.app, name="datapath")
 app.add_typer(config_cli.app, name="config")
 app.command("sim")(sim_cli.sim)
+app.command("daemon")(node_cli.daemon)
+app.command("start")(node_cli.start)
+app.command("stop")(node_cli.stop)
+app.command("state")(node_cli.state)
+app.command("log")(node_cli.log)
 
 
 @app.command()

@@ -147,14 +147,14 @@ def in_netns(pid: int, ns: str) -> bool:
         return False
 
 
-def node_ready(pid: int, ns: str, vips: list[IPAddress]) -> bool:
-    """True once `pid` is in `ns` and that namespace listens on HTTP v4 and v6 and echoes on
-    every VIP."""
+def node_ready(pid: int, ns: str, vips: list[IPAddress], http: bool = True) -> bool:
+    """True once `pid` is in `ns` and that namespace listens on HTTP v4 and v6 (unless `http` is
+    false: a node daemon's module starts the web server later) and echoes on every VIP."""
     if not in_netns(pid, ns):
         return False  # before setns, /proc/<pid>/net shows the root namespace's sockets
     tcp = bound(pid, "tcp")
     udp = bound(pid, "udp")
     wild = {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
-    return wild <= {a for a, p in tcp if p == HTTP_PORT} and set(vips) <= {
+    return (not http or wild <= {a for a, p in tcp if p == HTTP_PORT}) and set(vips) <= {
         a for a, p in udp if p == ECHO_PORT
     }

@@ -18,6 +18,7 @@ pids`, then the namespaces (which takes every veth with them) and the state dire
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from vipfarm import control
+from vipfarm.control import ControlError
 from vipfarm.datapath.ruleset import OWNED_SET, parse_owned, table_name
 from vipfarm.lab.apps import (
     AppKind,
@@ -43,7 +46,9 @@ from vipfarm.lab.apps import (
     write_nginx,
 )
 from vipfarm.lab.buckets import datapath_spec, even_split, node_key, plan_handover
+from vipfarm.lab.farm import farm_toml
 from vipfarm.lab.load import Reply
+from vipfarm.lab.netns import run_in_netns
 from vipfarm.lab.procs import ProcRecord, alive, spawn, terminate
 from vipfarm.lab.topology import (
     ECHO_PORT,
@@ -63,6 +68,7 @@ from vipfarm.model import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
 log = logging.getLogger("vipfarm.lab")
 
 READY_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine starts a few Pythons slowly
+KERNEL_ROLES = ("-datapath", "-daemon")  # processes that own kernel state: stopped first
 
 
 class LabConfig(BaseModel):
@@ -77,6 +83,7 @@ class LabConfig(BaseModel):
     app: AppKind
     datapath: bool
     rules: list[Rule]
+    daemon: bool = False  # node daemons (membership, failover) instead of static runners
 
 
 def unique_name(prefix: str = "vt") -> str:
@@ -367,15 +374,16 @@ class Lab:
 
     def _start_apps(self) -> None:
         vips = list(dict.fromkeys([*VIPS, *self.spec.vips]))
-        builtin_http = self.config.app is AppKind.BUILTIN
+        builtin_http = self.config.app is AppKind.BUILTIN and not self.config.daemon
         apps: list[ProcRecord] = []  # one per node: its namespace is ready when this listens
         started: list[ProcRecord] = []
         for node in self.node_names:
             ns = self.ns(node)
-            if not builtin_http:
+            if self.config.app is AppKind.NGINX:
                 root = self.dir / "nginx" / node
                 write_nginx(node, root)
-                started.append(self._start(f"{node}-nginx", ns, nginx_argv(root)))
+                if not self.config.daemon:  # with daemons, the module starts the web server
+                    started.append(self._start(f"{node}-nginx", ns, nginx_argv(root)))
             apps.append(self._start(f"{node}-app", ns, builtin_argv(node, builtin_http, vips)))
             started.append(apps[-1])
 
@@ -383,7 +391,8 @@ class Lab:
             for rec in started:
                 if not alive(rec):
                     raise LabError(f"{rec.role} exited during start:\n{_tail(rec.log)}")
-            return all(node_ready(rec.pid, rec.ns, vips) for rec in apps)
+            http = not self.config.daemon
+            return all(node_ready(rec.pid, rec.ns, vips, http) for rec in apps)
 
         _poll("node applications to listen", ready, READY_TIMEOUT_S)
 
@@ -406,6 +415,90 @@ class Lab:
             ]
             self._start(f"{node}-datapath", self.ns(node), argv)
         self._wait_owned(split, READY_TIMEOUT_S)
+
+    # ---- node daemons (daemon mode)
+
+    @property
+    def farm_config(self) -> Path:
+        return self.dir / "farm.toml"
+
+    def _start_daemons(self) -> None:
+        key = self.dir / "farm.key"
+        key.touch(mode=0o600)
+        key.write_text(secrets.token_hex(32) + "\n")
+        (self.dir / "pids").mkdir(exist_ok=True)
+        self.farm_config.write_text(
+            farm_toml(
+                self.name, self.config.nodes, self.config.rules, self.config.app, self.dir, key
+            )
+        )
+        for node in self.node_names:
+            self.start_daemon(node, wait=False)
+        self.wait_farm_up(READY_TIMEOUT_S)
+
+    def start_daemon(self, node: str, wait: bool = True) -> ProcRecord:
+        """Start `node`'s daemon (again); with `wait`, until it reports UP."""
+        argv = [
+            sys.executable,
+            "-m",
+            "vipfarm",
+            "daemon",
+            "--config",
+            str(self.farm_config),
+            "--node",
+            node,
+            "--run-dir",
+            str(self.dir / "run" / node),
+            "--log-dir",
+            str(self.dir / "nodelogs" / node),
+        ]
+        rec = self._start(f"{node}-daemon", self.ns(node), argv)
+        if wait:
+            _poll(f"{node} to be UP", lambda: self._state_of(node) == "UP", READY_TIMEOUT_S)
+        return rec
+
+    def daemon_state(self, node: str, timeout: float = 5.0) -> dict[str, Any]:
+        """`vipfarm state --json` of `node`'s daemon, asked over its control socket."""
+        result: dict[str, Any] = run_in_netns(
+            self.ns(node), lambda: control.call(self.name, "state", timeout=timeout), timeout + 5
+        )
+        return result
+
+    def daemon_call(self, node: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return run_in_netns(self.ns(node), lambda: control.call(self.name, cmd, args))
+
+    def _state_of(self, node: str) -> str | None:
+        try:
+            return str(self.daemon_state(node)["state"])
+        except (ControlError, OSError):
+            return None
+
+    def wait_farm_up(self, timeout: float, nodes: Iterable[str] | None = None) -> None:
+        """Until every node (of `nodes`) is UP and the kernels hold every bucket exactly once."""
+        wanted = list(nodes or self.node_names)
+
+        def ready() -> bool:
+            if any(self._state_of(n) != "UP" for n in wanted):
+                return False
+            owned = self.kernel_owned(wanted)
+            held = [b for n in wanted for b in (owned[n] or [])]
+            return len(held) == len(set(held)) == self.spec.buckets
+
+        _poll("every node UP and every bucket owned once", ready, timeout, interval=0.1)
+
+    def kill(self, node: str) -> list[int]:
+        """SIGKILL every process of `node` (daemon and application): a crashed server."""
+        pids = [int(p) for p in _run([self.ip, "netns", "pids", self.ns(node)]).stdout.split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def daemon_record(self, node: str) -> ProcRecord:
+        for r in self.records():
+            if r.role == f"{node}-daemon":
+                return r
+        raise LabError(f"{node} has no daemon in lab {self.name}")
 
     def _build_network(self) -> None:
         topo = self.topology
@@ -460,8 +553,15 @@ def up(
     app: AppKind | str = AppKind.AUTO,
     rules: list[Rule] | None = None,
     datapath: bool = True,
+    daemon: bool = False,
 ) -> Lab:
-    """Build lab `name` and return it running; on any failure remove what was built."""
+    """Build lab `name` and return it running; on any failure remove what was built.
+
+    `daemon=True` runs a node daemon on every node (real membership and failover, the app
+    started by the daemon's module); otherwise `datapath` chooses a static runner per node.
+    """
+    if daemon:
+        datapath = False
     ip = ip_command()
     Topology(name, nodes, clients, remote_clients)  # validates before anything is touched
     config = LabConfig(
@@ -472,6 +572,7 @@ def up(
         app=resolve_app(app),
         datapath=datapath,
         rules=datapath_spec(name, rules).rules,
+        daemon=daemon,
     )
     existing = sorted(lab_namespaces(name, list_netns(ip)))
     if existing or state_dir(name).exists():
@@ -492,6 +593,8 @@ def up(
         lab._start_apps()
         if datapath:
             lab._start_datapath()
+        if daemon:
+            lab._start_daemons()
     except BaseException as exc:
         try:
             down(name)
@@ -507,6 +610,7 @@ def up(
         remote=remote_clients,
         app=config.app,
         datapath=datapath,
+        daemon=daemon,
         s=round(time.monotonic() - t0, 2),
     )
     return lab
@@ -523,6 +627,7 @@ class LabFactory(Protocol):
         app: AppKind | str = AppKind.AUTO,
         rules: list[Rule] | None = None,
         datapath: bool = True,
+        daemon: bool = False,
     ) -> Lab: ...
 
 
@@ -532,10 +637,10 @@ def down(name: str, grace_s: float = 10.0) -> None:
     ip = ip_command()
     t0 = time.monotonic()
     records = _records(name)
-    # Runners first, and waited for: they remove their kernel state on SIGTERM.
-    runners = [(r.pid, r.start) for r in records if r.role.endswith("-datapath")]
-    killed = terminate(runners, grace_s)
-    others = [(r.pid, r.start) for r in records if not r.role.endswith("-datapath")]
+    # Runners and daemons first, and waited for: they remove their kernel state on SIGTERM.
+    first = [(r.pid, r.start) for r in records if r.role.endswith(KERNEL_ROLES)]
+    killed = terminate(first, grace_s)
+    others = [(r.pid, r.start) for r in records if not r.role.endswith(KERNEL_ROLES)]
     killed += terminate(others, grace_s)
     namespaces = lab_namespaces(name, list_netns(ip))
     for ns in namespaces:
