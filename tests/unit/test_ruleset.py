@@ -56,6 +56,10 @@ def test_chain_order_established_first_then_syn_guard_then_hash_then_drop() -> N
     # TCP: a non-SYN to the port is dropped before any hashing
     assert '"syn", "ack"' in texts[2] and texts[2].endswith('{"drop": null}]')
     assert '"jhash"' in texts[3] and '"mod": 512' in texts[3] and '"seed": 42' in texts[3]
+    # new flows only when the application listens: no RST from a node whose app died
+    assert rules[3].index(ruleset.LISTENING) < next(
+        i for i, e in enumerate(rules[3]) if "mangle" in e
+    )
     # UDP range has no SYN guard and matches the range
     assert '"range": [7000, 7010]' in texts[4] and '"jhash"' in texts[4]
     assert "echo-request" in texts[5]

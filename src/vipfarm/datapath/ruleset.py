@@ -9,8 +9,10 @@ Two tables per farm:
   a VIP, accepts established flows, drops TCP that is not a pure SYN (with tcp_loose=0 this node
   never picks up or resets a flow another node serves), hashes new flows of each rule into a bucket
   (`meta mark set jhash <key> mod B seed S`) and accepts them only when the bucket is in the set
-  ``owned``. Anything else addressed to a VIP is dropped, except ICMP errors, because a port no rule
-  balances would otherwise be answered by every node at once.
+  ``owned`` and a local socket (the application) would take them - so a node whose application
+  died drops new flows instead of resetting them while its lease runs out. Anything else
+  addressed to a VIP is dropped, except ICMP errors, because a port no rule balances would
+  otherwise be answered by every node at once.
 
 The inet table keeps the ``owned`` set across applies: an apply adds the table, set and chains
 (no-ops when present) and flushes and refills the chains, all in one transaction, so a rule change
@@ -38,6 +40,12 @@ PREROUTING_PRIORITY = -150
 OWNED_SET = "owned"
 MAIN_CHAIN = "pre"
 BUCKET_CHAIN = "bucket"
+
+# A socket lookup: it only matches when a socket would take the packet (a listener, for a SYN).
+# A node whose application is down thus drops new flows silently instead of answering RST, and
+# clients retransmit until the bucket has moved to a node that serves. (A listener with
+# IP_TRANSPARENT would not match; tproxy setups are not supported.)
+LISTENING: Json = {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": 0}}
 
 _ICMP4_ERRORS = ["destination-unreachable", "time-exceeded", "parameter-problem", "source-quench"]
 _ICMP6_ERRORS = ["destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem"]
@@ -120,7 +128,7 @@ def main_chain_rules(spec: DatapathSpec) -> list[list[Json]]:
         if rule.proto is Proto.TCP:
             not_pure_syn = _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn", op="!=")
             out.append([_daddr(rule.vip), _dport(rule), not_pure_syn, {"drop": None}])
-        out.append([_daddr(rule.vip), _dport(rule), *_to_bucket(spec, hash_key(rule))])
+        out.append([_daddr(rule.vip), _dport(rule), LISTENING, *_to_bucket(spec, hash_key(rule))])
     # Ping is balanced on the client address, so one node answers each client.
     for vip in vips:
         icmp = "icmp" if vip.version == 4 else "icmpv6"

@@ -1,7 +1,7 @@
 """Many requests from one client process, each classified: served by which node, or why not.
 
 `python -m vipfarm.lab.load URL --count N [--concurrency C] [--timeout S] [--total-timeout S]
-[--source-port P]` runs inside a client namespace and prints one JSON object:
+[--source-port P] [--rate R]` runs inside a client namespace and prints one JSON object:
 `{"elapsed_s": ..., "results": [{"node": "node2", "error": null, "sport": 40001, "ms": 1.3,
 "status": 200, "body": "node2\\n"}, ...]}` in request order.
 
@@ -38,6 +38,7 @@ class Reply:
     ms: float
     status: int | None = None
     body: str = ""
+    t: float = 0.0  # when the request started, seconds after the run began
 
 
 def parse_http(data: bytes) -> tuple[int, str]:
@@ -132,16 +133,24 @@ async def run(
     timeout: float = 2.0,
     total_timeout: float = 30.0,
     source_port: int | None = None,
+    rate: float | None = None,
 ) -> list[Reply]:
-    """Send `count` requests, at most `concurrency` at a time, all within `total_timeout`."""
+    """Send `count` requests, at most `concurrency` at a time, all within `total_timeout`;
+    with `rate`, request i starts no earlier than i / rate seconds after the first (a stream)."""
     target = parse_target(url)
-    deadline = time.monotonic() + total_timeout
+    start = time.monotonic()
+    deadline = start + total_timeout
     gate = asyncio.Semaphore(concurrency)
 
     async def gated(i: int) -> Reply:
+        if rate:
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         async with gate:
             sport = None if source_port is None else source_port + i
-            return await _one(target, i, sport, timeout, deadline)
+            t = time.monotonic() - start
+            reply = await _one(target, i, sport, timeout, deadline)
+            reply.t = round(t, 4)
+            return reply
 
     return list(await asyncio.gather(*(gated(i) for i in range(count))))
 
@@ -154,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=2.0, help="per request, seconds")
     parser.add_argument("--total-timeout", type=float, default=30.0, help="seconds")
     parser.add_argument("--source-port", type=int, help="request i uses source port P+i")
+    parser.add_argument("--rate", type=float, help="start at most this many requests a second")
     args = parser.parse_args(argv)
     if args.count < 1 or args.concurrency < 1:
         parser.error("--count and --concurrency must be at least 1")
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             args.timeout,
             args.total_timeout,
             args.source_port,
+            args.rate,
         )
     )
     elapsed = round(time.monotonic() - t0, 3)

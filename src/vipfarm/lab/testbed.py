@@ -139,6 +139,50 @@ def _tail(path: str, lines: int = 10) -> str:
         return "(no log)"
 
 
+class Holder:
+    """Long-lived connections held by a client process; every method returns its JSON report."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.initial = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise LabError("the connection holder exited early")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def _send(self, cmd: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def probe(self) -> dict[str, Any]:
+        """One more request on every connection."""
+        return self._send("probe")
+
+    def close(self) -> dict[str, Any] | None:
+        if self.proc.poll() is not None:
+            return None
+        try:
+            return self._send("quit")
+        finally:
+            self.proc.wait(timeout=30)
+
+    def __enter__(self) -> Holder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        except (LabError, OSError, ValueError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
 class Lab:
     """A running lab. Get one from `up()` or `Lab.attach(name)`."""
 
@@ -205,6 +249,7 @@ class Lab:
         timeout: float = 2.0,
         total_timeout: float = 30.0,
         source_port: int | None = None,
+        rate: float | None = None,
     ) -> list[Reply]:
         """`count` requests from `client` in one process (see `vipfarm.lab.load`), in order."""
         argv = [
@@ -223,6 +268,8 @@ class Lab:
         ]
         if source_port is not None:
             argv += ["--source-port", str(source_port)]
+        if rate is not None:
+            argv += ["--rate", str(rate)]
         proc = self.exec(client, argv, check=True, timeout=total_timeout + 30)
         return [Reply(**r) for r in json.loads(proc.stdout)["results"]]
 
@@ -255,6 +302,12 @@ class Lab:
             total_timeout=timeout,
             source_port=source_port,
         )[0]
+
+    def hold(self, client: str, count: int, url: str | None = None) -> Holder:
+        """Open `count` long-lived keep-alive connections from `client` (see `vipfarm.lab.hold`);
+        use as a context manager so they are always closed."""
+        argv = [sys.executable, "-m", "vipfarm.lab.hold", url or url_for(), "--count", str(count)]
+        return Holder([self.ip, "netns", "exec", self.ns(client), *argv])
 
     # ---- buckets
 
