@@ -1,14 +1,16 @@
 """`vipfarm demo`: a real farm in network namespaces, watched live in the terminal.
 
-The demo builds a lab, keeps a steady stream of new client connections going to the VIP, and
-shows per node the buckets its kernel owns and the share of recent connections it served. It
-then plays a short script of acts (each an action plus a condition that says it has settled),
+The demo builds a lab whose nodes run the vipfarm daemon, keeps a steady stream of new client
+connections going to the VIP, and shows per node the buckets its kernel owns and the share of
+recent connections it served. It then plays a short script of acts (a crash, the rejoin, a
+drain) (each an action plus a condition that says it has settled),
 measures how long each took to settle as the clients see it, and ends with a summary. The lab
 is always torn down unless `--keep` is given.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -21,7 +23,6 @@ from rich.table import Table
 from rich.text import Text
 
 from vipfarm.lab import testbed
-from vipfarm.lab.buckets import even_split
 from vipfarm.lab.load import Reply
 from vipfarm.lab.testbed import Lab
 from vipfarm.lab.topology import BUCKETS
@@ -34,6 +35,8 @@ class Act:
     title: str
     action: Callable[[Lab], None]
     settled: Callable[[Lab, list[Reply]], bool]
+    # when the farm itself (not yet the clients) has settled, e.g. every bucket has a live owner
+    server_settled: Callable[[Lab], bool] | None = None
     timeout_s: float = 20.0
 
 
@@ -43,6 +46,8 @@ class Outcome:
     settle_ms: float | None
     requests: int
     errors: int
+    server_ms: float | None = None
+    slow: int = 0  # connections that needed a SYN retransmission (over 900 ms)
 
 
 @dataclass
@@ -62,34 +67,57 @@ class Stats:
                 self.served[r.node] += 1
 
 
-def static_acts(lab: Lab) -> list[Act]:
-    """Planned rebalance with the stand-alone data path: drain the last node, bring it back."""
-    last = lab.node_names[-1]
-    rest = lab.node_names[:-1]
+def farm_acts(lab: Lab) -> list[Act]:
+    """The script: a node crashes and comes back, another one is drained and comes back."""
+    names = lab.node_names
+    victim = names[1] if len(names) > 1 else names[0]
+    drained = names[-1]
+    others = [n for n in names if n != victim]
+    rest = [n for n in names if n != drained]
+
+    def crash(lab: Lab) -> None:
+        lab.kill(victim)
+
+    def restart(lab: Lab) -> None:
+        lab.start_daemon(victim, wait=False)
 
     def drain(lab: Lab) -> None:
-        split = even_split(len(rest))
-        plan: dict[int | str, list[int]] = {last: []}
-        plan.update({n: split[f"node{i + 1}"] for i, n in enumerate(rest)})
-        lab.set_owned(plan)
+        lab.daemon_call(drained, "stop")
 
-    def rejoin(lab: Lab) -> None:
-        plan: dict[int | str, list[int]] = {}
-        plan.update(even_split(len(lab.node_names)))
-        lab.set_owned(plan)
+    def back(lab: Lab) -> None:
+        lab.daemon_call(drained, "start")
 
-    return [
+    def serves_only(nodes: list[str]) -> Callable[[Lab, list[Reply]], bool]:
+        return lambda lab, batch: (
+            bool(batch) and all(r.error is None and r.node in nodes for r in batch)
+        )
+
+    def serves(node: str) -> Callable[[Lab, list[Reply]], bool]:
+        return lambda lab, batch: any(r.node == node for r in batch)
+
+    def owned_by(nodes: list[str]) -> Callable[[Lab], bool]:
+        def check(lab: Lab) -> bool:
+            owned = lab.kernel_owned(nodes)
+            held = [b for n in nodes for b in owned[n] or []]
+            return len(set(held)) == len(held) == BUCKETS
+
+        return check
+
+    acts = [
         Act(
-            f"drain {last}: its buckets move to {', '.join(rest)}",
-            drain,
-            lambda lab, batch: bool(batch) and all(r.node in rest for r in batch),
+            f"kill -9 every process of {victim}",
+            crash,
+            serves_only(others),
+            owned_by(others),
         ),
-        Act(
-            f"{last} rejoins and takes its share back",
-            rejoin,
-            lambda lab, batch: any(r.node == last for r in batch),
-        ),
+        Act(f"{victim} restarts, rejoins", restart, serves(victim)),
     ]
+    if drained != victim:
+        acts += [
+            Act(f"vipfarm stop (drain) {drained}", drain, serves_only(rest)),
+            Act(f"vipfarm start {drained}", back, serves(drained)),
+        ]
+    return acts
 
 
 class Demo:
@@ -99,81 +127,130 @@ class Demo:
         self.client = client
         self.stats = Stats()
         self.phase = "starting"
-        self.events: deque[str] = deque(maxlen=8)
+        self.events: deque[str] = deque(maxlen=10)
+        # (start, end, replies) of every batch, appended by the load thread
+        self.batches: list[tuple[float, float, list[Reply]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
-    def batch(self) -> list[Reply]:
-        replies = self.lab.load(self.client, count=40, concurrency=20, timeout=1.0)
-        self.stats.add(replies)
-        return replies
+    def _load(self) -> None:
+        """Keep new connections coming until told to stop, whatever the farm does."""
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            # 3 s like a patient client: a SYN lost to a dead node is retransmitted after 1 s
+            replies = self.lab.load(self.client, count=40, concurrency=20, timeout=3.0)
+            with self._lock:
+                self.stats.add(replies)
+                self.batches.append((t0, time.monotonic(), replies))
+
+    def _state(self, node: str) -> str:
+        try:
+            return str(self.lab.daemon_state(node, timeout=0.5)["state"])
+        except Exception:  # a killed node has no daemon to ask
+            return "down"
 
     def render(self) -> Group:
         owned = self.lab.kernel_owned()
-        shares = Counter(r.node for r in self.stats.recent if r.node)
+        with self._lock:
+            recent = list(self.stats.recent)
+            total = self.stats.total
+        shares = Counter(r.node for r in recent if r.node)
         seen = max(1, sum(shares.values()))
         table = Table(title=f"farm {self.lab.name}: VIP 198.51.100.100", expand=False)
-        for col in ("node", "buckets", "bucket share", "served (recent)", ""):
+        for col in ("node", "state", "buckets", "bucket share", "served (recent)", ""):
             table.add_column(col)
         for node in self.lab.node_names:
             buckets = owned.get(node) or []
             share = shares[node] / seen
             table.add_row(
                 node,
+                self._state(node),
                 str(len(buckets)),
                 f"{len(buckets) / BUCKETS:.0%}",
                 f"{share:.0%}",
                 Text("█" * round(share * 40), style="green"),
             )
-        errors = sum(1 for r in self.stats.recent if r.error)
+        errors = sum(1 for r in recent if r.error)
         head = Text.assemble(
             ("now: ", "bold"),
             self.phase,
-            f"   connections: {self.stats.total}   recent failures: {errors}",
+            f"   connections: {total}   recent failures: {errors}",
         )
         return Group(head, table, Panel("\n".join(self.events) or "-", title="events"))
 
-    def run(self, acts: list[Act], warmup_s: float = 3.0) -> list[Outcome]:
+    def _play(self, act: Act, live: Live) -> Outcome:
+        self.phase = act.title
+        self.events.append(f"▶ {act.title}")
+        t0 = time.monotonic()
+        act.action(self.lab)
+        server_ms = None
+        if act.server_settled is not None:
+            while time.monotonic() - t0 < act.timeout_s:
+                if act.server_settled(self.lab):
+                    server_ms = (time.monotonic() - t0) * 1000
+                    break
+                time.sleep(0.01)
+        settled_ms = None
+        while settled_ms is None and time.monotonic() - t0 < act.timeout_s:
+            with self._lock:
+                later = [b for b in self.batches if b[0] >= t0]
+            for _start, end, replies in later:
+                if act.settled(self.lab, replies):
+                    settled_ms = (end - t0) * 1000
+                    break
+            live.update(self.render())
+            time.sleep(0.1)
+        with self._lock:  # every connection that overlapped the act until it settled
+            until = t0 + (settled_ms or act.timeout_s * 1000) / 1000
+            during = [r for s, e, rs in self.batches if e >= t0 and s <= until for r in rs]
+        outcome = Outcome(
+            act.title,
+            settled_ms,
+            len(during),
+            sum(1 for r in during if r.error),
+            server_ms,
+            sum(1 for r in during if r.error is None and r.ms > 900),
+        )
+        done = f"{settled_ms:.0f} ms" if settled_ms is not None else "did not settle"
+        if server_ms is not None:
+            self.events.append(f"  every bucket had a live owner after {server_ms:.0f} ms")
+        self.events.append(
+            f"  clients settled in {done}: {outcome.errors} failed, "
+            f"{outcome.slow} needed a SYN retransmission"
+        )
+        return outcome
+
+    def run(self, acts: list[Act], warmup_s: float = 3.0, pause_s: float = 2.0) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        with Live(self.render(), console=self.console, refresh_per_second=4) as live:
-            self.phase = "steady traffic over every node"
-            end = time.monotonic() + warmup_s
-            while time.monotonic() < end:
-                self.batch()
-                live.update(self.render())
-            for act in acts:
-                self.phase = act.title
-                self.events.append(f"▶ {act.title}")
-                before = (self.stats.total, sum(self.stats.errors.values()))
-                t0 = time.monotonic()
-                act.action(self.lab)
-                settled_ms = None
-                while time.monotonic() - t0 < act.timeout_s:
-                    got = self.batch()
+        loader = threading.Thread(target=self._load, name="demo-load", daemon=True)
+        loader.start()
+        try:
+            with Live(self.render(), console=self.console, refresh_per_second=4) as live:
+                self.phase = "steady traffic over every node"
+                end = time.monotonic() + warmup_s
+                while time.monotonic() < end:
                     live.update(self.render())
-                    if act.settled(self.lab, got):
-                        settled_ms = (time.monotonic() - t0) * 1000
-                        break
-                outcome = Outcome(
-                    act.title,
-                    settled_ms,
-                    self.stats.total - before[0],
-                    sum(self.stats.errors.values()) - before[1],
-                )
-                outcomes.append(outcome)
-                done = f"{settled_ms:.0f} ms" if settled_ms is not None else "did not settle"
-                self.events.append(f"  settled in {done}, {outcome.errors} failed connections")
-                for _ in range(5):  # let the new balance show
-                    self.batch()
-                    live.update(self.render())
+                    time.sleep(0.25)
+                for act in acts:
+                    outcomes.append(self._play(act, live))
+                    end = time.monotonic() + pause_s  # let the new balance show
+                    while time.monotonic() < end:
+                        live.update(self.render())
+                        time.sleep(0.25)
+        finally:
+            self._stop.set()
+            loader.join(timeout=30)
         return outcomes
 
 
 def summary(console: Console, lab: Lab, stats: Stats, outcomes: list[Outcome]) -> None:
     table = Table(title="summary")
-    for col in ("act", "settled", "connections", "failed"):
+    for col in ("act", "farm ok", "clients ok", "conns", "failed", "retried"):
         table.add_column(col)
     for o in outcomes:
         settled = f"{o.settle_ms:.0f} ms" if o.settle_ms is not None else "no"
-        table.add_row(o.title, settled, str(o.requests), str(o.errors))
+        server = f"{o.server_ms:.0f} ms" if o.server_ms is not None else "-"
+        table.add_row(o.title, server, settled, str(o.requests), str(o.errors), str(o.slow))
     console.print(table)
     served = ", ".join(f"{n} {stats.served[n]}" for n in lab.node_names)
     console.print(
@@ -184,10 +261,10 @@ def summary(console: Console, lab: Lab, stats: Stats, outcomes: list[Outcome]) -
 
 def run_demo(console: Console, name: str = "vf", nodes: int = 3, keep: bool = False) -> int:
     console.print(f"[bold]building lab {name}[/]: {nodes} nodes, 1 client, in network namespaces")
-    lab = testbed.up(name, nodes=nodes, clients=1)
+    lab = testbed.up(name, nodes=nodes, clients=1, daemon=True)
     try:
         demo = Demo(console, lab)
-        outcomes = demo.run(static_acts(lab))
+        outcomes = demo.run(farm_acts(lab))
         summary(console, lab, demo.stats, outcomes)
         return 0 if all(o.settle_ms is not None for o in outcomes) else 1
     finally:

@@ -47,13 +47,27 @@ def up(
     app_kind: AppKind = typer.Option(
         AppKind.AUTO, "--app", help="node web server (auto: nginx when installed)"
     ),
+    static: bool = typer.Option(
+        False,
+        "--static",
+        help="no node daemons: a stand-alone data path per node with a fixed even split",
+    ),
     datapath: bool = typer.Option(
-        True, "--datapath/--no-datapath", help="start a data path runner on every node"
+        True, "--datapath/--no-datapath", help="with --static: start the data path runners"
     ),
 ) -> None:
-    """Build a lab: switch, nodes with their applications, clients, router, remote clients."""
+    """Build a lab: switch, nodes running the vipfarm daemon and their application, clients,
+    router, remote clients."""
     lab = _guard(
-        lambda: testbed.up(name, nodes, clients, remote_clients, app_kind, datapath=datapath)
+        lambda: testbed.up(
+            name,
+            nodes,
+            clients,
+            remote_clients,
+            app_kind,
+            datapath=datapath,
+            daemon=not static,
+        )
     )
     typer.echo(
         f"lab {lab.name} is up: {nodes} nodes ({lab.config.app}), {clients} clients, "
@@ -61,6 +75,56 @@ def up(
     )
     if clients:
         typer.echo(f"try: ip netns exec {lab.ns('client1')} curl http://{VIP4}/")
+
+
+@app.command()
+def kill(node: str = typer.Argument(..., help="node name, e.g. node2"), name: str = NAME) -> None:
+    """SIGKILL every process of a node (daemon and application): a crashed server."""
+    pids = _guard(lambda: testbed.Lab.attach(name).kill(_node(name, node)))
+    typer.echo(f"{node}: killed {len(pids)} processes")
+
+
+@app.command("start")
+def start_node(
+    node: str = typer.Argument(..., help="node name, e.g. node2"), name: str = NAME
+) -> None:
+    """Start a node's daemon again (after `lab kill`); returns once the node is UP."""
+
+    def run() -> None:
+        lab = testbed.Lab.attach(name)
+        if not lab.config.daemon:
+            raise LabError(f"lab {name} runs no daemons (it was built with --static)")
+        lab.start_daemon(_node(name, node))
+
+    _guard(run)
+    typer.echo(f"{node} is UP")
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_cmd(
+    ctx: typer.Context,
+    who: str = typer.Argument(..., help="node1, client1, remote1, router or switch"),
+    name: str = NAME,
+) -> None:
+    """Run a command in a lab namespace: `vipfarm lab exec node1 -- vipfarm state`."""
+    import os
+
+    argv = list(ctx.args)
+    if not argv:
+        typer.echo("error: give the command after --, e.g. lab exec node1 -- ip addr", err=True)
+        raise typer.Exit(2)
+    lab = _guard(lambda: testbed.Lab.attach(name))
+    ns = _guard(lambda: lab.ns(who))
+    if argv[0] == "vipfarm":  # the same vipfarm as this one, whatever PATH says
+        argv = [sys.executable, "-m", "vipfarm", *argv[1:]]
+    os.execvp(lab.ip, [lab.ip, "netns", "exec", ns, *argv])
+
+
+def _node(name: str, node: str) -> str:
+    lab = testbed.Lab.attach(name)
+    if node not in lab.node_names:
+        raise LabError(f"lab {name} has no {node!r}: its nodes are {', '.join(lab.node_names)}")
+    return node
 
 
 @app.command()
@@ -96,7 +160,11 @@ def _print_status(info: dict[str, Any]) -> None:
         console.print(
             f"lab {info['name']}: {config['nodes']} nodes ({config['app']}), "
             f"{config['clients']} clients, {config['remote_clients']} remote clients, "
-            f"data path {'on' if config['datapath'] else 'off'}"
+            + (
+                "node daemons"
+                if config.get("daemon")
+                else f"static data path {'on' if config['datapath'] else 'off'}"
+            )
         )
     hosts = Table("namespace", "present", "addresses", "owned buckets")
     for ns in info["namespaces"]:
