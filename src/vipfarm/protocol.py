@@ -40,15 +40,13 @@ MAX_NAME_BYTES: Final = 32
 MAX_BUCKETS: Final = 4096
 MAX_ACKS: Final = 255
 
-# magic, version, flags, farm id, node id, incarnation, seq,
-# config digest, state, reserved, weight, buckets, ack count, fresh length
-_HEADER: Final = struct.Struct("!2sBB8sIQQIBBHHBH")
+# magic, version, flags, farm id, node id, incarnation, seq, ack count, fresh length,
+# then the "body": config digest, state, reserved, weight, buckets (and the two bitmaps after it)
+_HEADER: Final = struct.Struct("!2sBB8sIQQBHIBBHH")
 HEADER_LEN: Final = _HEADER.size
+_BODY_AT: Final = 35
 _ACK: Final = struct.Struct("!IQQ")
 ACK_LEN: Final = _ACK.size
-# The body that matters to membership (digest .. acks) is contiguous so that "did anything change
-# since the last heartbeat" is one bytes comparison; seq and the fresh bitmap sit outside it.
-_SEQ_END: Final = 2 + 1 + 1 + 8 + 4 + 8 + 8
 _CACHE_MAX: Final = 4096
 
 
@@ -140,13 +138,13 @@ class Heartbeat:
     want: int
     fresh: int
     acks: dict[int, tuple[int, int]]
-    body: bytes  # digest .. acks, verbatim: equal bodies mean equal membership content
+    body: bytes  # digest .. want bitmap, verbatim: equal bodies mean an unchanged claim
 
 
 class Codec:
     """Encodes and verifies heartbeats of one farm. Share one instance between cores freely."""
 
-    __slots__ = ("_bitmap_len", "_cache", "_subkey", "buckets", "farm_id")
+    __slots__ = ("_bitmap_len", "_cache", "_subkey", "buckets", "cached", "farm_id")
 
     def __init__(self, farm: str, key: bytes, buckets: int) -> None:
         if len(key) < MIN_KEY_LEN:
@@ -161,6 +159,8 @@ class Codec:
         self._bitmap_len = (buckets + 7) // 8
         self._subkey = hmac.digest(key, b"vipfarm heartbeat v1", "sha256")
         self._cache: dict[bytes, Heartbeat | Drop] = {}
+        # The receive hot path calls this first and `decode` only on a miss.
+        self.cached = self._cache.get
 
     def encode(
         self,
@@ -190,18 +190,18 @@ class Codec:
                 node_id,
                 incarnation,
                 seq,
+                len(acks),
+                fresh_len,
                 digest,
                 int(state),
                 0,
                 weight,
                 self.buckets,
-                len(acks),
-                fresh_len,
             ),
             owned.to_bytes(n, "little"),
             want.to_bytes(n, "little"),
-            *(_ACK.pack(a.node_id, a.incarnation, a.seq) for a in acks),
             fresh.to_bytes(fresh_len, "little"),
+            *(_ACK.pack(a.node_id, a.incarnation, a.seq) for a in acks),
         ]
         msg = b"".join(parts)
         return msg + hmac.digest(self._subkey, msg, "sha256")
@@ -228,13 +228,13 @@ class Codec:
             nid,
             incarnation,
             seq,
+            n_acks,
+            fresh_len,
             digest,
             state,
             reserved,
             weight,
             buckets,
-            n_acks,
-            fresh_len,
         ) = _HEADER.unpack_from(data)
         if magic != MAGIC:
             return Drop.NOT_VIPFARM
@@ -249,18 +249,18 @@ class Codec:
         if buckets != self.buckets:
             return Drop.BUCKET_MISMATCH
         n = self._bitmap_len
-        acks_at = HEADER_LEN + 2 * n
-        fresh_at = acks_at + n_acks * ACK_LEN
+        fresh_at = HEADER_LEN + 2 * n
+        acks_at = fresh_at + fresh_len
         if (
             flags
             or reserved
             or state > NodeState.STOPPING
-            or len(msg) != fresh_at + fresh_len
+            or len(msg) != acks_at + n_acks * ACK_LEN
             or incarnation == 0
         ):
             return Drop.MALFORMED
         owned = int.from_bytes(data[HEADER_LEN : HEADER_LEN + n], "little")
-        want = int.from_bytes(data[HEADER_LEN + n : acks_at], "little")
+        want = int.from_bytes(data[HEADER_LEN + n : fresh_at], "little")
         if (owned | want) >> buckets:
             return Drop.MALFORMED
         acks = {}
@@ -276,7 +276,7 @@ class Codec:
             weight=weight,
             owned=owned,
             want=want,
-            fresh=int.from_bytes(data[fresh_at : fresh_at + fresh_len], "little"),
+            fresh=int.from_bytes(data[fresh_at:acks_at], "little"),
             acks=acks,
-            body=data[_SEQ_END:fresh_at],
+            body=data[_BODY_AT:fresh_at],
         )

@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from vipfarm.log import event as log_event
 from vipfarm.membership import events as ev
-from vipfarm.membership.assignment import Assignment, Members, assign
+from vipfarm.membership.assignment import Members, assign
 from vipfarm.membership.states import Trigger, next_state
 from vipfarm.protocol import (
     MAX_ACKS,
@@ -118,8 +118,14 @@ class MembershipConfig:
         for name in self.nodes:
             other = ids.setdefault(node_id(name), name)
             if other != name:
-                raise ValueError(f"node names {other!r} and {name!r} hash to the same id: rename one")
-        if not self.networks or len(set(self.networks)) != len(self.networks) or "" in self.networks:
+                raise ValueError(
+                    f"node names {other!r} and {name!r} hash to the same id: rename one"
+                )
+        if (
+            not self.networks
+            or len(set(self.networks)) != len(self.networks)
+            or "" in self.networks
+        ):
             raise ValueError(
                 f"heartbeat networks {list(self.networks)!r} must be a non-empty list of "
                 "distinct names"
@@ -153,6 +159,7 @@ class _Peer:
         "net_seq",
         "prio",
         "seq",
+        "vouched",
     )
 
     def __init__(self, name: str, index: int, prio: bool, networks: int) -> None:
@@ -161,6 +168,7 @@ class _Peer:
         self.index = index  # position in the sorted configured node list (fresh bitmap)
         self.prio = prio  # wins ties against us (lower name)
         self.alive = False
+        self.vouched = False  # alive only because other peers still hear it
         self.hb: Heartbeat | None = None
         self.incarnation = 0
         self.seq = 0  # latest applied heartbeat
@@ -168,7 +176,7 @@ class _Peer:
         self.indirect = -math.inf  # latest time another peer vouched for this one
         self.net_seq = [0] * networks
         self.net_heard = [-math.inf] * networks
-        self.net_lost = [False] * networks
+        self.net_lost = [True] * networks
 
 
 class Membership:
@@ -187,6 +195,7 @@ class Membership:
             codec = Codec(config.farm, config.key, config.buckets)
         elif codec.buckets != config.buckets:
             raise ValueError(f"codec has {codec.buckets} buckets, config has {config.buckets}")
+        self._cached = codec.cached
         self._decode = codec.decode
         self._codec = codec
         self._id = node_id(config.node)
@@ -194,6 +203,8 @@ class Membership:
         self._anchor: Members = config.nodes_sorted
         self._fresh_len = (len(config.nodes) + 7) // 8
         self._nets = {n: i for i, n in enumerate(config.networks)}
+        self._multi = len(config.networks) > 1
+        self._dead_after = config.dead_after
         names = [n for n, _ in config.nodes_sorted]
         self._peer_list = [
             _Peer(n, i, n < config.node, len(config.networks))
@@ -201,6 +212,13 @@ class Membership:
             if n != config.node
         ]
         self._peers = {p.id: p for p in self._peer_list}
+        # Live peers ordered by last heard (any network), so the next death deadline is the
+        # first entry; one such order per network when there are several (network lost).
+        self._by_heard: OrderedDict[int, _Peer] = OrderedDict()
+        self._by_net: list[OrderedDict[int, _Peer]] = [
+            OrderedDict() for _ in (config.networks if self._multi else ())
+        ]
+        self._vouched: dict[int, _Peer] = {}
         self.drops: dict[str, int] = {}
 
         self.state = NodeState.STOP
@@ -214,7 +232,9 @@ class Membership:
         self._want_since: dict[int, int] = {}
         self._learn_until = -math.inf
         self._view: tuple[Members, Members | None] | None = None
-        self._assignment: Assignment | None = None
+        self._view_dirty = True
+        self._mine_all = 0  # my buckets in the assignment of view _mine_view
+        self._mine_view: tuple[Members, Members | None] | None = None
         self._split = False
         self._events: deque[ev.Event] = deque()
 
@@ -225,49 +245,68 @@ class Membership:
         self._timer_peer: _Peer | None = None
 
     # ----------------------------------------------------------------- daemon-facing API
-    def receive_datagram(self, data: bytes, network: str, now: float) -> None:
-        """Process one received datagram. Bad ones are counted in `drops` and ignored."""
-        hb = self._decode(data)
+    def receive_datagram(self, data: bytes, network: str, now: float) -> bool:
+        """Process one received datagram. Bad ones are counted in `drops` and ignored.
+
+        Returns True when the datagram changed more than a peer's liveness, i.e. when events or
+        an earlier timer may be pending; an event loop may skip `next_event`/`get_timer` on
+        False (the timer can then only have moved later).
+        """
+        hb = self._cached(data) or self._decode(data)
         if not isinstance(hb, Heartbeat):
             self._count(hb)
-            return
+            return False
         peer = self._peers.get(hb.node_id)
         if peer is None:
             self._count(Drop.OWN if hb.node_id == self._id else Drop.UNKNOWN_NODE)
-            return
+            return False
         ni = self._nets.get(network)
         if ni is None:
             self._count(Drop.UNKNOWN_NETWORK)
-            return
+            return False
         if hb.incarnation != peer.incarnation:
             if hb.incarnation < peer.incarnation:
                 self._count(Drop.REPLAY)
-                return
+                return False
             self._new_incarnation(peer, hb)
         elif hb.seq <= peer.net_seq[ni]:
             self._count(Drop.DUPLICATE if hb.seq == peer.net_seq[ni] else Drop.REPLAY)
-            return
+            return False
         peer.net_seq[ni] = hb.seq
         peer.net_heard[ni] = now
         peer.heard = now
-        if peer is self._timer_peer:
-            self._timer_dirty = True
-        if peer.net_lost[ni]:
-            self._net_restored(peer, ni)
+        if peer.alive:
+            if peer.vouched:
+                self._unvouch(peer)
+            else:
+                self._by_heard.move_to_end(peer.id)
+            if self._multi:
+                if peer.net_lost[ni]:
+                    self._net_restored(peer, ni)
+                else:
+                    self._by_net[ni].move_to_end(peer.id)
+            if peer is self._timer_peer:
+                self._timer_dirty = True
         if hb.seq <= peer.seq:
-            return  # a late copy from a slower network: counts for liveness only
+            return bool(self._events)  # a late copy from a slower network: liveness only
         peer.seq = hb.seq
         old = peer.hb
         peer.hb = hb
-        if peer.alive and old is not None and old.body == hb.body:
-            return
         if not peer.alive:
-            peer.alive = True
-            self._timer_dirty = True
-            self._emit(ev.PeerUp(peer.name, hb.incarnation, restarted=False))
+            self._revive(peer, hb)
+        elif old is not None and old.body == hb.body:
+            if self._want and self._id in hb.acks:
+                self._evaluate(now)  # an acknowledgement may complete an acquisition
+                return True
+            return bool(self._events)  # e.g. a network restored
+        elif old is not None and (
+            old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
+        ):
+            self._view_dirty = True
         if hb.want and (old is None or hb.want & ~old.want):
             self._schedule_send(now)  # acknowledge new claims quickly
         self._evaluate(now)
+        return True
 
     def datagrams_to_send(self, now: float) -> list[tuple[str, bytes]]:
         """Heartbeats due now, as (network, payload): send each payload to every peer on it."""
@@ -301,28 +340,53 @@ class Membership:
         """When `handle_timer` (and then `datagrams_to_send`) must next be called."""
         if self._timer_dirty:
             self._timer_dirty = False
-            best = min(self._next_send, self._learn_until) if self._learning() else self._next_send
-            self._timer_peer = None
-            for p in self._peer_list:
-                if p.alive:
-                    d = self._deadline(p)
-                    if d < best:
-                        best = d
-                        self._timer_peer = p
+            best = self._next_send
+            if self._learning() and self._learn_until < best:
+                best = self._learn_until
+            peer = None
+            da = self._dead_after
+            for p in self._by_heard.values():
+                if p.heard + da < best:
+                    best, peer = p.heard + da, p
+                break
+            for p in self._vouched.values():
+                if p.indirect + da < best:
+                    best, peer = p.indirect + da, p
+            for n, order in enumerate(self._by_net):
+                for p in order.values():
+                    if p.net_heard[n] + da < best:
+                        best, peer = p.net_heard[n] + da, p
+                    break
             self._timer = best
+            self._timer_peer = peer
         return self._timer
 
     def handle_timer(self, now: float) -> None:
         """Declare silent peers dead or their networks lost, and finish listening periods."""
         self._check_lease(now)
+        da = self._dead_after
         changed = False
-        for p in self._peer_list:
-            if p.alive and self._deadline(p) <= now:
-                changed |= self._expire(p, now)
+        while self._by_heard:
+            p = next(iter(self._by_heard.values()))
+            if p.heard + da > now:
+                break
+            del self._by_heard[p.id]
+            changed |= self._suspect(p, now)
+        for p in [p for p in self._vouched.values() if p.indirect + da <= now]:
+            del self._vouched[p.id]
+            changed |= self._suspect(p, now)
+        for n, order in enumerate(self._by_net):
+            while order:
+                p = next(iter(order.values()))
+                if p.net_heard[n] + da > now:
+                    break
+                del order[p.id]
+                p.net_lost[n] = True
+                self._emit(ev.NetworkLost(p.name, self.config.networks[n]))
         if self.state is NodeState.STARTING and now >= self._learn_until:
             self._fire(Trigger.LEARNED, now)
             changed = True
-        elif self._learn_until != -math.inf and now >= self._learn_until:
+        elif self._learning() and now >= self._learn_until:
             self._learn_until = -math.inf
             changed = True
         if not self._unconfirmed and self._held != self._requested and now >= self._next_send:
@@ -363,6 +427,7 @@ class Membership:
             raise ValueError(f"weight {weight!r} is out of range: use an integer 0..{MAX_WEIGHT}")
         if weight != self.weight:
             self.weight = weight
+            self._view_dirty = True
             self._schedule_send(now)
             self._evaluate(now)
 
@@ -447,45 +512,51 @@ class Membership:
     def _learning(self) -> bool:
         return self._learn_until != -math.inf
 
-    def _deadline(self, p: _Peer) -> float:
-        d = max(p.heard, p.indirect) + self.config.dead_after
-        if len(p.net_heard) > 1:
-            for i, t in enumerate(p.net_heard):
-                if not p.net_lost[i]:
-                    d = min(d, t + self.config.dead_after)
-        return d
+    def _suspect(self, p: _Peer, now: float) -> bool:
+        """`p` is silent towards us for dead_after: vouched for by a peer, or dead (True)."""
+        da = self._dead_after
+        vouched = [
+            q.heard
+            for q in self._by_heard.values()
+            if q.hb is not None and q.hb.digest == self._digest and q.hb.fresh >> p.index & 1
+        ]
+        if vouched:
+            p.indirect = max(p.indirect, max(vouched) - _FRESH_INTERVALS * self.config.interval)
+        if max(p.heard, p.indirect) + da > now:
+            p.vouched = True
+            self._vouched[p.id] = p
+            return False
+        p.alive = p.vouched = False
+        self._vouched.pop(p.id, None)
+        for n, order in enumerate(self._by_net):
+            order.pop(p.id, None)
+            p.net_lost[n] = True
+        self._view_dirty = True
+        self._emit(ev.PeerDown(p.name))
+        return True
 
-    def _expire(self, p: _Peer, now: float) -> bool:
-        """Handle a peer whose deadline passed; True when it died."""
-        dead_after = self.config.dead_after
-        if max(p.heard, p.indirect) + dead_after <= now:
-            vouched = [
-                q.heard
-                for q in self._peer_list
-                if q.alive
-                and q is not p
-                and q.hb is not None
-                and q.hb.digest == self._digest
-                and q.hb.fresh >> p.index & 1
-            ]
-            if vouched:
-                p.indirect = max(p.indirect, max(vouched) - _FRESH_INTERVALS * self.config.interval)
-        if max(p.heard, p.indirect) + dead_after <= now:
-            p.alive = False
-            p.net_lost = [True] * len(p.net_lost)
-            self._emit(ev.PeerDown(p.name))
-            return True
-        if len(p.net_heard) > 1:
-            for i, t in enumerate(p.net_heard):
-                if not p.net_lost[i] and t + dead_after <= now:
-                    p.net_lost[i] = True
-                    self._emit(ev.NetworkLost(p.name, self.config.networks[i]))
-        return False
+    def _unvouch(self, p: _Peer) -> None:
+        p.vouched = False
+        del self._vouched[p.id]
+        self._by_heard[p.id] = p
+
+    def _revive(self, p: _Peer, hb: Heartbeat) -> None:
+        p.alive = True
+        p.vouched = False
+        self._by_heard[p.id] = p
+        for n, order in enumerate(self._by_net):
+            # Every network gets dead_after from now to show up before it is reported lost.
+            p.net_heard[n] = p.heard
+            p.net_lost[n] = False
+            order[p.id] = p
+        self._view_dirty = True
+        self._timer_dirty = True
+        self._emit(ev.PeerUp(p.name, hb.incarnation, restarted=False))
 
     def _net_restored(self, p: _Peer, ni: int) -> None:
         p.net_lost[ni] = False
-        if p.alive and len(p.net_lost) > 1:
-            self._emit(ev.NetworkRestored(p.name, self.config.networks[ni]))
+        self._by_net[ni][p.id] = p
+        self._emit(ev.NetworkRestored(p.name, self.config.networks[ni]))
 
     def _new_incarnation(self, p: _Peer, hb: Heartbeat) -> None:
         restarted = p.alive
@@ -494,6 +565,7 @@ class Membership:
         p.net_seq = [0] * len(p.net_seq)
         p.indirect = -math.inf
         if restarted:
+            self._view_dirty = True
             self._emit(ev.PeerUp(p.name, hb.incarnation, restarted=True))
 
     def _fresh(self, now: float) -> int:
@@ -531,6 +603,7 @@ class Membership:
             log_event(log, "ignored", level=logging.DEBUG, node=self.name, trigger=trigger)
             return
         old, self.state = self.state, new
+        self._view_dirty = True
         if new is not NodeState.STARTING and old is NodeState.STARTING:
             self._learn_until = -math.inf
         self._emit(ev.StateChanged(old, new))
@@ -559,21 +632,10 @@ class Membership:
     def _evaluate(self, now: float) -> None:
         """Recompute the view and move buckets: the heart of release-before-acquire."""
         alive = [p for p in self._peer_list if p.alive]
-        me_up = self.state is NodeState.UP
-        members = tuple(
-            sorted(
-                [(p.name, p.hb.weight) for p in alive if p.hb and p.hb.state is NodeState.UP]
-                + ([(self.name, self.weight)] if me_up else [])
-            )
-        )
-        anchor = self._anchor if all(p.hb and p.hb.digest == self._digest for p in alive) else None
-        view = (members, anchor)
-        if view != self._view:
-            self._view = view
-            self._assignment = assign(members, self.config.buckets, anchor)
-            self._emit(ev.ViewChanged(members, anchor is not None))
-        assert self._assignment is not None
-        mine = self._assignment.mask(self.name) if me_up and not self._learning() else 0
+        if self._view_dirty:
+            self._view_dirty = False
+            self._update_view(alive)
+        mine = self._mine_all if self.state is NodeState.UP and not self._learning() else 0
 
         mine_held = self._held | self._requested
         prio_owned = prio_want = others = dup = 0
@@ -637,6 +699,20 @@ class Membership:
         ):
             self._emit(ev.Drained())
             self._fire(Trigger.DRAINED, now)
+
+    def _update_view(self, alive: list[_Peer]) -> None:
+        members = [(p.name, p.hb.weight) for p in alive if p.hb and p.hb.state is NodeState.UP]
+        if self.state is NodeState.UP:
+            members.append((self.name, self.weight))
+        anchor = self._anchor if all(p.hb and p.hb.digest == self._digest for p in alive) else None
+        view = (tuple(sorted(members)), anchor)
+        if view != self._view:
+            self._view = view
+            self._emit(ev.ViewChanged(view[0], anchor is not None))
+        if self.state is NodeState.UP and self._mine_view != view:
+            # Only an UP node needs its share; a starting node hears peers one by one.
+            self._mine_view = view
+            self._mine_all = assign(view[0], self.config.buckets, anchor).mask(self.name)
 
     def _ack_of(self, hb: Heartbeat) -> int:
         a = hb.acks.get(self._id)
