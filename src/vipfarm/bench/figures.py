@@ -1,0 +1,385 @@
+"""The data-path figures: throughput and latency against HAProxy, overhead, cost of dropping.
+
+Three scenarios, each in labs of its own (`Context.lab`), each measured with wrk from the lab's
+client namespace, every variant in both modes, rounds interleaved (see `vipfarm.bench.core`):
+
+* `throughput`: one 3-node lab. The farm (the VIP) against HAProxy in its own namespace balancing
+  the same three nginx by their real addresses (layer 4, and layer 7 as a second variant), and
+  against one node by its real address.
+* `overhead`: a 1-node farm through the VIP against the same node by its real address, and against
+  an identical node in a second lab that runs no data path at all.
+* `drop_cost`: a lab where node1 owns every bucket and the others own none. The non-owners receive
+  every frame sent to the VMAC (the switch floods it) and drop it. The CPU this costs is measured
+  as the difference in machine CPU per request between runs where the switch floods the
+  non-owners and runs where their switch ports do not flood unknown unicast (`bridge_slave flood
+  off`), everything else equal. Softirq work is charged to no process, so machine-wide CPU time is
+  the only honest account.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vipfarm.bench.core import (
+    Context,
+    Figure,
+    Goal,
+    Run,
+    Scenario,
+    ScenarioResult,
+    Settings,
+    Target,
+    interleave_steps,
+    median_of,
+    p99,
+    paired,
+    register,
+    rps,
+    wrk_figures,
+)
+from vipfarm.bench.haproxy import haproxy_in
+from vipfarm.bench.plots import bar_panels
+from vipfarm.lab.testbed import Lab, url_for
+from vipfarm.lab.topology import BUCKETS, LabError, node_lan4, node_name
+
+
+def _ratio(metric: Any) -> Any:
+    def combine(a: Run, b: Run) -> float | None:
+        x, y = metric(a), metric(b)
+        return x / y if x is not None and y else None
+
+    return combine
+
+
+def _loss_pct(a: Run, b: Run) -> float | None:
+    """How much lower a's request rate is than b's, in percent (negative: a is faster)."""
+    x, y = rps(a), rps(b)
+    return (1 - x / y) * 100 if x is not None and y else None
+
+
+def _direct(node: int = 1) -> str:
+    return f"http://{node_lan4(node)}/"
+
+
+# ---- throughput and latency: farm vs HAProxy vs one node
+
+THROUGHPUT_VARIANTS = ("farm", "haproxy", "haproxy_http", "direct")
+
+
+def _throughput(ctx: Context) -> ScenarioResult:
+    with ctx.lab(nodes=3) as lab, haproxy_in(lab) as hap:
+        targets = {
+            "farm": Target(lab, url_for()),
+            "haproxy": Target(lab, hap.url()),
+            "haproxy_http": Target(lab, hap.url(http_mode=True)),
+            "direct": Target(lab, _direct()),
+        }
+        runs = ctx.interleave("throughput", targets)
+    figures = wrk_figures(runs, THROUGHPUT_VARIANTS)
+    figures["farm_vs_haproxy_rps"] = paired(runs, "farm", "haproxy", _ratio(rps))
+    figures["farm_vs_haproxy_p99"] = paired(runs, "farm", "haproxy", _ratio(p99))
+    figures["farm_vs_haproxy_http_rps"] = paired(runs, "farm", "haproxy_http", _ratio(rps))
+    figures["farm_vs_direct_rps"] = paired(runs, "farm", "direct", _ratio(rps))
+    return ScenarioResult(figures, runs)
+
+
+def _wrk_meanings(variants: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, what in variants.items():
+        out[f"{key}_rps"] = f"requests/s, {what}"
+        out[f"{key}_p50_ms"] = f"median latency (ms), {what}"
+        out[f"{key}_p99_ms"] = f"99th percentile latency (ms), {what}"
+        out[f"{key}_cpu_us"] = f"machine CPU per request (µs, client and servers included), {what}"
+    return out
+
+
+def _plot_throughput(figures: Mapping[str, Any], out: Path) -> list[Path]:
+    bars = [
+        ("farm", "farm (VIP)"),
+        ("haproxy", "HAProxy tcp"),
+        ("haproxy_http", "HAProxy http"),
+        ("direct", "one node"),
+    ]
+    made = [
+        bar_panels(
+            out / "throughput_rps.png",
+            "3 nodes: requests/s (median of rounds)",
+            "requests/s",
+            figures,
+            [(f"{k}_rps", label) for k, label in bars],
+        ),
+        bar_panels(
+            out / "latency_p99.png",
+            "3 nodes: 99th percentile latency (median of rounds)",
+            "ms",
+            figures,
+            [(f"{k}_p99_ms", label) for k, label in bars],
+        ),
+    ]
+    return [p for p in made if p]
+
+
+THROUGHPUT = register(
+    Scenario(
+        name="throughput",
+        title="Throughput and latency: farm vs HAProxy vs one node",
+        produces={
+            **_wrk_meanings(
+                {
+                    "farm": "3-node farm through the VIP",
+                    "haproxy": "HAProxy (mode tcp) in front of the same 3 nodes",
+                    "haproxy_http": "HAProxy (mode http) in front of the same 3 nodes",
+                    "direct": "one of the nodes by its real address",
+                }
+            ),
+            "farm_vs_haproxy_rps": "farm requests/s ÷ HAProxy tcp requests/s (same round)",
+            "farm_vs_haproxy_p99": "farm p99 ÷ HAProxy tcp p99 (same round; below 1 is better)",
+            "farm_vs_haproxy_http_rps": "farm requests/s ÷ HAProxy http requests/s",
+            "farm_vs_direct_rps": "farm requests/s ÷ one node's requests/s",
+        },
+        method=(
+            "One lab: 3 nodes running nginx (one worker each, 6-byte reply), one client, and "
+            "HAProxy in a namespace of its own on the same LAN. wrk runs in the client namespace "
+            "against the VIP (the farm), HAProxy's TCP frontend (layer 4, the fair comparison "
+            "for a layer-4 farm), HAProxy's HTTP frontend, and node1's real address. Same wrk "
+            "settings, same backends, same reply for every variant; HAProxy balances round "
+            "robin, the farm by the hash of client address and port. The variants take turns "
+            "within each round and the order rotates between rounds; figures are medians over "
+            "rounds and ratios are medians of per-round ratios."
+        ),
+        steps=lambda s: interleave_steps(s, len(THROUGHPUT_VARIANTS)),
+        run=_throughput,
+        goals=(
+            Goal("farm_vs_haproxy_rps", ">=", 1.5, "farm requests/s ≥ 1.5 x HAProxy"),
+            Goal("farm_vs_haproxy_p99", "<=", 1.0, "farm p99 ≤ HAProxy p99"),
+        ),
+        plot=_plot_throughput,
+    )
+)
+
+
+# ---- data path overhead on one node
+
+OVERHEAD_VARIANTS = ("node_vip", "node_direct", "node_bare")
+
+
+def _overhead(ctx: Context) -> ScenarioResult:
+    with ctx.lab(nodes=1) as lab, ctx.lab(nodes=1, datapath=False) as bare:
+        targets = {
+            "node_vip": Target(lab, url_for()),
+            "node_direct": Target(lab, _direct()),
+            "node_bare": Target(bare, _direct()),
+        }
+        runs = ctx.interleave("overhead", targets)
+    figures = wrk_figures(runs, OVERHEAD_VARIANTS)
+    figures["datapath_overhead_pct"] = paired(runs, "node_vip", "node_direct", _loss_pct)
+    figures["datapath_overhead_vs_bare_pct"] = paired(runs, "node_vip", "node_bare", _loss_pct)
+    figures["datapath_side_cost_pct"] = paired(runs, "node_direct", "node_bare", _loss_pct)
+    return ScenarioResult(figures, runs)
+
+
+def _plot_overhead(figures: Mapping[str, Any], out: Path) -> list[Path]:
+    bars = [
+        ("node_vip", "1-node farm (VIP)"),
+        ("node_direct", "same node, real addr"),
+        ("node_bare", "node without vipfarm"),
+    ]
+    made = bar_panels(
+        out / "overhead_rps.png",
+        "1 node: requests/s through the data path and around it",
+        "requests/s",
+        figures,
+        [(f"{k}_rps", label) for k, label in bars],
+    )
+    return [made] if made else []
+
+
+OVERHEAD = register(
+    Scenario(
+        name="overhead",
+        title="Data path overhead on one node",
+        produces={
+            **_wrk_meanings(
+                {
+                    "node_vip": "1-node farm through the VIP",
+                    "node_direct": "the same node by its real address (data path loaded)",
+                    "node_bare": "an identical node in a lab without the data path",
+                }
+            ),
+            "datapath_overhead_pct": "requests/s lost through the VIP vs the same node's real "
+            "address, % (the data path's own cost)",
+            "datapath_overhead_vs_bare_pct": "requests/s lost through the VIP vs a node without "
+            "vipfarm, %",
+            "datapath_side_cost_pct": "requests/s lost by traffic to the real address when the "
+            "data path is loaded (conntrack then tracks every flow of the namespace), %",
+        },
+        method=(
+            "Two 1-node labs up side by side: one with the data path (all 256 buckets on the "
+            "node), one without. wrk requests the VIP and the real address of the first, and the "
+            "real address of the second. The VIP costs what the design adds: frames to the VMAC "
+            "are flooded by the switch, rewritten to `pkttype host` at ingress, and each new flow "
+            "is hashed and matched against the owned set after conntrack. Overheads are medians "
+            "of per-round figures: `(1 - rps_vip / rps_other) * 100`."
+        ),
+        steps=lambda s: interleave_steps(s, len(OVERHEAD_VARIANTS)),
+        run=_overhead,
+        goals=(Goal("datapath_overhead_pct", "<=", 5.0, "1-node data path overhead ≤ 5%"),),
+        plot=_plot_overhead,
+    )
+)
+
+
+# ---- CPU cost of the traffic a node drops
+
+
+def _switch_port(lab: Lab, node: str) -> str:
+    return lab.topology.host(node).links[0].port
+
+
+def _set_flood(lab: Lab, ports: Sequence[str], on: bool) -> None:
+    flag = "on" if on else "off"
+    batch = "".join(f"link set dev {p} type bridge_slave flood {flag}\n" for p in ports)
+    proc = subprocess.run(
+        [lab.ip, "-n", lab.ns("switch"), "-batch", "-"],
+        input=batch,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise LabError(f"could not set flood {flag} on {', '.join(ports)}: {proc.stderr.strip()}")
+
+
+def _tx_packets(lab: Lab, ports: Sequence[str]) -> int:
+    """Packets the switch has sent out of `ports` (what the nodes behind them received)."""
+    proc = subprocess.run(
+        [lab.ip, "-n", lab.ns("switch"), "-j", "-s", "link", "show"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    links = {link["ifname"]: link for link in json.loads(proc.stdout)}
+    return sum(int(links[p]["stats64"]["tx"]["packets"]) for p in ports)
+
+
+def _drop_cost(ctx: Context) -> ScenarioResult:
+    k = ctx.settings.droppers
+    with ctx.lab(nodes=1 + k) as lab:
+        droppers = [node_name(i) for i in range(2, k + 2)]
+        ctx.status(f"drop_cost: moving every bucket to node1, {k} nodes own none")
+        lab.set_owned({"node1": list(range(BUCKETS)), **{d: [] for d in droppers}})
+        ports = [_switch_port(lab, d) for d in droppers]
+
+        def counters() -> dict[str, int]:
+            return {"dropper_rx_packets": _tx_packets(lab, ports)}
+
+        targets = {
+            "drop_flooded": Target(
+                lab, url_for(), before=lambda: _set_flood(lab, ports, True), counters=counters
+            ),
+            "drop_isolated": Target(
+                lab, url_for(), before=lambda: _set_flood(lab, ports, False), counters=counters
+            ),
+        }
+        runs = ctx.interleave("drop_cost", targets)
+
+    def cpu_delta(a: Run, b: Run) -> float | None:
+        x, y = a.cpu_us_per_request, b.cpu_us_per_request
+        return x - y if x is not None and y is not None else None
+
+    def per_node_us(a: Run, b: Run) -> float | None:
+        d = cpu_delta(a, b)
+        return d / k if d is not None else None
+
+    def per_node_pct(a: Run, b: Run) -> float | None:
+        d, y = cpu_delta(a, b), b.cpu_us_per_request
+        return d / k / y * 100 if d is not None and y else None
+
+    def per_packet_us(a: Run, b: Run) -> float | None:
+        d, pa, pb = cpu_delta(a, b), _rx_per_request(a), _rx_per_request(b)
+        return (
+            d / (pa - pb)
+            if d is not None and pa is not None and pb is not None and pa > pb
+            else None
+        )
+
+    figures: dict[str, Figure] = wrk_figures(runs, ["drop_flooded", "drop_isolated"])
+    flooded = ("drop_flooded", "drop_isolated")
+    figures["drop_cpu_us"] = paired(runs, *flooded, per_node_us)
+    figures["drop_cpu_pct"] = paired(runs, *flooded, per_node_pct)
+    figures["drop_cpu_us_per_packet"] = paired(runs, *flooded, per_packet_us)
+    for variant, key in (
+        ("drop_flooded", "drop_packets_per_request"),
+        ("drop_isolated", "drop_isolated_packets_per_request"),
+    ):
+        figures[key] = median_of(
+            runs, variant, lambda r: None if (p := _rx_per_request(r)) is None else p / k
+        )
+    return ScenarioResult(figures, runs, notes={"droppers": k})
+
+
+def _rx_per_request(run: Run) -> float | None:
+    """Frames all non-owners together received per request served."""
+    if run.result is None or not run.result.requests:
+        return None
+    return run.counters["dropper_rx_packets"] / run.result.requests
+
+
+def _plot_drop(figures: Mapping[str, Any], out: Path) -> list[Path]:
+    made = bar_panels(
+        out / "drop_cost.png",
+        "Machine CPU per request, non-owners flooded or not",
+        "µs per request",
+        figures,
+        [("drop_flooded_cpu_us", "non-owners flooded"), ("drop_isolated_cpu_us", "not flooded")],
+    )
+    return [made] if made else []
+
+
+def _drop_steps(s: Settings) -> int:
+    return interleave_steps(s, 2)
+
+
+DROP_COST = register(
+    Scenario(
+        name="drop_cost",
+        title="CPU cost of traffic a node drops",
+        produces={
+            **_wrk_meanings(
+                {
+                    "drop_flooded": "node1 owns every bucket, the non-owners receive the flood",
+                    "drop_isolated": "the same, the non-owners' switch ports do not flood",
+                }
+            ),
+            "drop_cpu_us": "CPU one non-owner costs per request it drops (µs; includes the "
+            "software switch copying the frame to it)",
+            "drop_cpu_pct": "that, as % of the CPU the whole lab spends per request served",
+            "drop_cpu_us_per_packet": "CPU per frame a non-owner drops (µs)",
+            "drop_packets_per_request": "frames each non-owner receives per request (flooded)",
+            "drop_isolated_packets_per_request": "frames each non-owner receives per request "
+            "when not flooded (ARP and other broadcasts only)",
+        },
+        method=(
+            "One lab: node1 owns all 256 buckets, the other nodes own none but run the data path "
+            "and receive every frame sent to the VMAC, which the switch floods, and drop it in "
+            "their prerouting chain. Two variants alternate in every round with the same wrk "
+            "load on the VIP: the non-owners' switch ports flood unknown unicast (normal), or "
+            "do not (`bridge_slave flood off`). Packet processing runs in softirq, charged to "
+            "no process, so the cost is read from the machine's busy CPU time (/proc/stat) per "
+            "request served: the difference between the variants, divided by the number of "
+            "non-owners, is the CPU one non-owner spends on the traffic it drops. It includes "
+            "the software bridge copying each frame to that port, which a hardware switch does "
+            "for free, so it is an upper bound; other tenants of the machine add noise to both "
+            "variants alike."
+        ),
+        steps=_drop_steps,
+        run=_drop_cost,
+        plot=_plot_drop,
+    )
+)

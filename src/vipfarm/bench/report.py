@@ -1,0 +1,170 @@
+"""results.json and the markdown summary, composed from the scenarios' figures (pure).
+
+`compose()` lays results.json out as the issue asks: every figure under its own flat key at the top
+level (`farm_rps`, ...; a `{mode: value}` map for per-mode figures), next to the reserved keys
+`meta` (command, machine, date, commit), `settings`, `targets` (each goal checked per mode),
+`safety` (counters that must be zero), `notes` and `runs` (every measured run, for re-analysis).
+`markdown()` renders that dictionary, with the scenarios' own words for what each figure means.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from vipfarm.bench.core import Scenario, ScenarioResult, Settings
+from vipfarm.bench.wrk import Mode
+
+# Always present in `safety`, so a smoke test can require each of them to be zero.
+SAFETY_COUNTERS = ("wrk_failed_runs", "wrk_socket_errors", "wrk_non_2xx", "buckets_owned_twice")
+
+CAVEAT = (
+    "All of this runs on one host: the client, every node, the software switch and HAProxy share "
+    "the same CPUs. The farm's scale-out advantage (each node adds its own CPUs, a proxy stays "
+    "one box every byte goes through) cannot show here: the ratios measure the per-request "
+    "overhead of each way to balance, not capacity. Machine CPU per request (`*_cpu_us`) is "
+    "the clearest view of that overhead."
+)
+
+
+def check_goals(scenarios: Sequence[Scenario], results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every goal of every scenario, per mode when the figure has modes; `met` None if missing."""
+    out = []
+    for s in scenarios:
+        for goal in s.goals:
+            value = results.get(goal.figure)
+            values = value if isinstance(value, dict) else {None: value}
+            for mode, v in values.items():
+                out.append(
+                    {
+                        "goal": goal.text,
+                        "figure": goal.figure,
+                        "mode": mode,
+                        "op": goal.op,
+                        "limit": goal.limit,
+                        "value": v,
+                        "met": None if v is None else goal.met(v),
+                    }
+                )
+    return out
+
+
+def compose(
+    meta: Mapping[str, Any],
+    settings: Settings,
+    scenarios: Sequence[Scenario],
+    outcomes: Mapping[str, ScenarioResult],
+    safety: Mapping[str, int],
+    seconds: Mapping[str, float],
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"meta": dict(meta), "settings": asdict(settings)}
+    for s in scenarios:
+        results.update(outcomes[s.name].figures)
+    results["targets"] = check_goals(scenarios, results)
+    results["safety"] = {c: 0 for c in SAFETY_COUNTERS} | dict(safety)
+    results["notes"] = {
+        s.name: {"seconds": seconds[s.name], **outcomes[s.name].notes} for s in scenarios
+    }
+    results["runs"] = {s.name: [r.as_json() for r in outcomes[s.name].runs] for s in scenarios}
+    return results
+
+
+def fmt(value: Any) -> str:
+    """A figure for a table: a few significant digits, thousands as whole numbers."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _figure_rows(scenario: Scenario, results: Mapping[str, Any]) -> list[str]:
+    modes = [str(m) for m in Mode]
+    rows = [
+        f"| figure | {' | '.join(modes)} | meaning |",
+        f"|---|{'---:|' * len(modes)}---|",
+    ]
+    for key, meaning in scenario.produces.items():
+        value = results.get(key)
+        cells = (
+            [fmt(value.get(m)) for m in modes]
+            if isinstance(value, dict)
+            else [fmt(value)] + [""] * (len(modes) - 1)
+        )
+        rows.append(f"| `{key}` | {' | '.join(cells)} | {meaning} |")
+    return rows
+
+
+def _goal_rows(results: Mapping[str, Any]) -> list[str]:
+    rows = ["| goal | mode | measured | met |", "|---|---|---:|---|"]
+    for t in results["targets"]:
+        met = {True: "yes", False: "**falls short**", None: "not measured"}[t["met"]]
+        rows.append(
+            f"| {t['goal']} (`{t['figure']}`) | {t['mode'] or ''} | {fmt(t['value'])} | {met} |"
+        )
+    return rows
+
+
+def _meta_lines(meta: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    m = meta["machine"]
+    git = meta.get("git") or {}
+    commit = git.get("commit", "unknown")[:12]
+    if git.get("dirty"):
+        commit += " with uncommitted changes"
+    tools = ", ".join(f"{k} {v}" for k, v in meta.get("tools", {}).items())
+    load = ", ".join(f"{x:.2f}" for x in m.get("loadavg", []))
+    kind = "quick" if settings["quick"] else "full"
+    return [
+        f"- Command: `{meta['command']}` ({kind} run, {meta['seconds']:.0f} s)",
+        f"- Date: {meta['date']}, commit `{commit}`",
+        f"- Machine: {m['cpu_model']}, {m['nproc']} CPUs, {m['memory_gb']:.0f} GB, "
+        f"Linux {m['kernel']}; load average at start {load}",
+        f"- Tools: {tools}",
+        f"- Load: wrk with {settings['threads']} thread(s) and {settings['connections']} "
+        f"connections, {settings['rounds']} round(s) of {settings['duration_s']} s per variant "
+        f"and mode"
+        + (f" after a {settings['warmup_s']} s warm-up" if settings["warmup_s"] else ""),
+        "- Modes: `close` sends `Connection: close`, so every request is a new TCP connection; "
+        "`keepalive` reuses each connection for many requests.",
+    ]
+
+
+def markdown(
+    results: Mapping[str, Any],
+    scenarios: Sequence[Scenario],
+    images: Mapping[str, Sequence[Path]],
+    where: Path,
+) -> str:
+    """The summary; `images` are each scenario's plots, linked relative to directory `where`."""
+    meta = results["meta"]
+    lines = [
+        "# vipfarm benchmarks",
+        "",
+        "<!-- Generated by `vipfarm bench`; do not edit. Rerun the command below instead. -->",
+        "",
+        *_meta_lines(meta, results["settings"]),
+        "",
+        CAVEAT,
+        "",
+        "## Goals",
+        "",
+        *_goal_rows(results),
+        "",
+        "## Safety counters",
+        "",
+        "Things that must never happen in a healthy run (the CI smoke test requires zero):",
+        "",
+        *(f"- `{k}`: {v}" for k, v in results["safety"].items()),
+    ]
+    for s in scenarios:
+        lines += ["", f"## {s.title}", "", s.method, "", *_figure_rows(s, results)]
+        for p in images.get(s.name, ()):
+            lines += ["", f"![{p.stem}]({os.path.relpath(p, where)})"]
+    for title, text in results.get("profiles", {}).items():
+        lines += ["", f"## Where the time goes: {title}", "", text]
+    return "\n".join(lines) + "\n"
