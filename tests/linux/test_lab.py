@@ -191,7 +191,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_up_status_down() -> None:
     name = unique_name()
     try:
-        up = _cli("up", "--name", name, "--nodes", "2", "--app", "builtin", "--no-datapath")
+        up = _cli(
+            "up", "--name", name, "--nodes", "2", "--app", "builtin", "--static", "--no-datapath"
+        )
         assert up.returncode == 0, up.stderr
         again = _cli("up", "--name", name, "--nodes", "2")
         assert again.returncode == 1

@@ -1,0 +1,384 @@
+"""`vipfarm chaos`: a steady load on a farm of daemons while random faults hit it.
+
+Theory of operation
+-------------------
+A lab of node daemons is built; three threads then run until the duration is over:
+
+* **load**: batches of new HTTP connections from a client, each with its own pinned source port,
+  never reused within a run (ports 20000..59999; the run stops adding load when they are used
+  up). Every reply is kept with its start time.
+* **sampler**: reads every node's owned buckets from its kernel, over and over, to find the
+  longest time a bucket had no owner at all (an upper bound: samples are ~20-50 ms apart).
+* **faults** (this thread): picks faults with a seeded RNG, injects them, measures how long the
+  farm takes to converge (every bucket held exactly once by the nodes that should hold it, every
+  such node UP), repairs the fault, measures convergence again, pauses, repeats.
+
+**Accepted twice** is measured exactly, not sampled: every node gets one extra nftables table
+(`inet vfchaos`, in the node's own namespace, apart from vipfarm's) whose `input` hook adds the
+(client address, client port) of every SYN to the VIP that the node accepted into a dynamic set.
+Only packets vipfarm's prerouting chain accepted reach `input`, so a pair found in the sets of two
+nodes is a connection two nodes accepted. Source ports are unique within a run, so a legitimate
+second connection can never look like one.
+
+**False failovers** are `peer_down` events in the nodes' logs for a peer that was not down: not
+killed, not isolated, not within its fault's window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from vipfarm.lab import testbed
+from vipfarm.lab.load import Reply
+from vipfarm.lab.testbed import Lab
+from vipfarm.lab.topology import BUCKETS, VIP4
+
+FAULTS = (
+    "kill9",
+    "daemon_crash",
+    "app_crash",
+    "link_flap",
+    "hb_loss",
+    "hb_partition",
+    "rolling_restart",
+)
+# Faults after which a node is really gone for a while: a peer_down for it is expected.
+NODE_DOWN_FAULTS = {"kill9", "daemon_crash", "link_flap"}
+PORT_FIRST, PORT_LAST = 20000, 59999
+BATCH = 40
+CONVERGE_TIMEOUT_S = 20.0
+
+CHAOS_TABLE = f"""
+table inet vfchaos {{
+  set accepted {{ type ipv4_addr . inet_service; size 65535; flags dynamic,timeout; timeout 1h; }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip daddr {VIP4} tcp flags & (syn | ack) == syn add @accepted {{ ip saddr . tcp sport }}
+  }}
+  chain hb_in {{
+    type filter hook prerouting priority -300; policy accept;
+  }}
+  chain hb_out {{
+    type filter hook output priority -300; policy accept;
+  }}
+}}
+"""
+
+
+@dataclass
+class FaultResult:
+    kind: str
+    node: str
+    started_s: float  # seconds after the run began
+    converge_ms: float | None  # from injection to the farm settled without the node
+    recover_ms: float | None  # from repair to the farm settled with every node again
+    requests: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ChaosReport:
+    name: str
+    seed: int
+    duration_s: float
+    nodes: int
+    requests: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    accepted_twice: int = 0
+    max_unowned_ms: float = 0.0
+    false_failovers: int = 0
+    faults: list[FaultResult] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+class Chaos:
+    def __init__(self, lab: Lab, seed: int, duration_s: float, client: str = "client1") -> None:
+        self.lab = lab
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.duration_s = duration_s
+        self.client = client
+        self.t0 = time.monotonic()
+        self.wall0 = time.time()
+        self.replies: list[Reply] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._port = PORT_FIRST
+        self._unowned_since: dict[int, float] = {}
+        self.max_unowned_s = 0.0
+        # (peer, wall-clock start, wall-clock end) of windows where a peer_down is expected
+        self.expected_down: list[tuple[str, float, float]] = []
+        self.on_progress: Callable[[str], None] = lambda _msg: None
+
+    # ------------------------------------------------------------------ setup
+    def install_probes(self) -> None:
+        for node in self.lab.node_names:
+            self.lab.exec(node, ["nft", "-f", "-"], input=CHAOS_TABLE, check=True)
+
+    def accepted_twice(self) -> int:
+        seen: Counter[tuple[str, int]] = Counter()
+        for node in self.lab.node_names:
+            out = self.lab.exec(
+                node, ["nft", "-j", "list", "set", "inet", "vfchaos", "accepted"], check=True
+            ).stdout
+            for obj in json.loads(out)["nftables"]:
+                for e in obj.get("set", {}).get("elem", []):
+                    val = e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
+                    addr, port = val["concat"]
+                    seen[(addr, int(port))] += 1
+        return sum(1 for n in seen.values() if n > 1)
+
+    # ------------------------------------------------------------------ threads
+    def _load(self) -> None:
+        while not self._stop.is_set() and self._port + BATCH <= PORT_LAST:
+            start = time.monotonic() - self.t0
+            port, self._port = self._port, self._port + BATCH
+            got = self.lab.load(
+                self.client, count=BATCH, concurrency=20, timeout=3.0, source_port=port
+            )
+            for r in got:
+                r.t += start
+            with self._lock:
+                self.replies.extend(got)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            owned = self.lab.kernel_owned()
+            held = {b for buckets in owned.values() for b in buckets or []}
+            for b in range(BUCKETS):
+                if b in held:
+                    since = self._unowned_since.pop(b, None)
+                    if since is not None:
+                        self.max_unowned_s = max(self.max_unowned_s, now - since)
+                else:
+                    self._unowned_since.setdefault(b, now)
+            time.sleep(0.03)  # the farm shares the machine's two cores with this
+
+    # ------------------------------------------------------------------ convergence
+    def _settled(self, nodes: list[str]) -> bool:
+        owned = self.lab.kernel_owned(nodes)
+        held = [b for n in nodes for b in owned[n] or []]
+        if not len(held) == len(set(held)) == BUCKETS:
+            return False
+        try:
+            return all(self.lab.daemon_state(n, timeout=2)["state"] == "UP" for n in nodes)
+        except Exception:
+            return False
+
+    def _converge(self, nodes: list[str]) -> float | None:
+        t = time.monotonic()
+        while time.monotonic() - t < CONVERGE_TIMEOUT_S:
+            if self._settled(nodes):
+                return round((time.monotonic() - t) * 1000, 1)
+            time.sleep(0.02)
+        return None
+
+    # ------------------------------------------------------------------ faults
+    def _hb_rules(self, node: str, rule_in: str | None = None, rule_out: str | None = None) -> None:
+        """Replace the node's heartbeat fault rules (incoming, outgoing); none: no fault."""
+        cmd = "flush chain inet vfchaos hb_in\nflush chain inet vfchaos hb_out\n"
+        if rule_in:
+            cmd += f"add rule inet vfchaos hb_in {rule_in}\n"
+        if rule_out:
+            cmd += f"add rule inet vfchaos hb_out {rule_out}\n"
+        self.lab.exec(node, ["nft", "-f", "-"], input=cmd, check=True)
+
+    def _links(self, node: str, up: bool) -> None:
+        for ifname in ("eth1", "eth0"):
+            self.lab.exec(node, ["ip", "link", "set", ifname, "up" if up else "down"], check=True)
+        if up:
+            self.lab.exec(
+                node, ["ip", "route", "replace", "default", "via", "198.51.100.1"], check=True
+            )
+
+    def _app_pid(self, node: str) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.lab.dir / "pids" / f"{node}.app.pid").read_text())
+        return None
+
+    def _ensure_started(self, node: str) -> None:
+        """An application killed too often exhausts its restart policy: bring the node back."""
+        with contextlib.suppress(Exception):
+            if self.lab.daemon_state(node)["state"] == "STOP":
+                self.lab.daemon_call(node, "start")
+
+    def inject(self, kind: str, node: str) -> FaultResult:
+        names = self.lab.node_names
+        others = [n for n in names if n != node]
+        started = time.monotonic() - self.t0
+        wall = time.time()
+        converge = recover = None
+        hold_s = self.rng.uniform(1.0, 3.0)
+        if kind == "kill9":
+            self.lab.kill(node)
+            converge = self._converge(others)
+            time.sleep(hold_s)
+            t = time.monotonic()
+            self.lab.start_daemon(node, wait=False)
+            recover = self._since(t, names)
+        elif kind == "daemon_crash":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.lab.daemon_record(node).pid, signal.SIGKILL)
+            converge = self._converge(others)
+            time.sleep(hold_s)
+            t = time.monotonic()
+            self.lab.start_daemon(node, wait=False)
+            recover = self._since(t, names)
+        elif kind == "app_crash":
+            pid = self._app_pid(node)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+            self._ensure_started(node)
+            recover = self._converge(names)
+        elif kind == "link_flap":
+            self._links(node, up=False)
+            converge = self._converge(others)
+            time.sleep(hold_s)
+            t = time.monotonic()
+            self._links(node, up=True)
+            recover = self._since(t, names)
+        elif kind == "hb_loss":  # half of the node's heartbeats lost, both ways, every network
+            lossy = "udp dport 9001 numgen random mod 100 < 50 drop"
+            self._hb_rules(node, lossy, lossy)
+            time.sleep(hold_s)
+            self._hb_rules(node)
+            recover = self._converge(names)
+        elif kind == "hb_partition":  # heartbeat network 2 cut off at this node
+            self._hb_rules(
+                node, 'iifname "eth1" udp dport 9001 drop', 'oifname "eth1" udp dport 9001 drop'
+            )
+            time.sleep(hold_s)
+            self._hb_rules(node)
+            recover = self._converge(names)
+        elif kind == "rolling_restart":
+            t = time.monotonic()
+            for n in names:
+                self.lab.daemon_call(n, "stop")
+                deadline = time.monotonic() + CONVERGE_TIMEOUT_S
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(Exception):
+                        if self.lab.daemon_state(n)["state"] == "STOP":
+                            break
+                    time.sleep(0.05)
+                self.lab.daemon_call(n, "start")
+                if self._converge(names) is None:
+                    break
+            recover = round((time.monotonic() - t) * 1000, 1)
+        else:
+            raise ValueError(f"unknown fault {kind!r}: choose from {', '.join(FAULTS)}")
+        if kind in NODE_DOWN_FAULTS:
+            self.expected_down.append((node, wall, time.time() + 1.0))
+        return FaultResult(kind, node, round(started, 3), converge, recover)
+
+    def _since(self, t: float, nodes: list[str]) -> float | None:
+        left = self._converge(nodes)
+        return None if left is None else round((time.monotonic() - t) * 1000, 1)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, faults: tuple[str, ...] = FAULTS) -> ChaosReport:
+        self.install_probes()
+        threads = [
+            threading.Thread(target=self._load, name="chaos-load", daemon=True),
+            threading.Thread(target=self._sample, name="chaos-sampler", daemon=True),
+        ]
+        for th in threads:
+            th.start()
+        results: list[FaultResult] = []
+        try:
+            time.sleep(1.0)  # a baseline before the first fault
+            while time.monotonic() - self.t0 < self.duration_s:
+                kind = self.rng.choice(faults)
+                node = self.rng.choice(self.lab.node_names)
+                self.on_progress(f"{kind} on {node}")
+                res = self.inject(kind, node)
+                results.append(res)
+                self.on_progress(
+                    f"{kind} on {node}: converged {res.converge_ms} ms, "
+                    f"recovered {res.recover_ms} ms"
+                )
+                time.sleep(self.rng.uniform(0.5, 1.5))
+        finally:
+            self._stop.set()
+            for th in threads:
+                th.join(timeout=60)
+        return self._report(results)
+
+    def _report(self, results: list[FaultResult]) -> ChaosReport:
+        with self._lock:
+            replies = list(self.replies)
+        bounds = [r.started_s for r in results] + [time.monotonic() - self.t0]
+        for i, res in enumerate(results):
+            window = [r for r in replies if bounds[i] <= r.t < bounds[i + 1]]
+            res.requests = len(window)
+            res.failed = dict(Counter(r.error for r in window if r.error))
+        return ChaosReport(
+            name=self.lab.name,
+            seed=self.seed,
+            duration_s=round(time.monotonic() - self.t0, 1),
+            nodes=len(self.lab.node_names),
+            requests=len(replies),
+            failed=dict(Counter(r.error for r in replies if r.error)),
+            accepted_twice=self.accepted_twice(),
+            max_unowned_ms=round(self.max_unowned_s * 1000, 1),
+            false_failovers=self.false_failovers(),
+            faults=results,
+        )
+
+    def false_failovers(self) -> int:
+        count = 0
+        for node in self.lab.node_names:
+            path = self.lab.dir / "nodelogs" / node / "module.log"
+            with contextlib.suppress(OSError):
+                for line in path.read_text(errors="replace").splitlines():
+                    if " peer_down " not in line:
+                        continue
+                    peer = line.split("peer=", 1)[1].split()[0]
+                    stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    if stamp < self.wall0:
+                        continue
+                    expected = any(
+                        p == peer and start <= stamp <= end for p, start, end in self.expected_down
+                    )
+                    count += not expected
+        return count
+
+
+def run_chaos(
+    duration_s: float,
+    seed: int,
+    nodes: int = 3,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    faults: tuple[str, ...] = FAULTS,
+) -> ChaosReport:
+    """Build a lab of daemons, run the chaos on it, always tear it down."""
+    lab_name = name or testbed.unique_name("vc")
+    lab = testbed.up(lab_name, nodes=nodes, clients=1, app="builtin", daemon=True)
+    try:
+        chaos = Chaos(lab, seed, duration_s)
+        if progress is not None:
+            chaos.on_progress = progress
+        return chaos.run(faults)
+    finally:
+        testbed.down(lab_name)
+
+
+def write_report(report: ChaosReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.to_json() + "\n")
