@@ -39,6 +39,7 @@ MIN_KEY_LEN: Final = 32
 MAX_NAME_BYTES: Final = 32
 MAX_BUCKETS: Final = 4096
 MAX_ACKS: Final = 255
+FLAG_BYE: Final = 0x01  # last heartbeat of a node that stopped and owns nothing
 
 # magic, version, flags, farm id, node id, incarnation, seq, ack count, fresh length,
 # then the "body": config digest, state, reserved, weight, buckets (and the two bitmaps after it)
@@ -138,6 +139,7 @@ class Heartbeat:
     want: int
     fresh: int
     acks: dict[int, tuple[int, int]]
+    bye: bool
     body: bytes  # digest .. want bitmap, verbatim: equal bodies mean an unchanged claim
 
 
@@ -176,6 +178,7 @@ class Codec:
         fresh: int,
         fresh_len: int,
         acks: tuple[Ack, ...] = (),
+        bye: bool = False,
     ) -> bytes:
         """Pack and authenticate one heartbeat. `fresh_len` is the fresh bitmap size in bytes."""
         if len(acks) > MAX_ACKS:
@@ -185,7 +188,7 @@ class Codec:
             _HEADER.pack(
                 MAGIC,
                 VERSION,
-                0,
+                FLAG_BYE if bye else 0,
                 self.farm_id,
                 node_id,
                 incarnation,
@@ -252,7 +255,7 @@ class Codec:
         fresh_at = HEADER_LEN + 2 * n
         acks_at = fresh_at + fresh_len
         if (
-            flags
+            flags & ~FLAG_BYE
             or reserved
             or state > NodeState.STOPPING
             or len(msg) != acks_at + n_acks * ACK_LEN
@@ -261,7 +264,7 @@ class Codec:
             return Drop.MALFORMED
         owned = int.from_bytes(data[HEADER_LEN : HEADER_LEN + n], "little")
         want = int.from_bytes(data[HEADER_LEN + n : fresh_at], "little")
-        if (owned | want) >> buckets:
+        if (owned | want) >> buckets or (flags and (state or owned or want)):
             return Drop.MALFORMED
         acks = {}
         for i in range(n_acks):
@@ -278,5 +281,6 @@ class Codec:
             want=want,
             fresh=int.from_bytes(data[fresh_at:acks_at], "little"),
             acks=acks,
+            bye=bool(flags),
             body=data[_BODY_AT:fresh_at],
         )

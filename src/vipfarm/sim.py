@@ -283,7 +283,9 @@ class Simulator:
         if node.core is not None and node.core.state is NodeState.STOPPING:
             node.core.stopped(now)
             self._events(node, now)
-            # The daemon exits after STOP: peers see it go silent.
+            # The daemon says goodbye and exits after STOP.
+            for net, payload in node.core.shutdown(now):
+                self._broadcast(node, payload, net, self._k(now))
             self._unserve(node, node.kernel, now)
             node.core = None
             node.wake = 2**62

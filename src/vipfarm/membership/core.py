@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 MAX_WEIGHT: Final = 65535
 _FRESH_INTERVALS: Final = 2  # a peer heard within this many intervals is reported fresh
 _TRIGGER_FRACTION: Final = 20  # extra heartbeats are at least interval/20 apart
+_CLAIM_SPEEDUP: Final = 4  # heartbeat period divisor while buckets are wanted
 
 
 @dataclass(frozen=True)
@@ -292,19 +293,26 @@ class Membership:
         peer.seq = hb.seq
         old = peer.hb
         peer.hb = hb
+        if hb.bye:
+            if peer.alive:
+                self._bury(peer)  # it stopped, owns nothing and said goodbye
+                self._evaluate(now)
+            return True
         if not peer.alive:
             self._revive(peer, hb)
         elif old is not None and old.body == hb.body:
-            if self._want and self._id in hb.acks:
-                self._evaluate(now)  # an acknowledgement may complete an acquisition
-                return True
-            return bool(self._events)  # e.g. a network restored
+            if hb.want:
+                self._schedule_send(now)  # acknowledge claims quickly
+            elif not (self._want and self._id in hb.acks):
+                return bool(self._events)  # e.g. a network restored
+            self._evaluate(now)  # an acknowledgement may complete an acquisition
+            return True
         elif old is not None and (
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
             self._view_dirty = True
-        if hb.want and (old is None or hb.want & ~old.want):
-            self._schedule_send(now)  # acknowledge new claims quickly
+        if hb.want:
+            self._schedule_send(now)  # acknowledge claims quickly
         self._evaluate(now)
         return True
 
@@ -332,7 +340,9 @@ class Membership:
             ),
         )
         self._last_send = now
-        self._next_send = now + self.config.interval
+        # While claiming, repeat the claim sooner: a lost claim or acknowledgement then costs
+        # a fraction of an interval, not a whole one.
+        self._next_send = now + self.config.interval / (_CLAIM_SPEEDUP if self._want else 1)
         self._timer_dirty = True
         return [(net, payload) for net in self.config.networks]
 
@@ -421,6 +431,31 @@ class Membership:
     def stopped(self, now: float) -> None:
         """The daemon stopped the application after `Drained` (STOPPING -> STOP)."""
         self._fire(Trigger.STOPPED, now)
+
+    def shutdown(self, now: float) -> list[tuple[str, bytes]]:
+        """Goodbye heartbeats for a daemon that exits after `stopped`: peers stop waiting for
+        this node at once instead of after dead_after. Empty unless the node is in STOP and
+        holds nothing (a node with buckets must time out, so that its kernel lease runs out
+        before peers take them)."""
+        if self.state is not NodeState.STOP or self._held | self._requested | self._want:
+            return []
+        self._seq += 1
+        payload = self._codec.encode(
+            node_id=self._id,
+            digest=self._digest,
+            incarnation=self.incarnation,
+            seq=self._seq,
+            state=NodeState.STOP,
+            weight=self.weight,
+            owned=0,
+            want=0,
+            fresh=0,
+            fresh_len=self._fresh_len,
+            bye=True,
+        )
+        self._next_send = math.inf
+        self._timer_dirty = True
+        return [(net, payload) for net in self.config.networks]
 
     def set_weight(self, weight: int, now: float) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
@@ -526,14 +561,19 @@ class Membership:
             p.vouched = True
             self._vouched[p.id] = p
             return False
+        self._bury(p)
+        return True
+
+    def _bury(self, p: _Peer) -> None:
         p.alive = p.vouched = False
+        self._by_heard.pop(p.id, None)
         self._vouched.pop(p.id, None)
         for n, order in enumerate(self._by_net):
             order.pop(p.id, None)
             p.net_lost[n] = True
         self._view_dirty = True
+        self._timer_dirty = True
         self._emit(ev.PeerDown(p.name))
-        return True
 
     def _unvouch(self, p: _Peer) -> None:
         p.vouched = False
@@ -638,18 +678,17 @@ class Membership:
         mine = self._mine_all if self.state is NodeState.UP and not self._learning() else 0
 
         mine_held = self._held | self._requested
-        prio_owned = prio_want = others = dup = 0
-        seen = mine_held
+        prio_owned = prio_want = others = 0
         for p in alive:
             hb = p.hb
             assert hb is not None
-            o = hb.owned
-            dup |= seen & o
-            seen |= o
-            others |= o
+            others |= hb.owned
             if p.prio:
-                prio_owned |= o
+                prio_owned |= hb.owned
                 prio_want |= hb.want
+        # Only overlaps with our own buckets are certain: two peers' heartbeats may be of
+        # different ages, ours is the truth.
+        dup = mine_held & others
 
         # Release first: what is no longer ours, and what a peer with priority also holds.
         requested = self._requested & mine & ~prio_owned
@@ -682,10 +721,7 @@ class Membership:
         if dup and not self._split:
             self._split = True
             holders = tuple(
-                sorted(
-                    ([self.name] if mine_held & dup else [])
-                    + [p.name for p in alive if p.hb is not None and p.hb.owned & dup]
-                )
+                sorted([self.name] + [p.name for p in alive if p.hb and p.hb.owned & dup])
             )
             self._emit(ev.SplitBrainDetected(frozenset(bits_of(dup)), holders))
         elif not dup and self._split:
