@@ -59,6 +59,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from vipfarm.model import Affinity, DatapathSpec, IPAddress, Proto, Rule
 
 __all__ = [
+    "ApiSection",
     "AppSpec",
     "CheckerSpec",
     "CommandCheck",
@@ -78,6 +79,7 @@ __all__ = [
 ]
 
 KEY_MIN_BYTES = 32
+TOKEN_MIN_BYTES = 16
 
 Loc = tuple[str | int, ...]
 
@@ -422,6 +424,30 @@ def key_bytes(data: bytes) -> bytes:
     return data
 
 
+def _in_config_dir(path: Path, info: ValidationInfo) -> Path:
+    return path if path.is_absolute() else _base_dir(info) / path
+
+
+def _secret_file(path: Path, info: ValidationInfo, what: str, min_bytes: int) -> Path:
+    """A file holding a secret: readable by us, by nobody else, long enough."""
+    path = _in_config_dir(path, info)
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(
+            f"a readable {what} file ({exc.strerror}); create one with: "
+            f"head -c 32 /dev/urandom | base64 > {path}; chmod 600 {path}"
+        ) from None
+    if st.st_mode & 0o004:
+        raise ValueError(f"a {what} file that others cannot read: chmod 600 {path}")
+    if len(key_bytes(data)) < min_bytes:
+        raise ValueError(
+            f"a {what} of at least {min_bytes} bytes, {path} has {len(key_bytes(data))}"
+        )
+    return path
+
+
 def _farm_name_pattern() -> str:
     # The farm name ends up in the data path (nftables table names), whose model owns the rule.
     return str(DatapathSpec.model_json_schema()["properties"]["farm"]["pattern"])
@@ -446,22 +472,7 @@ class FarmSection(_Strict):
     @field_validator("key_file")
     @classmethod
     def _key_file(cls, path: Path, info: ValidationInfo) -> Path:
-        path = path if path.is_absolute() else _base_dir(info) / path
-        try:
-            st = path.stat()
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(
-                f"a readable key file ({exc.strerror}); create one with: "
-                f"head -c 32 /dev/urandom | base64 > {path}; chmod 600 {path}"
-            ) from None
-        if st.st_mode & 0o004:
-            raise ValueError(f"a key file that others cannot read: chmod 600 {path}")
-        if len(key_bytes(data)) < KEY_MIN_BYTES:
-            raise ValueError(
-                f"a key of at least {KEY_MIN_BYTES} bytes, {path} has {len(key_bytes(data))}"
-            )
-        return path
+        return _secret_file(path, info, "key", KEY_MIN_BYTES)
 
 
 class TimingSection(_Strict):
@@ -566,6 +577,64 @@ class RuleSection(_Strict):
 
 class DrainSection(_Strict):
     timeout_s: float = Field(default=30.0, ge=0, le=86400)
+
+
+class ApiSection(_Strict):
+    """The node's HTTP API (`vipfarm.api`): where it listens and how callers prove who they are."""
+
+    port: int = Field(default=9010, ge=1, le=65535)
+    network: NetName | None = None  # default: the first heartbeat network
+    token_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    metrics_public: bool = False
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file(cls, path: Path, info: ValidationInfo) -> Path:
+        return _secret_file(path, info, "token", TOKEN_MIN_BYTES)
+
+    @field_validator("cert_file", "ca_file")
+    @classmethod
+    def _readable(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        path = _in_config_dir(path, info)
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"a readable PEM file ({exc.strerror}: {path})") from None
+        return path
+
+    @field_validator("key_file")
+    @classmethod
+    def _tls_key(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _secret_file(path, info, "TLS key", 1)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ApiSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            _raise(
+                [
+                    _error(
+                        (missing,),
+                        None,
+                        "both cert_file and key_file for TLS, or neither for plain HTTP",
+                        show_value=False,
+                    )
+                ]
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+    def token(self) -> bytes:
+        """The bearer token callers must present (see `key_bytes`)."""
+        return key_bytes(self.token_file.read_bytes())
 
 
 def default_module_path() -> list[Path]:
@@ -719,13 +788,14 @@ class FarmConfig(_Strict):
     rules: list[RuleSection] = Field(alias="rule", min_length=1)
     module: ModuleSection
     drain: DrainSection = DrainSection()
+    api: ApiSection | None = None
 
     _apps: dict[str, AppSpec] = PrivateAttr(default_factory=dict)
     _specs: dict[str, DatapathSpec] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FarmConfig:
-        errors = [*self._check_networks(), *self._check_nodes()]
+        errors = [*self._check_networks(), *self._check_nodes(), *self._check_api()]
         if not errors:
             for node in self.nodes:
                 errors += self._build_node(node)
@@ -741,6 +811,18 @@ class FarmConfig(_Strict):
                 errors.append(_error(("network", i, "name"), net.name, "a unique network name"))
             seen.add(net.name)
         return errors
+
+    def _check_api(self) -> list[InitErrorDetails]:
+        nets = [n.name for n in self.networks]
+        if self.api is None or self.api.network is None or self.api.network in nets:
+            return []
+        return [
+            _error(
+                ("api", "network"),
+                self.api.network,
+                f"a heartbeat network of this file: one of {', '.join(nets)}",
+            )
+        ]
 
     def _check_nodes(self) -> list[InitErrorDetails]:
         errors = []
@@ -966,6 +1048,13 @@ class FarmConfig(_Strict):
 
     def _name(self, node: str | NodeSection) -> str:
         return self.node(node if isinstance(node, str) else node.name).name
+
+    def api_address(self, node: str | NodeSection) -> IPAddress | None:
+        """Where `node`'s HTTP API listens; None when the file has no `[api]` section."""
+        if self.api is None:
+            return None
+        net = self.api.network or self.networks[0].name
+        return self.node(self._name(node)).address[net]
 
     def key(self) -> bytes:
         """The farm's shared HMAC key (see `key_bytes`)."""

@@ -60,9 +60,14 @@ def test_chain_order_established_first_then_syn_guard_then_hash_then_drop() -> N
     assert rules[3].index(ruleset.LISTENING) < next(
         i for i, e in enumerate(rules[3]) if "mangle" in e
     )
+    # a new flow is accepted (and counted) only when its bucket is owned; else counted, dropped
+    assert '"@owned"' in texts[3] and texts[3].endswith('{"accept": null}]')
+    accepted, dropped = ruleset.counter_names(s.rules[0])
+    assert {"counter": accepted} in rules[3] and {"counter": dropped} in rules[4]
+    assert texts[4].endswith('{"drop": null}]') and '"jhash"' not in texts[4]
     # UDP range has no SYN guard and matches the range
-    assert '"range": [7000, 7010]' in texts[4] and '"jhash"' in texts[4]
-    assert "echo-request" in texts[5]
+    assert '"range": [7000, 7010]' in texts[5] and '"jhash"' in texts[5]
+    assert "echo-request" in texts[7]
     assert texts[-1].endswith('{"drop": null}]') and "198.51.100.100" in texts[-1]
     assert sum('"jhash"' in t for t in texts) == 3
 
@@ -92,6 +97,35 @@ def test_batch_is_one_idempotent_transaction() -> None:
     vmac_rule = next(c for c in batch if c.get("add", {}).get("rule", {}).get("chain") == "ingress")
     assert vmac_for("web", V4) in rendered(vmac_rule["add"]["rule"]["expr"])
     assert ruleset.ruleset_batch(s) == batch  # deterministic
+
+
+def test_counters_are_named_after_the_rule_and_declared_in_the_batch() -> None:
+    tcp = Rule(vip=V4, port=8000, port_end=8100)
+    udp6 = Rule(vip=V6, proto=Proto.UDP, port=53)
+    assert ruleset.counter_names(tcp) == (
+        "new_tcp_198_51_100_100_8000_8100_accepted",
+        "new_tcp_198_51_100_100_8000_8100_dropped",
+    )
+    assert ruleset.counter_names(udp6)[0] == "new_udp_2001_db8_100__100_53_accepted"
+    batch = ruleset.ruleset_batch(spec(tcp, udp6))
+    declared = [c["add"]["counter"]["name"] for c in batch if "counter" in c.get("add", {})]
+    assert declared == [*ruleset.counter_names(tcp), *ruleset.counter_names(udp6)]
+    first_rule = next(
+        i for i, c in enumerate(batch) if c.get("add", {}).get("rule", {}).get("family") == "inet"
+    )
+    last_counter = max(i for i, c in enumerate(batch) if "counter" in c.get("add", {}))
+    assert last_counter < first_rule  # a rule may only name a counter that exists
+
+
+def test_parse_counters_listing() -> None:
+    listing = {
+        "nftables": [
+            {"metainfo": {}},
+            {"counter": {"family": "inet", "name": "a_accepted", "packets": 7, "bytes": 420}},
+            {"counter": {"family": "inet", "name": "a_dropped", "packets": 0, "bytes": 0}},
+        ]
+    }
+    assert ruleset.parse_counters(listing) == {"a_accepted": 7, "a_dropped": 0}
 
 
 def test_owned_text_leases_in_milliseconds() -> None:

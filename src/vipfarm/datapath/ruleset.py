@@ -14,6 +14,12 @@ Two tables per farm:
   addressed to a VIP is dropped, except ICMP errors, because a port no rule balances would
   otherwise be answered by every node at once.
 
+Each rule's new flows pass two named counters, ``<rule>_accepted`` on the accepting rule and
+``<rule>_dropped`` on the drop right after it (`counter_names`), which is where the metrics of
+new flows per rule come from. A counter is named after what the rule matches, not its position,
+so it keeps its meaning when other rules are added or removed; the counter of a rule that was
+removed stays in the table, unreferenced, until the table goes.
+
 The inet table keeps the ``owned`` set across applies: an apply adds the table, set and chains
 (no-ops when present) and flushes and refills the chains, all in one transaction, so a rule change
 never drops the lease elements.
@@ -105,6 +111,13 @@ def _to_bucket(spec: DatapathSpec, key: Json) -> list[Json]:
     ]
 
 
+def counter_names(rule: Rule) -> tuple[str, str]:
+    """The named counters of a rule's new flows: (accepted, dropped)."""
+    base = f"new_{rule.proto.value}_{rule.vip}_{rule.ports_text}"
+    base = "".join(c if c.isalnum() else "_" for c in base)
+    return base + "_accepted", base + "_dropped"
+
+
 def _rule(table: str, chain: str, expr: list[Json], family: str = "inet") -> Json:
     return {"add": {"rule": {"family": family, "table": table, "chain": chain, "expr": expr}}}
 
@@ -128,7 +141,22 @@ def main_chain_rules(spec: DatapathSpec) -> list[list[Json]]:
         if rule.proto is Proto.TCP:
             not_pure_syn = _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn", op="!=")
             out.append([_daddr(rule.vip), _dport(rule), not_pure_syn, {"drop": None}])
-        out.append([_daddr(rule.vip), _dport(rule), LISTENING, *_to_bucket(spec, hash_key(rule))])
+        accepted, dropped = counter_names(rule)
+        mark = {"meta": {"key": "mark"}}
+        hashed = {"jhash": {"mod": spec.buckets, "seed": spec.seed, "expr": hash_key(rule)}}
+        out.append(
+            [
+                _daddr(rule.vip),
+                _dport(rule),
+                LISTENING,
+                {"mangle": {"key": mark, "value": hashed}},
+                _match(mark, f"@{OWNED_SET}"),
+                {"counter": accepted},
+                {"accept": None},
+            ]
+        )
+        # Not owned, or nothing listens: a new flow of this rule that another node takes.
+        out.append([_daddr(rule.vip), _dport(rule), {"counter": dropped}, {"drop": None}])
     # Ping is balanced on the client address, so one node answers each client.
     for vip in vips:
         icmp = "icmp" if vip.version == 4 else "icmpv6"
@@ -196,6 +224,11 @@ def ruleset_batch(spec: DatapathSpec) -> list[Json]:
         {"flush": {"chain": {**inet, "name": MAIN_CHAIN}}},
         {"flush": {"chain": {**inet, "name": BUCKET_CHAIN}}},
     ]
+    batch += [
+        {"add": {"counter": {**inet, "name": name}}}
+        for rule in spec.rules
+        for name in counter_names(rule)
+    ]
     batch += [_rule(t, MAIN_CHAIN, expr) for expr in main_chain_rules(spec)]
     batch.append(
         _rule(
@@ -228,6 +261,16 @@ def owned_text(farm: str, buckets: Iterable[int], lease_s: float) -> str:
         body = ", ".join(f"{b} timeout {ms}ms" for b in elems)
         lines.append(f"add element inet {t} {OWNED_SET} {{ {body} }}")
     return "\n".join(lines) + "\n"
+
+
+def parse_counters(listing: Json) -> dict[str, int]:
+    """Packets per named counter from `nft -j list counters table inet <t>` output."""
+    out: dict[str, int] = {}
+    for obj in listing.get("nftables", []):
+        c = obj.get("counter")
+        if c and "name" in c:
+            out[c["name"]] = int(c.get("packets", 0))
+    return out
 
 
 def parse_owned(listing: Json) -> frozenset[int]:
