@@ -98,6 +98,7 @@ class ChaosReport:
     accepted_twice: int = 0
     max_unowned_ms: float = 0.0
     false_failovers: int = 0
+    false_failover_events: list[str] = field(default_factory=list)
     faults: list[FaultResult] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -119,7 +120,9 @@ class Chaos:
         self._port = PORT_FIRST
         self._unowned_since: dict[int, float] = {}
         self.max_unowned_s = 0.0
-        # (peer, wall-clock start, wall-clock end) of windows where a peer_down is expected
+        # (node, wall-clock start, wall-clock end) of windows where the node was really gone:
+        # peers' peer_down for it is expected, and so is its own for every peer (when it was
+        # isolated it could hear nobody)
         self.expected_down: list[tuple[str, float, float]] = []
         self.on_progress: Callable[[str], None] = lambda _msg: None
 
@@ -327,6 +330,7 @@ class Chaos:
             window = [r for r in replies if bounds[i] <= r.t < bounds[i + 1]]
             res.requests = len(window)
             res.failed = dict(Counter(r.error for r in window if r.error))
+        false = self.false_failovers()
         return ChaosReport(
             name=self.lab.name,
             seed=self.seed,
@@ -336,12 +340,14 @@ class Chaos:
             failed=dict(Counter(r.error for r in replies if r.error)),
             accepted_twice=self.accepted_twice(),
             max_unowned_ms=round(self.max_unowned_s * 1000, 1),
-            false_failovers=self.false_failovers(),
+            false_failovers=len(false),
+            false_failover_events=false,
             faults=results,
         )
 
-    def false_failovers(self) -> int:
-        count = 0
+    def false_failovers(self) -> list[str]:
+        """`peer_down` log lines no fault explains, as `node: line`."""
+        found: list[str] = []
         for node in self.lab.node_names:
             path = self.lab.dir / "nodelogs" / node / "module.log"
             with contextlib.suppress(OSError):
@@ -353,10 +359,12 @@ class Chaos:
                     if stamp < self.wall0:
                         continue
                     expected = any(
-                        p == peer and start <= stamp <= end for p, start, end in self.expected_down
+                        gone in (peer, node) and start <= stamp <= end
+                        for gone, start, end in self.expected_down
                     )
-                    count += not expected
-        return count
+                    if not expected:
+                        found.append(f"{node}: {line}")
+        return found
 
 
 def run_chaos(

@@ -93,6 +93,16 @@ def busy_connections(vips: Iterable[IPAddress], proc_net: Path = Path("/proc/net
     return count
 
 
+def link_up(ifname: str) -> bool:
+    """Whether an interface can carry traffic, by its operational state ("unknown", which
+    drivers without carrier reporting show, counts as up)."""
+    try:
+        state = Path(f"/sys/class/net/{ifname}/operstate").read_text().strip()
+    except OSError:
+        return False
+    return state not in ("down", "lowerlayerdown", "notpresent", "dormant")
+
+
 class DaemonError(Exception):
     """The daemon cannot run; the text says why and what to do."""
 
@@ -150,6 +160,8 @@ class Daemon:
             on_event=self._on_app_event,
         )
         self.kernel_owned: frozenset[int] = frozenset()
+        self._app_ok = False
+        self._link_ok = True
         self.control = ControlServer(
             config.farm.name,
             {
@@ -241,6 +253,7 @@ class Daemon:
     async def _loop(self) -> None:
         while not self._exit.is_set():
             now = time.monotonic()
+            self._check_link(now)
             if now >= self.core.get_timer():
                 self.core.handle_timer(now)
             self._pump(now)
@@ -344,14 +357,28 @@ class Daemon:
     def _on_app_event(self, e: SupervisorEvent) -> None:
         now = time.monotonic()
         if isinstance(e, Healthy):
-            self.core.set_app_healthy(True, now)
-        elif isinstance(e, Unhealthy | Restarting):
-            self.core.set_app_healthy(False, now)
-        elif isinstance(e, Exhausted):
-            self.core.set_app_healthy(False, now)
+            self._app_ok = True
+        elif isinstance(e, Unhealthy | Restarting | Exhausted):
+            self._app_ok = False
+        self.core.set_app_healthy(self._app_ok and self._link_ok, now)
+        if isinstance(e, Exhausted):
             event(self.module_log, "leaving_farm", logging.ERROR, reason="restart policy exhausted")
             self.core.leave(now)
         self._wake.set()
+
+    def _check_link(self, now: float) -> None:
+        """A node whose LAN link is down can serve nobody, and would otherwise believe every
+        peer dead and claim every bucket, then accept the same new flows as its peers for a
+        moment when the link returns. So it counts as unhealthy (WAIT: it releases everything)
+        until the link is back, and then rejoins through the normal release-before-acquire."""
+        ok = link_up(self.datapath.spec.interface)
+        if ok == self._link_ok:
+            return
+        self._link_ok = ok
+        iface = self.datapath.spec.interface
+        event(self.module_log, "lan_link_up" if ok else "lan_link_down",
+              logging.INFO if ok else logging.ERROR, interface=iface)  # fmt: skip
+        self.core.set_app_healthy(self._app_ok and ok, now)
 
     # ------------------------------------------------------------------ control commands
     async def _cmd_state(self, args: dict[str, Any]) -> Any:
