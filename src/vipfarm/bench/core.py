@@ -54,14 +54,15 @@ class Settings:
     connections: int
     threads: int
     droppers: int  # nodes owning no bucket in the drop-cost scenario
+    profile: bool  # one perf-profiled run per variant (close mode) after the measured ones
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
             return cls(True, rounds=1, duration_s=1, warmup_s=0, connections=16, threads=1,
-                       droppers=3)  # fmt: skip
+                       droppers=3, profile=False)  # fmt: skip
         return cls(False, rounds=5, duration_s=3, warmup_s=1, connections=16, threads=1,
-                   droppers=6)  # fmt: skip
+                   droppers=6, profile=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class ScenarioResult:
     figures: dict[str, Figure]
     runs: list[Run] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)  # see vipfarm.bench.profile
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ class Context:
             self.status(f"removing lab {name}")
             testbed.down(name)
 
-    def _namespaces(self) -> list[str]:
+    def namespaces(self) -> list[str]:
         """Every namespace of the labs up now, extra ones (HAProxy's) included."""
         try:
             names = os.listdir("/run/netns")
@@ -185,7 +187,7 @@ class Context:
         """One wrk run, with the CPU it cost; the caller names its variant and round."""
         s = self.settings
         argv = wrk_argv(target.url, mode, duration_s, s.connections, s.threads, str(self.script))
-        before = snapshot(lab_tasks(self._namespaces()))
+        before = snapshot(lab_tasks(self.namespaces()))
         try:
             proc = target.lab.exec(target.client, argv, timeout=duration_s + 30)
             result: WrkResult | None = parse_wrk(proc.stdout + proc.stderr)
@@ -229,9 +231,10 @@ class Context:
         return runs
 
 
-def interleave_steps(settings: Settings, variants: int) -> int:
-    """How many progress steps `Context.interleave` takes for `variants` variants."""
-    return variants * len(Mode) * (settings.rounds + (1 if settings.warmup_s else 0))
+def interleave_steps(settings: Settings, variants: int, profiled: int = 0) -> int:
+    """Progress steps of `Context.interleave` over `variants`, plus `profiled` profiled runs."""
+    runs = variants * len(Mode) * (settings.rounds + (1 if settings.warmup_s else 0))
+    return runs + (profiled if settings.profile else 0)
 
 
 def owned_twice(owned: Mapping[str, Sequence[int] | None]) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,17 @@ from vipfarm.bench.core import (
 )
 from vipfarm.bench.haproxy import haproxy_in
 from vipfarm.bench.plots import bar_panels
+from vipfarm.bench.profile import profile_variants
+from vipfarm.bench.wrk import Mode
 from vipfarm.lab.testbed import Lab, url_for
 from vipfarm.lab.topology import BUCKETS, LabError, node_lan4, node_name
 
+Combine = Callable[[Run, Run], float | None]
 
-def _ratio(metric: Any) -> Any:
+
+def _ratio(metric: Callable[[Run], float | None]) -> Combine:
+    """metric(a) / metric(b)."""
+
     def combine(a: Run, b: Run) -> float | None:
         x, y = metric(a), metric(b)
         return x / y if x is not None and y else None
@@ -55,10 +61,20 @@ def _ratio(metric: Any) -> Any:
     return combine
 
 
+def _cpu(run: Run) -> float | None:
+    return run.cpu_us_per_request
+
+
 def _loss_pct(a: Run, b: Run) -> float | None:
     """How much lower a's request rate is than b's, in percent (negative: a is faster)."""
-    x, y = rps(a), rps(b)
-    return (1 - x / y) * 100 if x is not None and y else None
+    r = _ratio(rps)(a, b)
+    return (1 - r) * 100 if r is not None else None
+
+
+def _cpu_extra_pct(a: Run, b: Run) -> float | None:
+    """How much more CPU a request costs in a than in b, in percent."""
+    r = _ratio(_cpu)(a, b)
+    return (r - 1) * 100 if r is not None else None
 
 
 def _direct(node: int = 1) -> str:
@@ -79,12 +95,20 @@ def _throughput(ctx: Context) -> ScenarioResult:
             "direct": Target(lab, _direct()),
         }
         runs = ctx.interleave("throughput", targets)
+        profile = _profile(ctx, targets, ("farm", "haproxy", "direct"))
     figures = wrk_figures(runs, THROUGHPUT_VARIANTS)
     figures["farm_vs_haproxy_rps"] = paired(runs, "farm", "haproxy", _ratio(rps))
     figures["farm_vs_haproxy_p99"] = paired(runs, "farm", "haproxy", _ratio(p99))
+    figures["farm_vs_haproxy_cpu"] = paired(runs, "haproxy", "farm", _ratio(_cpu))
     figures["farm_vs_haproxy_http_rps"] = paired(runs, "farm", "haproxy_http", _ratio(rps))
     figures["farm_vs_direct_rps"] = paired(runs, "farm", "direct", _ratio(rps))
-    return ScenarioResult(figures, runs)
+    return ScenarioResult(figures, runs, profile=profile)
+
+
+def _profile(ctx: Context, targets: Mapping[str, Target], names: Sequence[str]) -> dict[str, Any]:
+    if not ctx.settings.profile:
+        return {}
+    return profile_variants(ctx, {n: targets[n] for n in names}, Mode.CLOSE)
 
 
 def _wrk_meanings(variants: Mapping[str, str]) -> dict[str, str]:
@@ -93,7 +117,7 @@ def _wrk_meanings(variants: Mapping[str, str]) -> dict[str, str]:
         out[f"{key}_rps"] = f"requests/s, {what}"
         out[f"{key}_p50_ms"] = f"median latency (ms), {what}"
         out[f"{key}_p99_ms"] = f"99th percentile latency (ms), {what}"
-        out[f"{key}_cpu_us"] = f"machine CPU per request (µs, client and servers included), {what}"
+        out[f"{key}_cpu_us"] = f"CPU per request (µs; client, switch and servers), {what}"
     return out
 
 
@@ -138,6 +162,9 @@ THROUGHPUT = register(
             ),
             "farm_vs_haproxy_rps": "farm requests/s ÷ HAProxy tcp requests/s (same round)",
             "farm_vs_haproxy_p99": "farm p99 ÷ HAProxy tcp p99 (same round; below 1 is better)",
+            "farm_vs_haproxy_cpu": "requests per CPU-second, farm ÷ HAProxy tcp (HAProxy's CPU "
+            "per request ÷ the farm's): the request rate ratio on a machine with nothing else "
+            "to do",
             "farm_vs_haproxy_http_rps": "farm requests/s ÷ HAProxy http requests/s",
             "farm_vs_direct_rps": "farm requests/s ÷ one node's requests/s",
         },
@@ -151,11 +178,12 @@ THROUGHPUT = register(
             "within each round and the order rotates between rounds; figures are medians over "
             "rounds and ratios are medians of per-round ratios."
         ),
-        steps=lambda s: interleave_steps(s, len(THROUGHPUT_VARIANTS)),
+        steps=lambda s: interleave_steps(s, len(THROUGHPUT_VARIANTS), profiled=3),
         run=_throughput,
         goals=(
             Goal("farm_vs_haproxy_rps", ">=", 1.5, "farm requests/s ≥ 1.5 x HAProxy"),
             Goal("farm_vs_haproxy_p99", "<=", 1.0, "farm p99 ≤ HAProxy p99"),
+            Goal("farm_vs_haproxy_cpu", ">=", 1.5, "farm requests per CPU-second ≥ 1.5 x HAProxy"),
         ),
         plot=_plot_throughput,
     )
@@ -175,11 +203,15 @@ def _overhead(ctx: Context) -> ScenarioResult:
             "node_bare": Target(bare, _direct()),
         }
         runs = ctx.interleave("overhead", targets)
+        profile = _profile(ctx, targets, OVERHEAD_VARIANTS)
     figures = wrk_figures(runs, OVERHEAD_VARIANTS)
     figures["datapath_overhead_pct"] = paired(runs, "node_vip", "node_direct", _loss_pct)
     figures["datapath_overhead_vs_bare_pct"] = paired(runs, "node_vip", "node_bare", _loss_pct)
     figures["datapath_side_cost_pct"] = paired(runs, "node_direct", "node_bare", _loss_pct)
-    return ScenarioResult(figures, runs)
+    figures["datapath_cpu_pct"] = paired(runs, "node_vip", "node_direct", _cpu_extra_pct)
+    figures["datapath_cpu_vs_bare_pct"] = paired(runs, "node_vip", "node_bare", _cpu_extra_pct)
+    figures["datapath_side_cpu_pct"] = paired(runs, "node_direct", "node_bare", _cpu_extra_pct)
+    return ScenarioResult(figures, runs, profile=profile)
 
 
 def _plot_overhead(figures: Mapping[str, Any], out: Path) -> list[Path]:
@@ -216,6 +248,12 @@ OVERHEAD = register(
             "vipfarm, %",
             "datapath_side_cost_pct": "requests/s lost by traffic to the real address when the "
             "data path is loaded (conntrack then tracks every flow of the namespace), %",
+            "datapath_cpu_pct": "extra CPU per request through the VIP vs the same node's real "
+            "address, %: the data path's own cost, unblurred by other tenants",
+            "datapath_cpu_vs_bare_pct": "extra CPU per request through the VIP vs a node "
+            "without vipfarm, %",
+            "datapath_side_cpu_pct": "extra CPU per request to the real address when the data "
+            "path is loaded, %",
         },
         method=(
             "Two 1-node labs up side by side: one with the data path (all 256 buckets on the "
@@ -225,9 +263,12 @@ OVERHEAD = register(
             "is hashed and matched against the owned set after conntrack. Overheads are medians "
             "of per-round figures: `(1 - rps_vip / rps_other) * 100`."
         ),
-        steps=lambda s: interleave_steps(s, len(OVERHEAD_VARIANTS)),
+        steps=lambda s: interleave_steps(s, len(OVERHEAD_VARIANTS), profiled=3),
         run=_overhead,
-        goals=(Goal("datapath_overhead_pct", "<=", 5.0, "1-node data path overhead ≤ 5%"),),
+        goals=(
+            Goal("datapath_overhead_pct", "<=", 5.0, "1-node data path overhead ≤ 5% (requests/s)"),
+            Goal("datapath_cpu_pct", "<=", 5.0, "1-node data path overhead ≤ 5% (CPU per request)"),
+        ),
         plot=_plot_overhead,
     )
 )
@@ -288,6 +329,7 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
             ),
         }
         runs = ctx.interleave("drop_cost", targets)
+        profile = _profile(ctx, targets, list(targets))
 
     def cpu_delta(a: Run, b: Run) -> float | None:
         x, y = a.cpu_us_per_request, b.cpu_us_per_request
@@ -321,7 +363,7 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
         figures[key] = median_of(
             runs, variant, lambda r: None if (p := _rx_per_request(r)) is None else p / k
         )
-    return ScenarioResult(figures, runs, notes={"droppers": k})
+    return ScenarioResult(figures, runs, notes={"droppers": k}, profile=profile)
 
 
 def _rx_per_request(run: Run) -> float | None:
@@ -343,7 +385,7 @@ def _plot_drop(figures: Mapping[str, Any], out: Path) -> list[Path]:
 
 
 def _drop_steps(s: Settings) -> int:
-    return interleave_steps(s, 2)
+    return interleave_steps(s, 2, profiled=2)
 
 
 DROP_COST = register(

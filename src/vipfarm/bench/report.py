@@ -10,7 +10,7 @@ level (`farm_rps`, ...; a `{mode: value}` map for per-mode figures), next to the
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,10 @@ CAVEAT = (
     "All of this runs on one host: the client, every node, the software switch and HAProxy share "
     "the same CPUs. The farm's scale-out advantage (each node adds its own CPUs, a proxy stays "
     "one box every byte goes through) cannot show here: the ratios measure the per-request "
-    "overhead of each way to balance, not capacity. Machine CPU per request (`*_cpu_us`) is "
-    "the clearest view of that overhead."
+    "overhead of each way to balance, not capacity. CPU per request (`*_cpu_us`: the lab's own "
+    "processes, wrk and the kernel work they trigger, other tenants of the machine left out) is "
+    "the steadiest view of that overhead; request rates and latencies move with whatever else "
+    "the machine runs."
 )
 
 
@@ -66,10 +68,27 @@ def compose(
     results["targets"] = check_goals(scenarios, results)
     results["safety"] = {c: 0 for c in SAFETY_COUNTERS} | dict(safety)
     results["notes"] = {
-        s.name: {"seconds": seconds[s.name], **outcomes[s.name].notes} for s in scenarios
+        s.name: {
+            "seconds": seconds[s.name],
+            "lab_share_of_busy": lab_share([outcomes[s.name]]),
+            **outcomes[s.name].notes,
+        }
+        for s in scenarios
+    }
+    results["meta"]["lab_share_of_busy"] = lab_share(outcomes.values())
+    results["profiles"] = {
+        s.name: outcomes[s.name].profile for s in scenarios if outcomes[s.name].profile
     }
     results["runs"] = {s.name: [r.as_json() for r in outcomes[s.name].runs] for s in scenarios}
     return results
+
+
+def lab_share(outcomes: Iterable[ScenarioResult]) -> float | None:
+    """The lab's CPU time over the machine's busy time during the measured runs: how much of the
+    machine the bench had (the rest went to other tenants)."""
+    runs = [r for o in outcomes for r in o.runs]
+    busy = sum(r.machine_busy_s for r in runs)
+    return sum(r.cpu_s for r in runs) / busy if busy else None
 
 
 def fmt(value: Any) -> str:
@@ -119,6 +138,7 @@ def _meta_lines(meta: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
     tools = ", ".join(f"{k} {v}" for k, v in meta.get("tools", {}).items())
     load = ", ".join(f"{x:.2f}" for x in m.get("loadavg", []))
     kind = "quick" if settings["quick"] else "full"
+    share = "n/a" if meta.get("lab_share_of_busy") is None else fmt(meta["lab_share_of_busy"] * 100)
     return [
         f"- Command: `{meta['command']}` ({kind} run, {meta['seconds']:.0f} s)",
         f"- Date: {meta['date']}, commit `{commit}`",
@@ -129,6 +149,9 @@ def _meta_lines(meta: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
         f"connections, {settings['rounds']} round(s) of {settings['duration_s']} s per variant "
         f"and mode"
         + (f" after a {settings['warmup_s']} s warm-up" if settings["warmup_s"] else ""),
+        f"- Share of the machine: the lab's own tasks used {share}% "
+        "of the machine's busy CPU time during the measured runs; the rest was other work on "
+        "the machine, which slows every variant alike and is left out of the CPU figures.",
         "- Modes: `close` sends `Connection: close`, so every request is a new TCP connection; "
         "`keepalive` reuses each connection for many requests.",
     ]
@@ -165,6 +188,31 @@ def markdown(
         lines += ["", f"## {s.title}", "", s.method, "", *_figure_rows(s, results)]
         for p in images.get(s.name, ()):
             lines += ["", f"![{p.stem}]({os.path.relpath(p, where)})"]
-    for title, text in results.get("profiles", {}).items():
-        lines += ["", f"## Where the time goes: {title}", "", text]
+        if s.name in results.get("profiles", {}):
+            lines += ["", *_profile_lines(results["profiles"][s.name])]
     return "\n".join(lines) + "\n"
+
+
+def _profile_lines(profile: Mapping[str, Any]) -> list[str]:
+    variants: Mapping[str, Any] = profile["variants"]
+    names = list(variants)
+    areas = list(dict.fromkeys(a for v in variants.values() for a in v["areas"]))
+    lines = [
+        f"### Where the time goes ({profile['mode']} mode, perf)",
+        "",
+        "CPU per request by area, in µs: one profiled run per variant, samples of the lab's own "
+        "tasks only (its processes, wrk, ksoftirqd). Kernel areas are grouped by symbol; softirq "
+        "work shows under the task it interrupted.",
+        "",
+        f"| area | {' | '.join(names)} |",
+        f"|---|{'---:|' * len(names)}",
+        f"| **total** | {' | '.join(fmt(variants[n]['cpu_us']) for n in names)} |",
+    ]
+    for area in areas:
+        cells = [fmt(variants[n]["areas"].get(area)) for n in names]
+        lines.append(f"| {area} | {' | '.join(cells)} |")
+    lines.append("")
+    for n in names:
+        top = ", ".join(f"`{sym}` {pct:.1f}%" for pct, sym, _ in variants[n]["top"][:8])
+        lines.append(f"- top symbols, {n} ({variants[n]['samples']} samples): {top}")
+    return lines
