@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from vipfarm.cli import chaos as chaos_cli
 from vipfarm.cli import config as config_cli
 from vipfarm.cli import datapath as datapath_cli
 from vipfarm.cli import lab as lab_cli
@@ -20,6 +21,7 @@ app.add_typer(lab_cli.app, name="lab")
 app.add_typer(datapath_cli.app, name="datapath")
 app.add_typer(config_cli.app, name="config")
 app.command("sim")(sim_cli.sim)
+app.command("chaos")(chaos_cli.chaos)
 app.command("daemon")(node_cli.daemon)
 app.command("start")(node_cli.start)
 app.command("stop")(node_cli.stop)
