@@ -22,6 +22,16 @@ Start-up order keeps every intermediate state safe: the data path comes first wi
 sockets, the core (which listens for `dead_after` before it claims anything), the application.
 SIGTERM drains, stops the application and removes the data path; SIGKILL leaves the application
 running and the kernel leases to expire, which is the fail-safe.
+
+Remote control: the daemon is the `NodeService` of `vipfarm.api.app`. The same methods (`status`,
+`start`, `stop`, `deploy`, ...) serve the local control socket (through `_local`, which validates
+the arguments into the same request models) and, when the configuration has an `[api]` section,
+the HTTP API, which uvicorn serves on this loop. Configuration deployment (`vipfarm.api.deploy`)
+prepares and commits here; after a commit the live part is applied in place (rules and VIPs
+through `DatapathService.update`, which keeps the leases, the weight through the core) and the
+file is rewritten with its new version. When a peer comes up (`PeerUp`), its state is asked over
+its API: a peer with a newer configuration version means this node missed a deployment, so it
+fetches that configuration, validates it like a prepare and applies it (rejoin sync).
 """
 
 from __future__ import annotations
@@ -34,18 +44,42 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from vipfarm import sdnotify
-from vipfarm.config import FarmConfig, NodeSection
-from vipfarm.control import ControlError, ControlServer
+from vipfarm.api import deploy as dep
+from vipfarm.api import snapshot as snap_mod
+from vipfarm.api.logfiles import read_page
+from vipfarm.api.models import (
+    AbortRequest,
+    Ack,
+    ActionResult,
+    CommitReply,
+    CommitRequest,
+    ConfigInfo,
+    DeployRequest,
+    DeployResult,
+    FarmNode,
+    LogName,
+    LogPage,
+    NodeStatus,
+    PrepareReply,
+    PrepareRequest,
+    StopRequest,
+)
+from vipfarm.config import ConfigError, FarmConfig, NodeSection, local_addresses, parse_config
+from vipfarm.control import ControlError, ControlServer, Handler
 from vipfarm.datapath.kernel import Kernel
 from vipfarm.datapath.service import DatapathService
 from vipfarm.log import event
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
+from vipfarm.metrics import FlowCounters, Metrics, NodeFacts
 from vipfarm.model import IPAddress
 from vipfarm.protocol import NodeState
 from vipfarm.supervisor import (
@@ -53,6 +87,7 @@ from vipfarm.supervisor import (
     Exhausted,
     Healthy,
     Restarting,
+    ScriptFinished,
     SupervisorEvent,
     Unhealthy,
     setup_node_logs,
@@ -61,6 +96,7 @@ from vipfarm.supervisor import (
 log = logging.getLogger("vipfarm.daemon")
 
 DRAIN_POLL_S = 0.2
+PEER_STATE_TIMEOUT_S = 2.0
 # TCP states in /proc/net/tcp that still carry a client's data: ESTABLISHED, FIN_WAIT1/2,
 # CLOSE_WAIT, CLOSING, LAST_ACK (not TIME_WAIT: nothing left to serve).
 _BUSY_TCP_STATES = {"01", "04", "05", "08", "0B", "09"}
@@ -129,13 +165,25 @@ class Daemon:
         run_dir: Path,
         log_dir: Path,
         kernel: Kernel | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
         self.node = node
+        self.config_path = config_path
+        self.config_text = config_path.read_text() if config_path else ""
+        self.config_version, body = dep.split_version(self.config_text)
+        self.config_digest = dep.digest(body)
         self.run_dir = run_dir
         self.log_dir = log_dir
         self.module_log, self.app_log = setup_node_logs(log_dir)
         self.counters: dict[str, int] = {"heartbeat_send_errors": 0, "datapath_errors": 0}
+        self.hb_sent: Counter[str] = Counter()
+        self.hb_received: Counter[str] = Counter()
+        self.hb_rejected: Counter[tuple[str, str]] = Counter()  # (network, reason)
+        self.core_events: Counter[str] = Counter()
+        self._drops_seen: dict[str, int] = {}
+        self.metrics = Metrics()
+        self._flows = FlowCounters()
         self.datapath = DatapathService(config.datapath_spec(node), run_dir / "datapath", kernel)
         self.incarnation = time.time_ns() // 1_000_000
         t = config.timing
@@ -165,13 +213,23 @@ class Daemon:
         self.control = ControlServer(
             config.farm.name,
             {
-                "state": self._cmd_state,
-                "start": self._cmd_start,
-                "stop": self._cmd_stop,
+                "state": self._local(self.status),
+                "farm": self._local(self.farm_status),
+                "start": self._local(self.start),
+                "stop": self._local(self.stop, StopRequest),
                 "logs": self._cmd_logs,
+                "config": self._local(self.config_info),
+                "deploy": self._local(self.deploy, DeployRequest),
+                "snapshot": self._cmd_snapshot,
             },
-            mutating={"start", "stop"},
+            mutating={"start", "stop", "deploy", "snapshot"},
         )
+        self.api_server: Any = None  # vipfarm.api.server.ApiServer, imported only when used
+        self.peers_http: Any = None  # vipfarm.api.client.PeerClient
+        self._prepared = dep.PreparedSlot()
+        self._config_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._peers: dict[str, list[tuple[str, int]]] = {}
         self._wake = asyncio.Event()
@@ -186,6 +244,7 @@ class Daemon:
         try:
             await self.control.start()
             try:
+                await self._start_api()
                 await self._open_sockets()
                 self._install_signals()
                 self.core.join(time.monotonic())
@@ -202,14 +261,64 @@ class Daemon:
                 await self._loop()
             finally:
                 sdnotify.notify("STOPPING=1")
+                self._closing = True
+                for task in list(self._tasks):
+                    task.cancel()
                 await self.supervisor.stop()
                 self.supervisor.close()
                 for tr in self._transports.values():
                     tr.close()
+                await self._stop_api()
                 await self.control.close()
         finally:
             self.datapath.stop()
             event(self.module_log, "daemon_stopped", node=self.node.name)
+
+    async def _start_api(self) -> None:
+        api = self.config.api
+        if api is None:
+            return
+        from vipfarm.api.app import create_app
+        from vipfarm.api.client import PeerClient, tls_verify
+        from vipfarm.api.server import ApiServer
+
+        addr = self.config.api_address(self.node)
+        assert addr is not None
+        token = api.token()
+        try:
+            text_token = token.decode("ascii")
+        except UnicodeDecodeError:
+            raise DaemonError(
+                f"the API token in {api.token_file} is not ASCII text: a bearer token must be "
+                "(e.g. head -c 32 /dev/urandom | base64)"
+            ) from None
+        app = create_app(self, token, metrics_public=api.metrics_public)
+        server = ApiServer(app, addr, api.port, cert_file=api.cert_file, key_file=api.key_file)
+        try:
+            await server.start()
+        except OSError as e:
+            raise DaemonError(
+                f"cannot listen for the API on {addr} port {api.port}: {e.strerror}; is another "
+                "daemon using the port? (change api.port)"
+            ) from e
+        self.api_server = server
+        self.peers_http = PeerClient(
+            text_token, port=api.port, tls=api.tls, verify=tls_verify(api.ca_file, False)
+        )
+
+    async def _stop_api(self) -> None:
+        if self.api_server is not None:
+            await self.api_server.stop()
+            self.api_server = None
+        if self.peers_http is not None:
+            await self.peers_http.aclose()
+            self.peers_http = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task the daemon keeps a reference to, and cancels when it stops."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _open_sockets(self) -> None:
         loop = asyncio.get_running_loop()
@@ -264,7 +373,14 @@ class Daemon:
 
     def on_datagram(self, data: bytes, network: str) -> None:
         now = time.monotonic()
+        self.hb_received[network] += 1
         self.core.receive_datagram(data, network, now)
+        drops = self.core.drops
+        if drops != self._drops_seen:  # rare: only rejected datagrams change it
+            for reason, n in drops.items():
+                if n != self._drops_seen.get(reason, 0):
+                    self.hb_rejected[(network, str(reason))] += n - self._drops_seen.get(reason, 0)
+            self._drops_seen = dict(drops)
         self._pump(now)
 
     def _pump(self, now: float) -> None:
@@ -279,6 +395,7 @@ class Daemon:
                 for peer in self._peers[network]:
                     try:
                         tr.sendto(payload, peer)
+                        self.hb_sent[network] += 1
                     except OSError:
                         self.counters["heartbeat_send_errors"] += 1
         while (e := self.core.next_event()) is not None:
@@ -292,6 +409,7 @@ class Daemon:
             event(self.module_log, "lease_renew_failed", logging.ERROR, error=e)
 
     def _on_core_event(self, e: ev.Event, now: float) -> None:
+        self.core_events[type(e).__name__] += 1
         if isinstance(e, ev.BucketsChanged):
             try:
                 self.kernel_owned = self.datapath.set_owned(e.owned)
@@ -316,6 +434,8 @@ class Daemon:
             event(self.module_log, "peer_down", logging.WARNING, peer=e.name)
         elif isinstance(e, ev.PeerUp):
             event(self.module_log, "peer_up", peer=e.name, restarted=e.restarted)
+            if self.peers_http is not None:
+                self._spawn(self._sync_from(e.name))
         elif isinstance(e, ev.NetworkLost):
             event(self.module_log, "network_lost", logging.WARNING, peer=e.name, network=e.network)
         elif isinstance(e, ev.NetworkRestored):
@@ -355,6 +475,9 @@ class Daemon:
             self._exit.set()
 
     def _on_app_event(self, e: SupervisorEvent) -> None:
+        if isinstance(e, ScriptFinished):
+            self.metrics.observe_script(e.result.name, e.result.duration_s, e.result.ok)
+            return
         now = time.monotonic()
         if isinstance(e, Healthy):
             self._app_ok = True
@@ -380,65 +503,358 @@ class Daemon:
               logging.INFO if ok else logging.ERROR, interface=iface)  # fmt: skip
         self.core.set_app_healthy(self._app_ok and ok, now)
 
-    # ------------------------------------------------------------------ control commands
-    async def _cmd_state(self, args: dict[str, Any]) -> Any:
+    # ------------------------------------------------------------------ node service
+    # The methods below are the node's whole control surface: the control socket calls them
+    # through `_local`, the HTTP API (vipfarm.api.app) directly.
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _local(
+        self, method: Callable[..., Awaitable[BaseModel]], request: type[BaseModel] | None = None
+    ) -> Handler:
+        """A control-socket handler: arguments into the request model, the answer as JSON."""
+
+        async def handler(args: dict[str, Any]) -> Any:
+            try:
+                call = method(request.model_validate(args)) if request else method()
+            except ValidationError as e:
+                raise ControlError(f"bad arguments: {e}") from None
+            try:
+                return (await call).model_dump(mode="json")
+            except ConfigError as e:
+                raise ControlError(str(e)) from None
+
+        return handler
+
+    async def status(self) -> NodeStatus:
         now = time.monotonic()
         snap = self.core.snapshot(now)
         b = self.config.farm.buckets
         own_share = round(100.0 * len(self.kernel_owned) / b, 2)
-        farm = []
-        for n in snap["nodes"]:
-            # A node nobody hears is out of the farm, whatever it last said.
-            farm.append(
-                {
-                    "node": n["name"],
-                    "state": (n["state"] or "STOP") if n["alive"] else "STOP",
-                    "share": own_share if n["self"] else n["share"],
-                    "alive": n["alive"],
-                    "incarnation": n["incarnation"],
-                    "weight": n["weight"],
-                    "heartbeat_age_ms": n["heartbeat_age_ms"],
-                }
+        farm = [
+            FarmNode(
+                node=n["name"],
+                # A node nobody hears is out of the farm, whatever it last said.
+                state=(n["state"] or "STOP") if n["alive"] else "STOP",
+                share=own_share if n["self"] else n["share"],
+                alive=n["alive"],
+                incarnation=n["incarnation"],
+                weight=n["weight"],
+                heartbeat_age_ms=n["heartbeat_age_ms"],
+                config_version=self.config_version if n["self"] else None,
             )
-        return {
-            "farm_name": self.config.farm.name,
-            "node": self.node.name,
-            "state": snap["state"],
-            "share": own_share,
-            "app": self.supervisor.state.value,
-            "owned": sorted(self.kernel_owned),
-            "split_brain": snap["split_brain"],
-            "drops": snap["drops"],
-            "counters": dict(self.counters),
-            "farm": farm,
-        }
+            for n in snap["nodes"]
+        ]
+        return NodeStatus(
+            farm_name=self.config.farm.name,
+            node=self.node.name,
+            state=snap["state"],
+            share=own_share,
+            app=self.supervisor.state.value,
+            owned=sorted(self.kernel_owned),
+            split_brain=snap["split_brain"],
+            drops={str(k): v for k, v in snap["drops"].items()},
+            counters=dict(self.counters),
+            config_version=self.config_version,
+            config_digest=self.config_digest,
+            farm=farm,
+        )
 
-    async def _cmd_start(self, args: dict[str, Any]) -> Any:
+    async def farm_status(self) -> NodeStatus:
+        """`status`, with every peer's configuration version asked over its API."""
+        st = await self.status()
+        if self.peers_http is None:
+            return st
+
+        async def version_of(name: str) -> int | None:
+            addr = self.config.api_address(name)
+            assert addr is not None
+            try:
+                peer = await self.peers_http.call(
+                    "GET", addr, "/state", NodeStatus, timeout=PEER_STATE_TIMEOUT_S
+                )
+            except (dep.Refused, dep.Unreachable):
+                return None
+            return int(peer.config_version)
+
+        peers = [n for n in st.farm if n.node != self.node.name]
+        versions = await asyncio.gather(*(version_of(n.node) for n in peers))
+        for n, v in zip(peers, versions, strict=True):
+            n.config_version = v
+        return st
+
+    async def start(self) -> ActionResult:
         state = self.core.state
         if state is not NodeState.STOP:
             raise ControlError(f"node {self.node.name} is {state.name}, not STOP: nothing to start")
         await self.supervisor.start()
         self.core.join(time.monotonic())
         self._wake.set()
-        return {"state": self.core.state.name}
+        return ActionResult(node=self.node.name, state=self.core.state.name)
 
-    async def _cmd_stop(self, args: dict[str, Any]) -> Any:
-        force = bool(args.get("force"))
+    async def stop(self, req: StopRequest) -> ActionResult:
         state = self.core.state
         if state is NodeState.STOP:
             raise ControlError(f"node {self.node.name} is already STOP")
-        if force:
+        if req.force:
             self._force = True
         if state is not NodeState.DRAINING:
             self.core.leave(time.monotonic())
         self._wake.set()
-        return {"state": self.core.state.name, "force": force}
+        return ActionResult(node=self.node.name, state=self.core.state.name, force=req.force)
+
+    def log_path(self, log: LogName) -> Path:
+        return self.log_dir / f"{log}.log"
+
+    async def log_page(self, log: LogName, offset: int | None, limit: int) -> LogPage:
+        return await asyncio.to_thread(read_page, self.log_path(log), log, offset, limit)
 
     async def _cmd_logs(self, args: dict[str, Any]) -> Any:
-        return {
-            "module": str(self.log_dir / "module.log"),
-            "app": str(self.log_dir / "app.log"),
-        }
+        """The log files' paths: the local CLI reads (and follows) them itself."""
+        return {"module": str(self.log_path("module")), "app": str(self.log_path("app"))}
+
+    async def config_info(self) -> ConfigInfo:
+        return ConfigInfo(
+            version=self.config_version,
+            digest=self.config_digest,
+            path=str(self.config_path or ""),
+            text=self.config_text,
+        )
+
+    # ---- configuration deployment (vipfarm.api.deploy)
+
+    def _validate(self, text: str) -> tuple[FarmConfig, list[str]]:
+        """Blocking (reads files and netlink): run it in a worker thread."""
+        assert self.config_path is not None
+        return dep.validate_for_node(
+            text,
+            base_dir=self.config_path.parent,
+            node=self.node.name,
+            running=self.config,
+            local_addresses=local_addresses,
+        )
+
+    def _need_file(self) -> Path:
+        if self.config_path is None:
+            raise ControlError(
+                f"node {self.node.name}'s daemon was not started from a configuration file: "
+                "it cannot take a deployment"
+            )
+        return self.config_path
+
+    async def deploy(self, req: DeployRequest) -> DeployResult:
+        """Coordinate a deployment to every node (this one included)."""
+        path = self._need_file()
+        _, body = dep.split_version(req.text)  # a copy from `config get` carries an old one
+        # The file itself first, so that a broken file is a clear 422 before any node is asked.
+        await asyncio.to_thread(
+            parse_config, body, base_dir=path.parent, source="the deployed configuration"
+        )
+        alive = {n.node: n.alive for n in (await self.status()).farm}
+        participants: list[dep.Participant] = [_LocalParticipant(self)]
+        for n in self.config.nodes:
+            if n.name == self.node.name:
+                continue
+            if self.peers_http is None:
+                raise ControlError(
+                    "the configuration has no [api] section, so the other nodes cannot be "
+                    "reached: add one (see docs/CONFIG.md) and restart the daemons"
+                )
+            from vipfarm.api.client import RemoteNode
+
+            addr = self.config.api_address(n)
+            assert addr is not None
+            participants.append(RemoteNode(n.name, addr, alive.get(n.name, False), self.peers_http))
+        result = await dep.coordinate(body, self.node.name, participants, dry_run=req.dry_run)
+        event(
+            self.module_log,
+            "config_deployed" if not req.dry_run else "config_checked",
+            version=result.version,
+            ok=result.ok,
+            nodes=",".join(f"{v.node}:{v.outcome}" for v in result.nodes),
+        )
+        return result
+
+    async def prepare(self, req: PrepareRequest) -> PrepareReply:
+        self._need_file()
+        try:
+            new, changes = await asyncio.to_thread(self._validate, req.text)
+            self._prepared.hold(req.deploy_id, req.origin, new, req.text, changes)
+        except dep.Refused as e:
+            event(self.module_log, "config_refused", logging.WARNING, origin=req.origin, why=e)
+            raise ControlError(str(e)) from None
+        return PrepareReply(
+            node=self.node.name,
+            version=self.config_version,
+            digest=dep.digest(req.text),
+            changes=changes,
+        )
+
+    async def commit(self, req: CommitRequest) -> CommitReply:
+        self._need_file()
+        async with self._config_lock:
+            try:
+                p = self._prepared.take(req.deploy_id)
+            except dep.Refused as e:
+                raise ControlError(str(e)) from None
+            if req.version <= self.config_version:
+                raise ControlError(
+                    f"version {req.version} is not newer than node {self.node.name}'s "
+                    f"{self.config_version}: deploy again"
+                )
+            await self._apply(p.config, p.body, req.version, p.origin, p.changes)
+        return CommitReply(
+            node=self.node.name,
+            version=self.config_version,
+            digest=self.config_digest,
+            changes=p.changes,
+        )
+
+    async def abort(self, req: AbortRequest) -> Ack:
+        self._prepared.drop(req.deploy_id)
+        return Ack(node=self.node.name)
+
+    async def _apply(
+        self, new: FarmConfig, body: str, version: int, origin: str, changes: list[str]
+    ) -> None:
+        """Apply the live part, then write the file; on failure put the old state back."""
+        path = self._need_file()
+        old = self.config
+        self._apply_live(new)
+        text = dep.with_version(body, version, origin)
+        try:
+            await asyncio.to_thread(dep.write_atomically, path, text)
+        except OSError as e:
+            self._apply_live(old)
+            raise ControlError(f"cannot write {path}: {e.strerror}") from None
+        self.config_text, self.config_version, self.config_digest = text, version, dep.digest(body)
+        event(
+            self.module_log,
+            "config_applied",
+            version=version,
+            digest=self.config_digest,
+            origin=origin,
+            changes=",".join(changes) or "-",
+        )
+
+    def _apply_live(self, new: FarmConfig) -> None:
+        spec = new.datapath_spec(self.node.name)
+        if spec != self.datapath.spec:
+            old_spec = self.datapath.spec
+            try:
+                self.kernel_owned = self.datapath.update(spec)
+            except Exception as e:
+                self.counters["datapath_errors"] += 1
+                event(self.module_log, "datapath_update_failed", logging.ERROR, error=e)
+                with contextlib.suppress(Exception):
+                    self.kernel_owned = self.datapath.update(old_spec)
+                raise ControlError(f"the kernel refused the new rules: {e}") from None
+        weight = new.node(self.node.name).weight
+        if weight != self.core.weight:
+            self.core.set_weight(weight, time.monotonic())
+            self._wake.set()
+        self.config = new
+        self.node = new.node(self.node.name)
+
+    async def _sync_from(self, peer: str) -> None:
+        """Rejoin sync: take a newer configuration version from a peer that just came up."""
+        addr = self.config.api_address(peer)
+        assert addr is not None and self.peers_http is not None
+        try:
+            st = await self.peers_http.call("GET", addr, "/state", NodeStatus)
+            if st.config_version <= self.config_version or self.config_path is None:
+                return
+            async with self._config_lock:
+                if st.config_version <= self.config_version or self._prepared.busy:
+                    return  # another sync won, or a deployment will bring us along
+                info = await self.peers_http.call("GET", addr, "/config", ConfigInfo)
+                version, body = dep.split_version(info.text)
+                if version <= self.config_version:
+                    return
+                new, changes = await asyncio.to_thread(self._validate, body)
+                await self._apply(new, body, version, f"{peer} (rejoin sync)", changes)
+        except (dep.Refused, dep.Unreachable, ControlError) as e:
+            self.counters["config_sync_errors"] = self.counters.get("config_sync_errors", 0) + 1
+            event(self.module_log, "config_sync_failed", logging.WARNING, peer=peer, error=e)
+
+    # ---- support and metrics
+
+    async def snapshot(self) -> bytes:
+        state = (await self.status()).model_dump(mode="json")
+        metrics = await self.metrics_text()
+        return await asyncio.to_thread(
+            snap_mod.build,
+            farm=self.config.farm.name,
+            node=self.node.name,
+            state=state,
+            config_text=self.config_text,
+            logs={log: self.log_path(log) for log in ("module", "app")},
+            metrics=metrics,
+        )
+
+    async def _cmd_snapshot(self, args: dict[str, Any]) -> Any:
+        import base64
+
+        return {"tar_gz_base64": base64.b64encode(await self.snapshot()).decode()}
+
+    async def metrics_text(self) -> bytes:
+        spec = self.datapath.spec
+        try:
+            flows = await asyncio.to_thread(self._flows.read, spec.farm, spec.rules)
+        except Exception as e:  # a scrape must not fail for want of kernel counters
+            self.counters["metrics_errors"] = self.counters.get("metrics_errors", 0) + 1
+            event(self.module_log, "flow_counters_failed", logging.WARNING, error=e)
+            flows = {}
+        snap = self.core.snapshot(time.monotonic())
+        # The supervisor keeps its checkers' latest results; they are read, never changed.
+        checkers = [
+            (c.spec.label, c.filter.healthy, c.last.ok if c.last else None)
+            for c in getattr(self.supervisor, "_checkers", [])
+        ]
+        return self.metrics.render(
+            NodeFacts(
+                state=self.core.state.name,
+                app_state=self.supervisor.state.value,
+                buckets_owned=len(self.kernel_owned),
+                buckets=self.config.farm.buckets,
+                config_version=self.config_version,
+                split_brain=bool(snap["split_brain"]),
+                peers_alive={n["name"]: n["alive"] for n in snap["nodes"] if not n["self"]},
+                hb_sent=self.hb_sent,
+                hb_received=self.hb_received,
+                hb_rejected=self.hb_rejected,
+                errors=self.counters,
+                events=self.core_events,
+                flows=flows,
+                checkers=checkers,
+            )
+        )
+
+
+class _LocalParticipant:
+    """The coordinating node itself, called directly (`vipfarm.api.deploy.Participant`)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.name = daemon.node.name
+        self.alive = True
+        self._d = daemon
+
+    async def prepare(self, req: PrepareRequest) -> PrepareReply:
+        try:
+            return await self._d.prepare(req)
+        except ControlError as e:
+            raise dep.Refused(str(e)) from None
+
+    async def commit(self, req: CommitRequest) -> CommitReply:
+        try:
+            return await self._d.commit(req)
+        except ControlError as e:
+            raise dep.Refused(str(e)) from None
+
+    async def abort(self, req: AbortRequest) -> None:
+        await self._d.abort(req)
 
 
 def default_dirs(farm: str, node: str) -> tuple[Path, Path]:

@@ -51,7 +51,13 @@ def daemon(
         raise typer.Exit(2) from None
     default_run, default_log = default_dirs(cfg.farm.name, me.name)
     try:
-        d = Daemon(cfg, me, run_dir=run_dir or default_run, log_dir=log_dir or default_log)
+        d = Daemon(
+            cfg,
+            me,
+            run_dir=run_dir or default_run,
+            log_dir=log_dir or default_log,
+            config_path=config.resolve(),
+        )
         asyncio.run(d.run())
     except (DaemonError, DatapathError, ControlError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -42,6 +42,7 @@ def farm_toml(
     lab_dir: Path,
     key_file: Path,
     drain_timeout_s: float = 30.0,
+    token_file: Path | None = None,
 ) -> str:
     lines = [
         f"# Farm configuration of lab {name}, written by `vipfarm lab up --daemon`.",
@@ -120,4 +121,6 @@ def farm_toml(
         f"timeout_s = {drain_timeout_s:g}",
         "",
     ]
+    if token_file is not None:  # the API on every node's LAN address, port 9010
+        lines += ["[api]", f"token_file = {_q(token_file)}", ""]
     return "\n".join(lines)

@@ -60,6 +60,7 @@ from vipfarm.lab.topology import (
     check_name,
     host_batch,
     lab_namespaces,
+    node_lan4,
     node_name,
 )
 from vipfarm.log import event
@@ -67,6 +68,7 @@ from vipfarm.model import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
 
 log = logging.getLogger("vipfarm.lab")
 
+API_PORT = 9010  # the API's default port, which the lab's farm configuration keeps
 READY_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine starts a few Pythons slowly
 KERNEL_ROLES = ("-datapath", "-daemon")  # processes that own kernel state: stopped first
 
@@ -475,14 +477,30 @@ class Lab:
     def farm_config(self) -> Path:
         return self.dir / "farm.toml"
 
+    @property
+    def api_token_file(self) -> Path:
+        """The farm's API token (`[api] token_file`), for `vipfarm --token-file`."""
+        return self.dir / "api.token"
+
+    def api_url(self, node: str, path: str = "") -> str:
+        """`node`'s HTTP API on its LAN address, reachable from the lab's clients."""
+        return f"http://{node_lan4(int(node.removeprefix('node')))}:{API_PORT}{path}"
+
     def _start_daemons(self) -> None:
         key = self.dir / "farm.key"
-        key.touch(mode=0o600)
-        key.write_text(secrets.token_hex(32) + "\n")
+        for secret in (key, self.api_token_file):
+            secret.touch(mode=0o600)
+            secret.write_text(secrets.token_hex(32) + "\n")
         (self.dir / "pids").mkdir(exist_ok=True)
         self.farm_config.write_text(
             farm_toml(
-                self.name, self.config.nodes, self.config.rules, self.config.app, self.dir, key
+                self.name,
+                self.config.nodes,
+                self.config.rules,
+                self.config.app,
+                self.dir,
+                key,
+                token_file=self.api_token_file,
             )
         )
         for node in self.node_names:

@@ -1,0 +1,148 @@
+"""What the node API takes and returns, as pydantic models.
+
+One set of models for both transports: the HTTP API declares them as request bodies and response
+models (so the OpenAPI schema is exact and schemathesis checks every answer against it), the
+local control socket sends their JSON dump, and the CLI and the nodes parse answers back into
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LogName = Literal["module", "app"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FarmNode(_Model):
+    """One node as the answering node sees it."""
+
+    node: str
+    state: str = Field(description="STOP, STARTING, WAIT, UP, DRAINING or STOPPING")
+    share: float = Field(description="percentage of the buckets it holds")
+    alive: bool
+    incarnation: int | None
+    weight: int
+    heartbeat_age_ms: dict[str, float | None] = Field(
+        description="per heartbeat network, ms since its last heartbeat; empty for itself"
+    )
+    config_version: int | None = Field(
+        default=None, description="its configuration version, when its API answered"
+    )
+
+
+class NodeStatus(_Model):
+    """A node's own state and its view of the farm."""
+
+    farm_name: str
+    node: str
+    state: str
+    share: float
+    app: str = Field(description="the application supervisor's state")
+    owned: list[int] = Field(description="buckets its kernel holds")
+    split_brain: bool
+    drops: dict[str, int] = Field(description="rejected heartbeats by reason")
+    counters: dict[str, int]
+    config_version: int
+    config_digest: str
+    farm: list[FarmNode]
+
+
+class StopRequest(_Model):
+    force: bool = Field(default=False, description="do not wait for connections to end")
+
+
+class ActionResult(_Model):
+    node: str
+    state: str
+    force: bool = False
+
+
+class LogPage(_Model):
+    """Whole lines of a log file from byte `offset` up to `next_offset`."""
+
+    log: LogName
+    lines: list[str]
+    offset: int
+    next_offset: int
+    size: int
+
+
+class ConfigInfo(_Model):
+    version: int = Field(description="0 until the first deployment")
+    digest: str = Field(description="SHA-256 prefix of the text without its version line")
+    path: str
+    text: str
+
+
+class DeployRequest(_Model):
+    text: str = Field(description="the whole farm configuration (TOML)")
+    dry_run: bool = Field(default=False, description="validate on every node, change nothing")
+
+
+class NodeVerdict(_Model):
+    """One node's part in a deployment."""
+
+    node: str
+    outcome: Literal["applied", "accepted", "refused", "unreachable", "skipped", "failed"]
+    message: str = ""
+
+
+class DeployResult(_Model):
+    ok: bool
+    dry_run: bool
+    version: int = Field(description="the version deployed (for a dry run: it would be)")
+    digest: str
+    changes: list[str] = Field(description="configuration keys that changed")
+    nodes: list[NodeVerdict]
+
+
+class PrepareRequest(_Model):
+    deploy_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    origin: str = Field(max_length=64)
+    text: str
+
+
+class PrepareReply(_Model):
+    node: str
+    version: int
+    digest: str
+    changes: list[str]
+
+
+class CommitRequest(_Model):
+    deploy_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    version: int = Field(ge=1)
+
+
+class CommitReply(_Model):
+    node: str
+    version: int
+    digest: str
+    changes: list[str]
+
+
+class AbortRequest(_Model):
+    deploy_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class Ack(_Model):
+    node: str
+
+
+class Problem(_Model):
+    path: str
+    message: str
+
+
+class ErrorBody(_Model):
+    """Every error answer: what went wrong and, where it applies, the fix."""
+
+    detail: str
+    problems: list[Problem] = Field(default_factory=list)
+    nodes: list[NodeVerdict] = Field(default_factory=list)
