@@ -17,10 +17,11 @@ from collections.abc import Callable
 
 import pytest
 
+from vipfarm.bucket import bucket_of
 from vipfarm.lab.buckets import even_split
 from vipfarm.lab.testbed import Lab, LabFactory
-from vipfarm.lab.topology import VIP4, VIP6
-from vipfarm.model import Affinity, Proto, Rule, vmac_for
+from vipfarm.lab.topology import VIP4, VIP6, client_lan4, client_lan6, remote_addr
+from vipfarm.model import Affinity, IPAddress, Proto, Rule, vmac_for
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -179,3 +180,33 @@ def test_udp_rule_balances_an_echo_service(lab_factory: LabFactory) -> None:
     # one source port keeps landing on one node
     again = {lab.udp_echo("client1", source_port=25000).node for _ in range(3)}
     assert again == {answers[0].node}
+
+
+@pytest.mark.parametrize(
+    ("affinity", "vip"),
+    [
+        (Affinity.CLIENT_IP_PORT, VIP4),
+        (Affinity.CLIENT_IP_PORT, VIP6),
+        (Affinity.CLIENT_IP, VIP4),
+        (Affinity.CLIENT_SUBNET, VIP4),
+    ],
+)
+def test_predicted_bucket_owner_is_the_node_that_answers(
+    lab_factory: LabFactory, affinity: Affinity, vip: IPAddress
+) -> None:
+    """vipfarm.bucket computes the kernel's jhash: its bucket's owner is who answers."""
+    rule = Rule(vip=vip, port=80, affinity=affinity, prefix4=28)
+    lab = lab_factory(nodes=3, clients=2, remote_clients=2, app="builtin", rules=[rule])
+    owner = {b: n for n, bs in lab.kernel_owned().items() for b in bs or []}
+    clients: dict[str, IPAddress] = {"client1": client_lan4(1), "client2": client_lan4(2)}
+    if vip == VIP6:
+        clients = {"client1": client_lan6(1), "client2": client_lan6(2)}
+    elif affinity is not Affinity.CLIENT_IP_PORT:
+        clients.update({"remote1": remote_addr(1), "remote2": remote_addr(2)})
+    url = f"http://[{vip}]/" if vip == VIP6 else None
+    for name, address in clients.items():
+        replies = lab.load(name, url, count=60, timeout=5, source_port=26000)
+        assert not [r.error for r in replies if r.error]
+        for r in replies:
+            bucket = bucket_of(rule, lab.spec.buckets, lab.spec.seed, address, r.sport)
+            assert owner[bucket] == r.node, (name, r.sport, bucket)
