@@ -67,6 +67,7 @@ from vipfarm.api.models import (
     FarmNode,
     LogName,
     LogPage,
+    LogQuery,
     NodeStatus,
     PrepareReply,
     PrepareRequest,
@@ -217,7 +218,7 @@ class Daemon:
                 "farm": self._local(self.farm_status),
                 "start": self._local(self.start),
                 "stop": self._local(self.stop, StopRequest),
-                "logs": self._cmd_logs,
+                "log_page": self._local(self.log_page, LogQuery),
                 "config": self._local(self.config_info),
                 "deploy": self._local(self.deploy, DeployRequest),
                 "snapshot": self._cmd_snapshot,
@@ -608,12 +609,8 @@ class Daemon:
     def log_path(self, log: LogName) -> Path:
         return self.log_dir / f"{log}.log"
 
-    async def log_page(self, log: LogName, offset: int | None, limit: int) -> LogPage:
-        return await asyncio.to_thread(read_page, self.log_path(log), log, offset, limit)
-
-    async def _cmd_logs(self, args: dict[str, Any]) -> Any:
-        """The log files' paths: the local CLI reads (and follows) them itself."""
-        return {"module": str(self.log_path("module")), "app": str(self.log_path("app"))}
+    async def log_page(self, q: LogQuery) -> LogPage:
+        return await asyncio.to_thread(read_page, self.log_path(q.log), q.log, q.offset, q.limit)
 
     async def config_info(self) -> ConfigInfo:
         return ConfigInfo(

@@ -48,6 +48,7 @@ from vipfarm.api.models import (
     ErrorBody,
     LogName,
     LogPage,
+    LogQuery,
     NodeStatus,
     PrepareReply,
     PrepareRequest,
@@ -58,7 +59,6 @@ from vipfarm.config import ConfigError
 from vipfarm.control import ControlError
 
 PREFIX = "/api/v1"
-MAX_LOG_LINES = 10_000
 
 
 class NodeService(Protocol):
@@ -72,7 +72,7 @@ class NodeService(Protocol):
     async def start(self) -> ActionResult: ...
     async def stop(self, req: StopRequest) -> ActionResult: ...
     def log_path(self, log: LogName) -> Path: ...
-    async def log_page(self, log: LogName, offset: int | None, limit: int) -> LogPage: ...
+    async def log_page(self, query: LogQuery) -> LogPage: ...
     async def config_info(self) -> ConfigInfo: ...
     async def deploy(self, req: DeployRequest) -> DeployResult: ...
     async def prepare(self, req: PrepareRequest) -> PrepareReply: ...
@@ -180,12 +180,8 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         return await service.stop(req or StopRequest())
 
     @api.get("/logs", summary="a page of the module log or the application log")
-    async def logs(
-        log: LogName = "module",
-        offset: Annotated[int | None, Query(ge=0, description="byte offset; none: tail")] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_LOG_LINES)] = 100,
-    ) -> LogPage:
-        return await service.log_page(log, offset, limit)
+    async def logs(query: Annotated[LogQuery, Query()]) -> LogPage:
+        return await service.log_page(query)
 
     @api.get(
         "/logs/stream",

@@ -63,6 +63,15 @@ class ActionResult(_Model):
     force: bool = False
 
 
+MAX_LINES = 10_000
+
+
+class LogQuery(_Model):
+    log: LogName = "module"
+    offset: int | None = Field(default=None, ge=0, description="byte offset; none: the tail")
+    limit: int = Field(default=100, ge=1, le=MAX_LINES)
+
+
 class LogPage(_Model):
     """Whole lines of a log file from byte `offset` up to `next_offset`."""
 

@@ -9,6 +9,7 @@ from vipfarm.cli import config as config_cli
 from vipfarm.cli import datapath as datapath_cli
 from vipfarm.cli import lab as lab_cli
 from vipfarm.cli import node as node_cli
+from vipfarm.cli import remote as remote_cli
 from vipfarm.cli import sim as sim_cli
 
 app = typer.Typer(
@@ -20,6 +21,10 @@ app = typer.Typer(
 app.add_typer(lab_cli.app, name="lab")
 app.add_typer(datapath_cli.app, name="datapath")
 app.add_typer(config_cli.app, name="config")
+app.callback()(remote_cli.root_options)  # --node HOST: node commands act on that node's API
+config_cli.app.command("deploy")(remote_cli.deploy)
+config_cli.app.command("get")(remote_cli.config_get)
+app.command("snapshot")(remote_cli.snapshot)
 app.command("sim")(sim_cli.sim)
 app.command("chaos")(chaos_cli.chaos)
 app.command("daemon")(node_cli.daemon)

@@ -1,33 +1,25 @@
 """Node commands: `vipfarm daemon`, and `start`, `stop`, `state`, `log`, which talk to the daemon
-of this network namespace over its control socket (`vipfarm.control`)."""
+of this network namespace over its control socket (`vipfarm.control`), or with `vipfarm --node
+HOST` to that node's HTTP API (`vipfarm.cli.remote`)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from vipfarm import control
+from vipfarm.api.models import MAX_LINES, ActionResult, LogPage, LogQuery, NodeStatus, StopRequest
+from vipfarm.cli.remote import FARM, JSON, api_client, call, print_json, target_of
 from vipfarm.config import ConfigError, load_config, local_addresses
 from vipfarm.control import ControlError
 
-FARM = typer.Option(None, "--farm", help="farm name (default: the only farm running here)")
-
-
-def _call(farm: str | None, cmd: str, args: dict[str, Any] | None = None) -> Any:
-    try:
-        return control.call(control.resolve_farm(farm), cmd, args)
-    except ControlError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+FOLLOW_POLL_S = 0.5
 
 
 def daemon(
@@ -64,82 +56,109 @@ def daemon(
         raise typer.Exit(1) from None
 
 
-def start(farm: str | None = FARM) -> None:
-    """Bring this node (back) into the farm and start its application."""
-    result = _call(farm, "start")
-    typer.echo(f"node is {result['state']}")
+def start(ctx: typer.Context, as_json: bool = JSON, farm: str | None = FARM) -> None:
+    """Bring the node (back) into the farm and start its application."""
+    result = call(ctx, farm, "start", ActionResult, method="POST")
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"node {result.node} is {result.state}")
 
 
 def stop(
+    ctx: typer.Context,
     force: bool = typer.Option(
         False, "--force", help="do not wait for established connections to end"
     ),
+    as_json: bool = JSON,
     farm: str | None = FARM,
 ) -> None:
-    """Drain this node: give away its buckets, let connections finish, stop the application."""
-    result = _call(farm, "stop", {"force": force})
-    typer.echo(f"node is {result['state']}{' (forced)' if force else ''}")
-
-
-def state(
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    farm: str | None = FARM,
-) -> None:
-    """This node's state and the farm as it sees it."""
-    st = _call(farm, "state")
+    """Drain the node: give away its buckets, let connections finish, stop the application."""
+    result = call(ctx, farm, "stop", ActionResult, method="POST", body=StopRequest(force=force))
     if as_json:
-        typer.echo(json.dumps(st, indent=2))
+        print_json(result)
+    else:
+        typer.echo(f"node {result.node} is {result.state}{' (forced)' if force else ''}")
+
+
+def state(ctx: typer.Context, as_json: bool = JSON, farm: str | None = FARM) -> None:
+    """The node's state and the whole farm as it sees it, with every node's config version."""
+    st = call(ctx, farm, "farm", NodeStatus)
+    if as_json:
+        print_json(st)
         return
     console = Console()
     console.print(
-        f"farm [bold]{st['farm_name']}[/], node [bold]{st['node']}[/]: {st['state']} "
-        f"{st['share']:g}% (application {st['app']})"
+        f"farm [bold]{st.farm_name}[/], node [bold]{st.node}[/]: {st.state} "
+        f"{st.share:g}% (application {st.app}), configuration version {st.config_version}",
+        highlight=False,
     )
     table = Table()
-    for col in ("node", "state", "share", "alive", "weight", "last heartbeat (ms)"):
+    for col in ("node", "state", "share", "weight", "alive", "last heartbeat (ms)", "config"):
         table.add_column(col)
-    for n in st["farm"]:
+    for n in st.farm:
         ages = ", ".join(
             f"{net} {'-' if age is None else f'{age:.0f}'}"
-            for net, age in n["heartbeat_age_ms"].items()
+            for net, age in n.heartbeat_age_ms.items()
         )
         table.add_row(
-            n["node"],
-            n["state"],
-            f"{n['share']:g}%",
-            "yes" if n["alive"] else "no",
-            str(n["weight"]),
+            n.node,
+            n.state,
+            f"{n.share:g}%",
+            str(n.weight),
+            "yes" if n.alive else "no",
             ages or "(self)",
+            "?" if n.config_version is None else str(n.config_version),
         )
     console.print(table)
 
 
 def log(
+    ctx: typer.Context,
     app_log: bool = typer.Option(False, "--app", help="the application log (scripts' output)"),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
-    lines: int = typer.Option(50, "-n", "--lines", help="lines of history to print"),
+    lines: int = typer.Option(50, "-n", "--lines", min=1, help="lines of history to print"),
     farm: str | None = FARM,
 ) -> None:
     """Print the node's module log (events), or with --app the application log."""
-    paths = _call(farm, "logs")
-    path = Path(paths["app" if app_log else "module"])
+    name = "app" if app_log else "module"
+
+    def page(offset: int | None) -> LogPage:
+        return _page(ctx, farm, LogQuery(log=name, offset=offset, limit=min(lines, MAX_LINES)))
+
     try:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for line in f.readlines()[-lines:]:
-                sys.stdout.write(line)
-            sys.stdout.flush()
-            while follow:
-                line = f.readline()
-                if line:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                    continue
-                if path.stat().st_ino != os.fstat(f.fileno()).st_ino:  # rotated
-                    f.close()
-                    f = path.open(encoding="utf-8", errors="replace")
-                time.sleep(0.2)
-    except FileNotFoundError:
-        typer.echo(f"error: {path} does not exist yet", err=True)
-        raise typer.Exit(1) from None
+        got = page(None)
+        _write(got.lines)
+        if not follow:
+            return
+        target = target_of(ctx)
+        if target is not None:
+            with api_client(target) as client:
+                for line in client.stream_lines(
+                    "/api/v1/logs/stream", {"log": name, "offset": got.next_offset}
+                ):
+                    _write([line])
+        offset = got.next_offset
+        while True:
+            time.sleep(FOLLOW_POLL_S)
+            got = page(0 if got.size < offset else offset)  # shorter: rotated, start over
+            _write(got.lines)
+            offset = got.next_offset
     except KeyboardInterrupt:
         pass
+
+
+def _page(ctx: typer.Context, farm: str | None, query: LogQuery) -> LogPage:
+    target = target_of(ctx)
+    if target is None:
+        return call(ctx, farm, "log_page", LogPage, body=query)
+    with api_client(target) as client:
+        params = query.model_dump(exclude_none=True)
+        result: LogPage = client.call("GET", "/api/v1/logs", LogPage, params=params)
+        return result
+
+
+def _write(lines: list[str]) -> None:
+    for line in lines:
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -475,7 +475,13 @@ class Lab:
 
     @property
     def farm_config(self) -> Path:
+        """The farm file the lab wrote; each node runs from its own copy (`node_config`)."""
         return self.dir / "farm.toml"
+
+    def node_config(self, node: str) -> Path:
+        """`node`'s configuration file, as /etc/vipfarm/farm.toml on a real server: a
+        deployment rewrites each node's copy, and a node that was down keeps its old one."""
+        return self.dir / "etc" / node / "farm.toml"
 
     @property
     def api_token_file(self) -> Path:
@@ -504,6 +510,8 @@ class Lab:
             )
         )
         for node in self.node_names:
+            self.node_config(node).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.farm_config, self.node_config(node))
             self.start_daemon(node, wait=False)
         self.wait_farm_up(READY_TIMEOUT_S)
 
@@ -515,7 +523,7 @@ class Lab:
             "vipfarm",
             "daemon",
             "--config",
-            str(self.farm_config),
+            str(self.node_config(node)),
             "--node",
             node,
             "--run-dir",
