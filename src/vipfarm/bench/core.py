@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from vipfarm.bench import switch
 from vipfarm.bench.cpu import lab_cpu_s, lab_tasks, snapshot
 from vipfarm.bench.wrk import DONE_LUA, Mode, WrkError, WrkResult, parse_wrk, wrk_argv
 from vipfarm.lab import testbed
@@ -161,12 +162,16 @@ class Context:
 
     @contextmanager
     def lab(self, nodes: int, datapath: bool = True) -> Iterator[Lab]:
-        """A fresh lab (nginx on every node, one client), removed when the block ends."""
+        """A fresh lab (nginx on every node, one client), removed when the block ends.
+
+        Its switch is tuned to cost nothing but forwarding (see `vipfarm.bench.switch`).
+        """
         name = testbed.unique_name("vb")
         self.status(f"building a {nodes}-node lab {name}")
         lab = testbed.up(name, nodes=nodes, clients=1, app=AppKind.NGINX, datapath=datapath)
         self.labs.add(name)
         try:
+            switch.tune(lab)
             yield lab
             if datapath:
                 self.count("buckets_owned_twice", owned_twice(lab.kernel_owned()))

@@ -9,17 +9,17 @@ client namespace, every variant in both modes, rounds interleaved (see `vipfarm.
 * `overhead`: a 1-node farm through the VIP against the same node by its real address, and against
   an identical node in a second lab that runs no data path at all.
 * `drop_cost`: a lab where node1 owns every bucket and the others own none. The non-owners receive
-  every frame sent to the VMAC (the switch floods it) and drop it. The CPU this costs is measured
-  as the difference in machine CPU per request between runs where the switch floods the
-  non-owners and runs where their switch ports do not flood unknown unicast (`bridge_slave flood
-  off`), everything else equal. Softirq work is charged to no process, so machine-wide CPU time is
-  the only honest account.
+  every frame sent to the VMAC (the switch floods it) and drop it. The CPU this costs is the
+  difference in CPU per request between runs where the switch floods the non-owners and runs
+  where their switch ports do not flood unknown unicast (`bridge_slave flood off`), everything
+  else equal.
+
+In every lab the switch floods the VMAC to the nodes only (`vipfarm.bench.switch`), and CPU per
+request counts the lab's own tasks, softirq included (`vipfarm.bench.cpu`).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,10 @@ from vipfarm.bench.core import (
 from vipfarm.bench.haproxy import haproxy_in
 from vipfarm.bench.plots import bar_panels
 from vipfarm.bench.profile import profile_variants
+from vipfarm.bench.switch import node_port, set_flood, tx_packets
 from vipfarm.bench.wrk import Mode
-from vipfarm.lab.testbed import Lab, url_for
-from vipfarm.lab.topology import BUCKETS, LabError, node_lan4, node_name
+from vipfarm.lab.testbed import url_for
+from vipfarm.lab.topology import BUCKETS, node_lan4, node_name
 
 Combine = Callable[[Run, Run], float | None]
 
@@ -170,7 +171,9 @@ THROUGHPUT = register(
         },
         method=(
             "One lab: 3 nodes running nginx (one worker each, 6-byte reply), one client, and "
-            "HAProxy in a namespace of its own on the same LAN. wrk runs in the client namespace "
+            "HAProxy (default settings: one thread per CPU) in a namespace of its own on the same "
+            "LAN. The switch floods frames to the VMAC to the nodes only: the other hosts' NICs "
+            "would drop them in hardware, which veths cannot. wrk runs in the client namespace "
             "against the VIP (the farm), HAProxy's TCP frontend (layer 4, the fair comparison "
             "for a layer-4 farm), HAProxy's HTTP frontend, and node1's real address. Same wrk "
             "settings, same backends, same reply for every variant; HAProxy balances round "
@@ -259,9 +262,12 @@ OVERHEAD = register(
             "Two 1-node labs up side by side: one with the data path (all 256 buckets on the "
             "node), one without. wrk requests the VIP and the real address of the first, and the "
             "real address of the second. The VIP costs what the design adds: frames to the VMAC "
-            "are flooded by the switch, rewritten to `pkttype host` at ingress, and each new flow "
-            "is hashed and matched against the owned set after conntrack. Overheads are medians "
-            "of per-round figures: `(1 - rps_vip / rps_other) * 100`."
+            "are flooded (here to the node only), turned to `pkttype host` at ingress, and each "
+            "new flow is hashed and matched against the owned set after conntrack. Loading the "
+            "data path also costs traffic that does not go to the VIP: conntrack then tracks "
+            "every flow of the namespace, and the prerouting chain sees every packet. Overheads "
+            "are medians of per-round figures: `(1 - rps_vip / rps_other) * 100` for request "
+            "rates, `(cpu_vip / cpu_other - 1) * 100` for CPU per request."
         ),
         steps=lambda s: interleave_steps(s, len(OVERHEAD_VARIANTS), profiled=3),
         run=_overhead,
@@ -277,55 +283,23 @@ OVERHEAD = register(
 # ---- CPU cost of the traffic a node drops
 
 
-def _switch_port(lab: Lab, node: str) -> str:
-    return lab.topology.host(node).links[0].port
-
-
-def _set_flood(lab: Lab, ports: Sequence[str], on: bool) -> None:
-    flag = "on" if on else "off"
-    batch = "".join(f"link set dev {p} type bridge_slave flood {flag}\n" for p in ports)
-    proc = subprocess.run(
-        [lab.ip, "-n", lab.ns("switch"), "-batch", "-"],
-        input=batch,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise LabError(f"could not set flood {flag} on {', '.join(ports)}: {proc.stderr.strip()}")
-
-
-def _tx_packets(lab: Lab, ports: Sequence[str]) -> int:
-    """Packets the switch has sent out of `ports` (what the nodes behind them received)."""
-    proc = subprocess.run(
-        [lab.ip, "-n", lab.ns("switch"), "-j", "-s", "link", "show"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    links = {link["ifname"]: link for link in json.loads(proc.stdout)}
-    return sum(int(links[p]["stats64"]["tx"]["packets"]) for p in ports)
-
-
 def _drop_cost(ctx: Context) -> ScenarioResult:
     k = ctx.settings.droppers
     with ctx.lab(nodes=1 + k) as lab:
         droppers = [node_name(i) for i in range(2, k + 2)]
         ctx.status(f"drop_cost: moving every bucket to node1, {k} nodes own none")
         lab.set_owned({"node1": list(range(BUCKETS)), **{d: [] for d in droppers}})
-        ports = [_switch_port(lab, d) for d in droppers]
+        ports = [node_port(lab, d) for d in droppers]
 
         def counters() -> dict[str, int]:
-            return {"dropper_rx_packets": _tx_packets(lab, ports)}
+            return {"dropper_rx_packets": tx_packets(lab, ports)}
 
         targets = {
             "drop_flooded": Target(
-                lab, url_for(), before=lambda: _set_flood(lab, ports, True), counters=counters
+                lab, url_for(), before=lambda: set_flood(lab, ports, True), counters=counters
             ),
             "drop_isolated": Target(
-                lab, url_for(), before=lambda: _set_flood(lab, ports, False), counters=counters
+                lab, url_for(), before=lambda: set_flood(lab, ports, False), counters=counters
             ),
         }
         runs = ctx.interleave("drop_cost", targets)
@@ -412,13 +386,10 @@ DROP_COST = register(
             "and receive every frame sent to the VMAC, which the switch floods, and drop it in "
             "their prerouting chain. Two variants alternate in every round with the same wrk "
             "load on the VIP: the non-owners' switch ports flood unknown unicast (normal), or "
-            "do not (`bridge_slave flood off`). Packet processing runs in softirq, charged to "
-            "no process, so the cost is read from the machine's busy CPU time (/proc/stat) per "
-            "request served: the difference between the variants, divided by the number of "
-            "non-owners, is the CPU one non-owner spends on the traffic it drops. It includes "
-            "the software bridge copying each frame to that port, which a hardware switch does "
-            "for free, so it is an upper bound; other tenants of the machine add noise to both "
-            "variants alike."
+            "do not (`bridge_slave flood off`). The difference in CPU per request between the "
+            "variants, divided by the number of non-owners, is the CPU one non-owner spends on "
+            "the traffic it drops. It includes the software bridge copying each frame to that "
+            "port, which a hardware switch does for free, so it is an upper bound."
         ),
         steps=_drop_steps,
         run=_drop_cost,

@@ -108,6 +108,7 @@ def haproxy_in(lab: Lab) -> Iterator[Haproxy]:
     try:
         plug = f"link add {SWITCH_PORT} type veth peer name eth0 netns {ns}\n"
         plug += f"link set {SWITCH_PORT} master br0 up\n"
+        plug += f"link set dev {SWITCH_PORT} type bridge_slave flood off\n"  # a bystander
         _ip(lab, "-n", switch, "-batch", "-", input=plug)
         batch = f"link set lo up\naddr add {ADDRESS}/24 dev eth0\nlink set eth0 up\n"
         _ip(lab, "-n", ns, "-batch", "-", input=batch)
