@@ -17,8 +17,10 @@ Theory of operation:
 - Every core asks for its next wake-up with `get_timer()`; a stale wake-up (the core since
   asked for an earlier one) is skipped when its slot comes.
 - Metrics follow the issue: double ownership is checked whenever a kernel gains a bucket, and
-  counted only while the live nodes are connected (no partition active); split brain during a
-  partition is reported separately. Convergence of an event ends when, in every connected
+  counted only while the live nodes are connected: no partition is active and no node believes a
+  live, reachable peer dead (heavy loss can silence a link for dead_after, which is a partition
+  as far as the protocol can tell; such false failovers are counted on their own). Split brain
+  during those times is reported separately. Convergence of an event ends when, in every connected
   component, every live node's kernel holds exactly the buckets the assignment of that
   component's UP nodes gives it, and every core's view agrees.
 """
@@ -29,13 +31,13 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from vipfarm.membership import events as ev
-from vipfarm.membership.assignment import Members, assign, min_moves, moved, quotas
+from vipfarm.membership.assignment import Assignment, Members, assign, min_moves, moved, quotas
 from vipfarm.membership.core import Membership, MembershipConfig
 from vipfarm.protocol import Codec, NodeState, bits_of, mask_of
 
@@ -44,6 +46,7 @@ RES = 1e-4  # seconds per slot
 _INV = 1.0 / RES
 _RING = 1 << 16  # slots in the timing wheel (6.5 s): longer than any delay or timer
 _KEY = b"vipfarm-simulator-key-0123456789abcdef"
+Action = tuple[float, str, int]
 
 
 @dataclass
@@ -112,7 +115,7 @@ class _Pending:
 @dataclass
 class _Metrics:
     max_owners: int = 0
-    max_owners_partitioned: int = 0
+    max_owners_split: int = 0
     false_failovers: int = 0
     convergence: list[dict[str, Any]] = field(default_factory=list)
     moved: int = 0
@@ -128,8 +131,12 @@ class _Metrics:
 class Simulator:
     """Runs one scenario; `run()` returns the JSON-ready result."""
 
-    def __init__(self, cfg: SimConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: SimConfig, script: Sequence[Action] | None = None) -> None:
+        """`script` replaces the scenario by (time, action, node index) steps; actions are
+        crash, start, drain, healthy, unhealthy, partition (nodes up to the index on one
+        side), heal and quiet (loss, duplication and reordering stop)."""
+        self.cfg = replace(cfg)  # scripts may change the network; keep the caller's copy
+        self.script = script
         self.rnd = random.Random(cfg.seed)
         weights = cfg.weights or [1] * cfg.nodes
         self.nodes = [_Node(i, f"node{i + 1:02d}", w) for i, w in enumerate(weights)]
@@ -157,6 +164,11 @@ class Simulator:
         self._action_seq = 0
         self.targets: list[list[int]] = []
         self.partitioned = False
+        # (observer, peer) pairs where the observer believes the peer dead. When both are in
+        # fact alive and connected (heavy loss hid the peer, or a partition has just healed and
+        # no heartbeat got through yet), the farm is split as far as the protocol can tell.
+        self.believed_dead: set[tuple[int, int]] = set()
+        self.blind_until = -math.inf
         self.m = _Metrics()
         self.pending: list[_Pending] = []
         self.last_converged: list[str | None] | None = None
@@ -175,6 +187,10 @@ class Simulator:
             [m.index for m in live if m is not n and m.group == n.group] for n in self.nodes
         ]
         self.partitioned = len({n.group for n in live}) > 1
+
+    def _misjudged(self) -> bool:
+        nodes = self.nodes
+        return any(self._reachable(nodes[a], nodes[b]) for a, b in self.believed_dead)
 
     def _reachable(self, a: _Node, b: _Node) -> bool:
         return a.core is not None and b.core is not None and a.group == b.group
@@ -199,6 +215,7 @@ class Simulator:
         """Start a daemon: fresh core, empty kernel, join and report the app healthy."""
         node.incarnation += 1
         node.kernel = 0  # the daemon flushes the kernel set at start
+        self.believed_dead = {(a, b) for a, b in self.believed_dead if a != node.index}
         node.core = Membership(self.mcfg[node.name], node.incarnation, codec=self.codec)
         node.wake = 2**62
         node.joining = True
@@ -223,15 +240,15 @@ class Simulator:
     def _set_kernel(self, node: _Node, mask: int, now: float) -> None:
         gained = mask & ~node.kernel
         lost = node.kernel & ~mask
-        if gained and self.ready:
+        if gained:
             for b in bits_of(gained):
                 owners = 1 + sum(
                     1
                     for m in self.nodes
                     if m is not node and m.kernel >> b & 1 and m.lease_until > now
                 )
-                if self.partitioned:
-                    self.m.max_owners_partitioned = max(self.m.max_owners_partitioned, owners)
+                if self.partitioned or now < self.blind_until or self._misjudged():
+                    self.m.max_owners_split = max(self.m.max_owners_split, owners)
                 else:
                     self.m.max_owners = max(self.m.max_owners, owners)
         node.kernel = mask
@@ -262,8 +279,16 @@ class Simulator:
                 relevant = True
             elif isinstance(e, ev.PeerDown):
                 peer = self.by_name[e.name]
+                self.believed_dead.add((node.index, peer.index))
                 if self._reachable(node, peer):
                     self.m.false_failovers += 1
+                elif peer.lease_until - self.cfg.lease > now - self.cfg.dead_after:
+                    # It did send within dead_after, but nothing got through before it died
+                    # (or the partition): its lease may still run, exactly as in a partition.
+                    self.blind_until = max(self.blind_until, peer.lease_until)
+                relevant = True
+            elif isinstance(e, ev.PeerUp):
+                self.believed_dead.discard((node.index, self.by_name[e.name].index))
                 relevant = True
             elif isinstance(e, ev.StateChanged):
                 relevant = True
@@ -274,7 +299,7 @@ class Simulator:
                 self.at(now + 0.1, partial(self._stopped, node))
             elif isinstance(e, ev.SplitBrainDetected):
                 self.m.split_brain_events += 1
-            elif isinstance(e, ev.ViewChanged | ev.PeerUp):
+            elif isinstance(e, ev.ViewChanged):
                 relevant = True
         if relevant and self.pending:
             self._check_converged(now)
@@ -303,23 +328,37 @@ class Simulator:
                 comps.setdefault(n.group, []).append(n)
         return comps
 
-    def _check_converged(self, now: float) -> bool:
-        comps = self._components()
-        for comp in comps.values():
-            members = tuple(
-                sorted(
-                    (n.name, n.core.weight)
-                    for n in comp
-                    if n.core is not None and n.core.state is NodeState.UP
-                )
-            )
-            target = assign(members, self.cfg.buckets, self.anchor)
+    def unsettled(self) -> str | None:
+        """Why the farm is not settled, or None: in every connected component, every live node's
+        kernel holds exactly its buckets of the assignment of the component's UP nodes, and
+        every core's view is that UP set."""
+        for comp in self._components().values():
+            members, target = self._target(comp)
             for n in comp:
                 assert n.core is not None
-                if n.kernel != target.mask(n.name) or n.core.members != members:
-                    return False
+                if n.kernel != target.mask(n.name):
+                    return f"{n.name} holds {bits_of(n.kernel)}, not {bits_of(target.mask(n.name))}"
+                if n.core.members != members:
+                    return f"{n.name} sees members {n.core.members}, not {members}"
+        return None
+
+    def _target(self, comp: list[_Node]) -> tuple[Members, Assignment]:
+        members = tuple(
+            sorted(
+                (n.name, n.core.weight)
+                for n in comp
+                if n.core is not None and n.core.state is NodeState.UP
+            )
+        )
+        return members, assign(members, self.cfg.buckets, self.anchor)
+
+    def _check_converged(self, now: float) -> bool:
+        if self.unsettled() is not None:
+            return False
+        comps = list(self._components().values())
         owners: list[str | None] | None = None
         if len(comps) == 1:
+            members, target = self._target(comps[0])
             owners = target.owner_names()
             self._balance(owners, members)
         before = self.pending[0].before if self.pending else None
@@ -437,6 +476,9 @@ class Simulator:
     # ---------------------------------------------------------------- scenarios
     def _plan(self) -> None:
         cfg = self.cfg
+        if self.script is not None:
+            self._plan_script(self.script)
+            return
         n = len(self.nodes)
         first = n // 2 if cfg.scenario == "join" else n
         for node in self.nodes[: max(1, first)]:
@@ -447,6 +489,37 @@ class Simulator:
         while t < cfg.duration:
             self.at(t, getattr(self, f"_step_{cfg.scenario}"))
             t += cfg.period
+
+    def _plan_script(self, script: Sequence[Action]) -> None:
+        for node in self.nodes:
+            self.at(0.0, partial(self.start, node))
+        self.at(2 * self.cfg.dead_after + 0.5, self._warm)
+        for t, kind, arg in script:
+            self.at(t, partial(self._act, kind, arg))
+
+    def _act(self, kind: str, arg: int, now: float) -> None:
+        """One scripted step; steps that make no sense right now (crash a dead node) are no-ops."""
+        node = self.nodes[arg % len(self.nodes)]
+        if kind == "crash" and node.core is not None:
+            self.crash(node, now)
+        elif kind == "start" and node.core is None:
+            self.start(node, now)
+        elif kind == "drain":
+            self._drain(node, now)
+        elif kind in ("healthy", "unhealthy") and node.core is not None:
+            node.core.set_app_healthy(kind == "healthy", now)
+            self._events(node, now)
+            self._schedule(node, self._k(now))
+        elif kind == "partition":
+            for n in self.nodes:
+                n.group = 0 if n.index <= arg % len(self.nodes) else 1
+            self._retarget()
+        elif kind == "heal":
+            for n in self.nodes:
+                n.group = 0
+            self._retarget()
+        elif kind == "quiet":
+            self.cfg.loss = self.cfg.duplicate = self.cfg.reorder = 0.0
 
     def _warm(self, now: float) -> None:
         self.ready = True
@@ -563,7 +636,7 @@ class Simulator:
             "duration_s": cfg.duration,
             "seed": cfg.seed,
             "max_owners_per_bucket": m.max_owners,
-            "max_owners_while_partitioned": m.max_owners_partitioned,
+            "max_owners_while_split": m.max_owners_split,
             "max_unowned_ms": round(m.max_unowned * 1000.0, 1),
             "convergence_ms": [c["convergence_ms"] for c in conv],
             "events": conv,
