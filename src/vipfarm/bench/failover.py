@@ -171,6 +171,8 @@ def _vrrp_trial(ctx: Context, lab: Lab, fast: bool) -> float | None:
         ns = lab.add_host(i)
         root = lab.dir / f"vrrp{i}"
         root.mkdir(exist_ok=True)
+        for stale in ("k.pid", "vrrp.pid"):  # a killed keepalived leaves them: it would refuse
+            (root / stale).unlink(missing_ok=True)
         conf = root / "keepalived.conf"
         conf.write_text(_keepalived_conf(f"extra{i}", prio, fast))
         argv = [KEEPALIVED, "-n", "-l", "-P", "-f", str(conf), "-p", str(root / "k.pid"),

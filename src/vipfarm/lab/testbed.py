@@ -58,6 +58,7 @@ from vipfarm.lab.topology import (
     LabError,
     Topology,
     check_name,
+    extra_lan4,
     host_batch,
     lab_namespaces,
     node_lan4,
@@ -470,6 +471,29 @@ class Lab:
             ]
             self._start(f"{node}-datapath", self.ns(node), argv)
         self._wait_owned(split, READY_TIMEOUT_S)
+
+    def add_host(self, i: int) -> str:
+        """Plug an extra host `<lab>-extra<i>` into the LAN with address 198.51.100.(60+i);
+        `down` removes it with the rest. Returns its namespace."""
+        ns = f"{self.name}-extra{i}"
+        port = f"x{i}"
+        _run([self.ip, "netns", "add", ns])
+        _run(
+            [self.ip, "-n", self.ns("switch"), "-batch", "-"],
+            input=f"link add {port} type veth peer name eth0 netns {ns}\n"
+            f"link set {port} master br0 up\n",
+        )
+        _run(
+            [self.ip, "-n", ns, "-batch", "-"],
+            input=f"link set lo up\naddr add {extra_lan4(i)}/24 dev eth0\nlink set eth0 up\n",
+        )
+        return ns
+
+    def remove_host(self, i: int) -> None:
+        """Undo `add_host(i)`: the veth first (deleting a namespace frees its devices only
+        later, so the port name would still be taken), then the namespace."""
+        _run([self.ip, "-n", self.ns("switch"), "link", "del", f"x{i}"], check=False)
+        _run([self.ip, "netns", "del", f"{self.name}-extra{i}"], check=False)
 
     # ---- node daemons (daemon mode)
 

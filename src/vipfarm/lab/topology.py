@@ -38,7 +38,7 @@ MAX_CLIENTS = 54  # 198.51.100.(200+i) must stay a host address
 MAX_REMOTE_CLIENTS = 54
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
-_SUFFIXES = r"(switch|router|node[0-9]+|client[0-9]+|remote[0-9]+)"
+_SUFFIXES = r"(switch|router|node[0-9]+|client[0-9]+|remote[0-9]+|extra[0-9]+|haproxy)"
 
 
 class LabError(Exception):
@@ -88,6 +88,11 @@ def client_lan6(i: int) -> ipaddress.IPv6Address:
 
 def remote_addr(i: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(f"203.0.113.{200 + i}")
+
+
+def extra_lan4(i: int) -> ipaddress.IPv4Address:
+    """Extra LAN hosts (`Lab.add_host`, e.g. a VRRP pair for comparisons): 198.51.100.(60+i)."""
+    return ipaddress.IPv4Address(f"198.51.100.{60 + i}")
 
 
 def lab_namespaces(name: str, existing: list[str]) -> list[str]:
