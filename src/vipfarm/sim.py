@@ -86,6 +86,8 @@ class SimConfig:
             raise ValueError(f"--duration {self.duration} must be positive")
         if self.weights is not None and len(self.weights) != self.nodes:
             raise ValueError(f"{len(self.weights)} weights for {self.nodes} nodes: give one each")
+        if not 1 <= self.networks <= 3:
+            raise ValueError(f"--networks {self.networks} is out of range: use 1..3")
         if self.period < 4 * self.dead_after:
             raise ValueError(f"period {self.period} s is too short: use at least 4 x dead_after")
 

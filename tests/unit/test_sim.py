@@ -1,0 +1,104 @@
+"""The simulator and `vipfarm sim`: short runs of every scenario, asserting the safety metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vipfarm.cli import app
+from vipfarm.sim import SCENARIOS, SimConfig, simulate
+
+KEYS = {
+    "max_owners_per_bucket",
+    "max_unowned_ms",
+    "convergence_ms",
+    "moved_buckets",
+    "optimal_moved_buckets",
+    "balance_max_over_mean",
+    "false_failovers",
+    "heartbeat_bytes_per_node_per_s",
+}
+
+
+def test_cli_prints_one_json_object_with_the_issue_metrics() -> None:
+    args = "sim --nodes 5 --buckets 64 --scenario crash --loss 0.01 --delay-ms 0.5-2"
+    out = CliRunner().invoke(app, [*args.split(), "--duration", "10", "--seed", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert set(result) >= KEYS
+    assert result["nodes"] == 5 and result["delay_ms"] == [0.5, 2.0]
+    assert result["max_owners_per_bucket"] == 1
+    assert len(result["convergence_ms"]) == len(result["events"]) >= 2
+
+
+def test_cli_human_summary_and_bad_options() -> None:
+    runner = CliRunner()
+    out = runner.invoke(app, ["sim", "--nodes", "3", "--duration", "6"])
+    assert out.exit_code == 0 and "max owners per bucket (connected): 1" in out.output
+    bad = runner.invoke(app, ["sim", "--scenario", "meteor"])
+    assert bad.exit_code == 2 and "unknown scenario 'meteor'" in bad.output
+    bad = runner.invoke(app, ["sim", "--loss", "1.5"])
+    assert bad.exit_code == 2 and "--loss 1.5 is out of range" in bad.output
+    bad = runner.invoke(app, ["sim", "--weights", "1,x"])
+    assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_scenario_is_safe_and_converges(scenario: str) -> None:
+    r = simulate(
+        SimConfig(
+            nodes=6,
+            buckets=64,
+            scenario=scenario,
+            loss=0.02,
+            delay_ms=(0.5, 3.0),
+            duplicate=0.01,
+            reorder=0.01,
+            duration=20.0,
+            seed=11,
+        )
+    )
+    assert r["max_owners_per_bucket"] == 1
+    assert r["false_failovers"] == 0
+    assert r["convergence_ms"] and all(c < 2000 for c in r["convergence_ms"])
+    assert r["balance_max_over_mean"] < 1.1
+    assert r["moved_buckets"] <= 1.1 * r["optimal_moved_buckets"] + len(r["events"])
+    if scenario == "partition":
+        assert r["max_owners_while_split"] == 2  # both sides took the missing buckets
+        assert r["split_brain_events"] > 0
+
+
+@pytest.mark.parametrize("nodes", [2, 5, 16])
+def test_crash_converges_within_600_ms_with_defaults(nodes: int) -> None:
+    r = simulate(SimConfig(nodes=nodes, scenario="crash", duration=30.0, seed=nodes))
+    crashes = [e["convergence_ms"] for e in r["events"] if e["event"] == "crash"]
+    assert len(crashes) >= 6
+    assert max(crashes) <= 600.0
+    # exactly the crashed node's buckets move; a restart may move one more (quota rounding)
+    assert all(e["moved"] - e["optimal_moved"] <= 1 for e in r["events"] if "moved" in e)
+
+
+def test_runs_are_reproducible_and_weights_count() -> None:
+    cfg = SimConfig(nodes=4, buckets=120, weights=[1, 1, 2, 0], duration=12.0, seed=5)
+    a, b = simulate(cfg), simulate(cfg)
+    a.pop("wall_s")
+    b.pop("wall_s")
+    assert a == b
+    assert a["balance_max_over_mean"] <= 1.0 + 1 / 30  # within one bucket of 30 / 60 ideal
+
+
+def test_two_heartbeat_networks() -> None:
+    r = simulate(SimConfig(nodes=4, networks=2, loss=0.05, duration=15.0, seed=2))
+    assert r["max_owners_per_bucket"] == 1 and r["false_failovers"] == 0
+    assert r["heartbeat_bytes_per_node_per_s"] > 0
+
+
+def test_bad_configuration_is_explained() -> None:
+    with pytest.raises(ValueError, match=r"--delay-ms 5\.0-1\.0 is invalid"):
+        SimConfig(delay_ms=(5.0, 1.0))
+    with pytest.raises(ValueError, match="3 weights for 2 nodes"):
+        SimConfig(nodes=2, weights=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"period 1\.0 s is too short"):
+        SimConfig(period=1.0)
