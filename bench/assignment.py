@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Bucket assignment and membership simulator benchmarks (issue 3).
+
+    .venv/bin/python bench/assignment.py [--quick] [--out DIR] [--part assignment|sim|all]
+
+Assignment: compares, for B = 256 and 1024, equal and random weights (1..10), N = 1..64:
+
+- `hrw`: weighted rendezvous hashing with capacity caps over the UP set (no anchor);
+- `maglev`: Maglev-style population (each node walks its own permutation of the buckets,
+  nodes take turns in proportion to their weights until each reaches its quota);
+- `hrw-anchored`: what vipfarm uses, capped HRW anchored on the configured farm.
+
+Events: every node leaving the full farm and coming back, and the same from a farm that already
+misses 1, 2 or 4 random nodes ("degraded"). For each event it counts the buckets that changed
+owner against `min_moves` (the fewest any balanced assignment allows) and checks balance (every
+node within one bucket of its weighted ideal share).
+
+Simulator: wall time of 64 nodes x 600 simulated seconds (crash scenario, defaults), crash
+convergence for N = 2..64, and false failovers of 64 nodes at 5 % loss for 600 s.
+
+Writes `assignment.json` (and `assignment.png` when matplotlib is importable) to --out
+(default bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vipfarm.membership.assignment import Members, _ranked, assign, min_moves, moved, quotas
+from vipfarm.sim import SimConfig, simulate
+
+Owners = list[str | None]
+
+
+def maglev(members: Members, buckets: int) -> Owners:
+    """Weighted Maglev-style population with exact quotas (largest remainder, then name)."""
+    active = [(n, w) for n, w in members if w > 0]
+    if not active:
+        return [None] * buckets
+    lo, _ = quotas([w for _, w in active], buckets)
+    total = sum(w for _, w in active)
+    rest = sorted(
+        range(len(active)),
+        key=lambda i: (-(buckets * active[i][1] % total), active[i][0]),
+    )
+    quota = lo[:]
+    for i in rest[: buckets - sum(lo)]:
+        quota[i] += 1
+    prefs = [_ranked(n, buckets)[0] for n, _ in active]
+    pos = [0] * len(active)
+    count = [0] * len(active)
+    owners: Owners = [None] * buckets
+    turns = [(1 / w, n, i) for i, (n, w) in enumerate(active) if quota[i]]
+    heapq.heapify(turns)
+    while turns:
+        _, name, i = heapq.heappop(turns)
+        pref = prefs[i]
+        while owners[pref[pos[i]]] is not None:
+            pos[i] += 1
+        owners[pref[pos[i]]] = name
+        count[i] += 1
+        if count[i] < quota[i]:
+            heapq.heappush(turns, ((count[i] + 1) / active[i][1], name, i))
+    return owners
+
+
+ALGORITHMS: dict[str, Callable[[Members, int, Members], Owners]] = {
+    "hrw": lambda m, b, _anchor: assign(m, b).owner_names(),
+    "maglev": lambda m, b, _anchor: maglev(m, b),
+    "hrw-anchored": lambda m, b, anchor: assign(m, b, anchor).owner_names(),
+}
+
+
+def balance(owners: Owners, members: Members, buckets: int) -> float:
+    active = [(n, w) for n, w in members if w > 0]
+    if not active:
+        return 0.0
+    total = sum(w for _, w in active)
+    return max(abs(sum(1 for o in owners if o == n) - buckets * w / total) for n, w in active)
+
+
+def events(full: Members, rnd: random.Random) -> list[tuple[str, Members, Members]]:
+    """(kind, before, after) pairs: leave and rejoin of each node, from full and degraded."""
+    out: list[tuple[str, Members, Members]] = []
+    for x in full:
+        less = tuple(m for m in full if m != x)
+        if less:
+            out += [("leave", full, less), ("join", less, full)]
+    for k in (1, 2, 4):
+        if len(full) <= k + 1:
+            continue
+        down = set(rnd.sample(full, k))
+        base = tuple(m for m in full if m not in down)
+        x = rnd.choice(base)
+        out.append(("degraded-leave", base, tuple(m for m in base if m != x)))
+        y = rnd.choice(sorted(down))
+        out.append(("degraded-join", base, tuple(sorted((*base, y)))))
+    return out
+
+
+def bench_assignment(quick: bool) -> dict[str, Any]:
+    sizes = [1, 2, 3, 4, 5, 8, 12, 16, 24, 32, 48, 64] if quick else list(range(1, 65))
+    results: dict[str, Any] = {}
+    for buckets in (256, 1024):
+        for weighted in (False, True):
+            rnd = random.Random(buckets * 2 + weighted)
+            farms = []
+            for n in sizes:
+                weights = [rnd.randint(1, 10) if weighted else 1 for _ in range(n)]
+                farms.append(tuple(sorted((f"node{i:02d}", w) for i, w in enumerate(weights))))
+            for name, algo in ALGORITHMS.items():
+                key = f"{name}/B{buckets}/{'weighted' if weighted else 'equal'}"
+                results[key] = _measure(algo, farms, buckets, random.Random(7))
+                print(key, json.dumps(results[key]["all"]), file=sys.stderr, flush=True)
+    return results
+
+
+def _measure(
+    algo: Callable[[Members, int, Members], Owners],
+    farms: Sequence[Members],
+    buckets: int,
+    rnd: random.Random,
+) -> dict[str, Any]:
+    stats: dict[str, dict[str, Any]] = {}
+    times: list[float] = []
+    for full in farms:
+        cache: dict[Members, Owners] = {}
+        for kind, before, after in events(full, rnd):
+            for members in (before, after):
+                if members not in cache:
+                    t = time.perf_counter()
+                    cache[members] = algo(members, buckets, full)
+                    times.append(time.perf_counter() - t)
+            old, new = cache[before], cache[after]
+            got, best = moved(old, new), min_moves(old, after, buckets)
+            for group in ("all", kind.split("-")[0] if "-" in kind else "single"):
+                s = stats.setdefault(
+                    group,
+                    {"events": 0, "moved": 0, "optimal": 0, "within_10pct": 0, "within_1": 0},
+                )
+                s["events"] += 1
+                s["moved"] += got
+                s["optimal"] += best
+                s["within_10pct"] += got <= 1.1 * best
+                s["within_1"] += got <= best + 1
+                s["max_extra"] = max(s.get("max_extra", 0), got - best)
+                s["worst_balance"] = max(s.get("worst_balance", 0.0), balance(new, after, buckets))
+    for s in stats.values():
+        s["ratio"] = round(s["moved"] / max(1, s["optimal"]), 4)
+        s["worst_balance"] = round(s["worst_balance"], 3)
+    stats["time_ms"] = {
+        "mean": round(1000 * statistics.mean(times), 2),
+        "max": round(1000 * max(times), 2),
+    }
+    return stats
+
+
+def bench_sim(quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    duration = 60.0 if quick else 600.0
+    r = simulate(SimConfig(nodes=64, scenario="crash", duration=duration))
+    out["crash_64_nodes"] = {
+        "simulated_s": duration,
+        "wall_s": r["wall_s"],
+        "datagrams_received": r["datagrams_received"],
+        "receptions_per_wall_s": round(r["datagrams_received"] / r["wall_s"]),
+        "max_owners_per_bucket": r["max_owners_per_bucket"],
+        "max_crash_convergence_ms": max(
+            e["convergence_ms"] for e in r["events"] if e["event"] == "crash"
+        ),
+        "heartbeat_bytes_per_node_per_s": r["heartbeat_bytes_per_node_per_s"],
+    }
+    print("sim 64 nodes", json.dumps(out["crash_64_nodes"]), file=sys.stderr, flush=True)
+    per_n = {}
+    for n in [2, 3, 4, 8, 16, 32, 64] if quick else range(2, 65):
+        r = simulate(SimConfig(nodes=n, scenario="crash", duration=30.0, seed=n))
+        crashes = [e["convergence_ms"] for e in r["events"] if e["event"] == "crash"]
+        per_n[n] = max(crashes)
+    out["crash_convergence_ms_by_nodes"] = per_n
+    out["crash_convergence_ms_max"] = max(per_n.values())
+    print("crash convergence", json.dumps(per_n), file=sys.stderr, flush=True)
+    r = simulate(SimConfig(nodes=64, scenario="crash", loss=0.05, duration=duration, seed=5))
+    out["loss_5pct_64_nodes"] = {
+        "simulated_s": duration,
+        "false_failovers": r["false_failovers"],
+        "max_owners_per_bucket": r["max_owners_per_bucket"],
+        "wall_s": r["wall_s"],
+        "max_crash_convergence_ms": max(
+            e["convergence_ms"] for e in r["events"] if e["event"] == "crash"
+        ),
+    }
+    print("5% loss", json.dumps(out["loss_5pct_64_nodes"]), file=sys.stderr, flush=True)
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    assignment = result.get("assignment")
+    if not assignment:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4))
+    keys = sorted(assignment)
+    ratios = [assignment[k]["all"]["ratio"] for k in keys]
+    ax.barh(keys, ratios, color=["tab:green" if "anchored" in k else "tab:gray" for k in keys])
+    ax.axvline(1.1, color="tab:red", linestyle="--", label="1.1 x minimum")
+    ax.set_xlabel("buckets moved / minimum possible (all join and leave events)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, 60 s simulations")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--part", choices=["assignment", "sim", "all"], default="all")
+    args = parser.parse_args()
+    result: dict[str, Any] = {
+        "meta": {
+            "command": " ".join(sys.argv),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": platform.platform(),
+            "python": platform.python_version(),
+        }
+    }
+    if args.part in ("assignment", "all"):
+        result["assignment"] = bench_assignment(args.quick)
+    if args.part in ("sim", "all"):
+        result["sim"] = bench_sim(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "assignment.json").write_text(json.dumps(result, indent=1) + "\n")
+    if plot(result, args.out / "assignment.png"):
+        print(f"wrote {args.out / 'assignment.png'}", file=sys.stderr)
+    print(f"wrote {args.out / 'assignment.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
