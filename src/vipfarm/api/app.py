@@ -31,7 +31,9 @@ from typing import Annotated, Any, Protocol
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vipfarm import __version__
 from vipfarm.api import logfiles
@@ -54,6 +56,7 @@ from vipfarm.api.models import (
     PrepareRequest,
     Problem,
     StopRequest,
+    StreamQuery,
 )
 from vipfarm.config import ConfigError
 from vipfarm.control import ControlError
@@ -90,6 +93,7 @@ def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
+        400: "the request body is not JSON",
         401: "no bearer token",
         403: "wrong token",
         409: "not possible now (the text says why)",
@@ -129,11 +133,21 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         redoc_url=None,
     )
     auth = Depends(bearer_check(token))
-    api = APIRouter(prefix=PREFIX, dependencies=[auth], responses=_responses(401, 403, 422))
+    api = APIRouter(prefix=PREFIX, dependencies=[auth], responses=_responses(400, 401, 403, 422))
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        resp = _error(exc.status_code, str(exc.detail))
+        if exc.status_code == 405:
+            # Starlette names only the first route of the path; list every method it has.
+            methods = {
+                m
+                for r in app.routes
+                if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                for m in r.methods or ()
+            }
+            resp.headers["Allow"] = ", ".join(sorted(methods))
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -189,14 +203,11 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         response_class=StreamingResponse,
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
-    async def stream(
-        log: LogName = "module",
-        offset: Annotated[int | None, Query(ge=0, description="byte offset; none: end")] = None,
-    ) -> StreamingResponse:
-        path = service.log_path(log)
+    async def stream(query: Annotated[StreamQuery, Query()]) -> StreamingResponse:
+        path = service.log_path(query.log)
 
         async def lines() -> AsyncIterator[bytes]:
-            async for chunk in logfiles.follow(path, offset, lambda: service.closing):
+            async for chunk in logfiles.follow(path, query.offset, lambda: service.closing):
                 yield chunk
 
         return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
@@ -251,7 +262,7 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         "/metrics",
         summary="Prometheus metrics",
         dependencies=metrics_deps,
-        response_class=PlainTextResponse,
+        response_class=Response,  # so that its 401/403 are documented as JSON
         responses={
             **metrics_responses,
             200: {"content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -8,15 +8,31 @@ them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 LogName = Literal["module", "app"]
 
 
+def _whole_number(value: object) -> object:
+    # JSON Schema counts 5.0 as an integer; strict pydantic would not.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_whole_number)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Request(BaseModel):
+    """A JSON request body: no coercion (`0` is not `false`), no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FarmNode(_Model):
@@ -53,7 +69,7 @@ class NodeStatus(_Model):
     farm: list[FarmNode]
 
 
-class StopRequest(_Model):
+class StopRequest(_Request):
     force: bool = Field(default=False, description="do not wait for connections to end")
 
 
@@ -70,6 +86,11 @@ class LogQuery(_Model):
     log: LogName = "module"
     offset: int | None = Field(default=None, ge=0, description="byte offset; none: the tail")
     limit: int = Field(default=100, ge=1, le=MAX_LINES)
+
+
+class StreamQuery(_Model):
+    log: LogName = "module"
+    offset: int | None = Field(default=None, ge=0, description="byte offset; none: the end")
 
 
 class LogPage(_Model):
@@ -89,7 +110,7 @@ class ConfigInfo(_Model):
     text: str
 
 
-class DeployRequest(_Model):
+class DeployRequest(_Request):
     text: str = Field(description="the whole farm configuration (TOML)")
     dry_run: bool = Field(default=False, description="validate on every node, change nothing")
 
@@ -111,7 +132,7 @@ class DeployResult(_Model):
     nodes: list[NodeVerdict]
 
 
-class PrepareRequest(_Model):
+class PrepareRequest(_Request):
     deploy_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     origin: str = Field(max_length=64)
     text: str
@@ -124,9 +145,9 @@ class PrepareReply(_Model):
     changes: list[str]
 
 
-class CommitRequest(_Model):
+class CommitRequest(_Request):
     deploy_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    version: int = Field(ge=1)
+    version: JsonInt = Field(ge=1)
 
 
 class CommitReply(_Model):
@@ -136,7 +157,7 @@ class CommitReply(_Model):
     changes: list[str]
 
 
-class AbortRequest(_Model):
+class AbortRequest(_Request):
     deploy_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
