@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vipfarm.membership.assignment import Members, _ranked, assign, min_moves, moved, quotas
+from vipfarm.membership.assignment import Members, _costs, assign, min_moves, moved, quotas
 from vipfarm.sim import SimConfig, simulate
 
 Owners = list[str | None]
@@ -56,7 +56,10 @@ def maglev(members: Members, buckets: int) -> Owners:
     quota = lo[:]
     for i in rest[: buckets - sum(lo)]:
         quota[i] += 1
-    prefs = [_ranked(n, buckets)[0] for n, _ in active]
+    prefs = []
+    for n, _ in active:
+        cost = _costs(n, buckets)
+        prefs.append(sorted(range(buckets), key=cost.__getitem__))
     pos = [0] * len(active)
     count = [0] * len(active)
     owners: Owners = [None] * buckets

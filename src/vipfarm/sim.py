@@ -160,11 +160,13 @@ class Simulator:
         }
         self.anchor: Members = next(iter(self.mcfg.values())).nodes_sorted
         self.codec = Codec("sim", _KEY, cfg.buckets)
-        # Slot lists of (node index, (payload, network)), or (node index, None) for a wake-up.
-        self.ring: list[list[tuple[int, tuple[bytes, str] | None]]] = [[] for _ in range(_RING)]
+        # Slot lists of (node, (payload, network)), or (node, None) for a wake-up.
+        self.ring: list[list[tuple[_Node, tuple[bytes, str] | None]]] = [
+            [] for _ in range(_RING)
+        ]
         self.actions: list[tuple[float, int, Callable[[float], None]]] = []
         self._action_seq = 0
-        self.targets: list[list[int]] = []
+        self.targets: list[list[_Node]] = []
         self.partitioned = False
         # (observer, peer) pairs where the observer believes the peer dead. When both are in
         # fact alive and connected (heavy loss hid the peer, or a partition has just healed and
@@ -185,9 +187,7 @@ class Simulator:
     # ---------------------------------------------------------------- topology
     def _retarget(self) -> None:
         live = [n for n in self.nodes if n.core is not None]
-        self.targets = [
-            [m.index for m in live if m is not n and m.group == n.group] for n in self.nodes
-        ]
+        self.targets = [[m for m in live if m is not n and m.group == n.group] for n in self.nodes]
         self.partitioned = len({n.group for n in live}) > 1
 
     def _misjudged(self) -> bool:
@@ -210,7 +210,7 @@ class Simulator:
         k = k_now + 1 if t == -math.inf else max(k_now + 1, math.ceil(t * _INV - 1e-6))
         if k < node.wake:
             node.wake = k
-            self.ring[k & (_RING - 1)].append((node.index, None))
+            self.ring[k & (_RING - 1)].append((node, None))
 
     # ---------------------------------------------------------------- node lifecycle
     def start(self, node: _Node, now: float) -> None:
@@ -423,6 +423,7 @@ class Simulator:
         late = int(2 * self.cfg.interval * _INV)
         item = (payload, net)
         if not (loss or dup or reorder):
+            self.m.deliveries += len(targets)
             for r, d in zip(targets, self.rnd.choices(self.delays, k=len(targets)), strict=True):
                 ring[(base + d) & mask].append((r, item))
             return
@@ -435,15 +436,15 @@ class Simulator:
                 if reorder and rnd() < reorder:
                     kk += int(rnd() * late)
                 ring[kk & mask].append((r, item))
+                self.m.deliveries += 1
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         wall = time.perf_counter()
         self._plan()
         end_k = self._k(cfg.duration)
-        nodes, ring, actions = self.nodes, self.ring, self.actions
+        ring, actions = self.ring, self.actions
         mask = _RING - 1
-        deliveries = 0
         next_action = self._k(actions[0][0]) if actions else end_k + 1
         for k in range(end_k + 1):
             while k >= next_action:
@@ -457,8 +458,7 @@ class Simulator:
             ring[k & mask] = []
             now = k * RES
             self.now = now
-            for r, item in items:
-                node = nodes[r]
+            for node, item in items:
                 core = node.core
                 if core is None:
                     continue
@@ -467,12 +467,10 @@ class Simulator:
                         node.wake = 2**62
                         self._wake(node, k, now)
                     continue
-                deliveries += 1
                 if core.receive_datagram(item[0], item[1], now):
                     self._events(node, now)
                     if core.get_timer() < node.wake * RES:
                         self._schedule(node, k)
-        self.m.deliveries = deliveries
         return self._result(time.perf_counter() - wall)
 
     # ---------------------------------------------------------------- scenarios

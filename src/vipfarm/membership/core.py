@@ -220,6 +220,8 @@ class Membership:
             OrderedDict() for _ in (config.networks if self._multi else ())
         ]
         self._vouched: dict[int, _Peer] = {}
+        self._direct_mask = 0  # config-index bitmap of the peers in _by_heard
+        self._wanting: dict[int, _Peer] = {}  # live peers whose latest heartbeat wants buckets
         self.drops: dict[str, int] = {}
 
         self.state = NodeState.STOP
@@ -312,7 +314,10 @@ class Membership:
         ):
             self._view_dirty = True
         if hb.want:
+            self._wanting[peer.id] = peer
             self._schedule_send(now)  # acknowledge claims quickly
+        else:
+            self._wanting.pop(peer.id, None)
         self._evaluate(now)
         return True
 
@@ -333,11 +338,7 @@ class Membership:
             want=self._want,
             fresh=self._fresh(now),
             fresh_len=self._fresh_len,
-            acks=tuple(
-                Ack(p.id, p.incarnation, p.seq)
-                for p in self._peer_list
-                if p.alive and p.hb is not None and p.hb.want
-            ),
+            acks=tuple(Ack(p.id, p.incarnation, p.seq) for p in self._wanting.values()),
         )
         self._last_send = now
         # While claiming, repeat the claim sooner: a lost claim or acknowledgement then costs
@@ -557,6 +558,7 @@ class Membership:
         ]
         if vouched:
             p.indirect = max(p.indirect, max(vouched) - _FRESH_INTERVALS * self.config.interval)
+        self._direct_mask &= ~(1 << p.index)
         if max(p.heard, p.indirect) + da > now:
             p.vouched = True
             self._vouched[p.id] = p
@@ -567,7 +569,9 @@ class Membership:
     def _bury(self, p: _Peer) -> None:
         p.alive = p.vouched = False
         self._by_heard.pop(p.id, None)
+        self._direct_mask &= ~(1 << p.index)
         self._vouched.pop(p.id, None)
+        self._wanting.pop(p.id, None)
         for n, order in enumerate(self._by_net):
             order.pop(p.id, None)
             p.net_lost[n] = True
@@ -579,11 +583,13 @@ class Membership:
         p.vouched = False
         del self._vouched[p.id]
         self._by_heard[p.id] = p
+        self._direct_mask |= 1 << p.index
 
     def _revive(self, p: _Peer, hb: Heartbeat) -> None:
         p.alive = True
         p.vouched = False
         self._by_heard[p.id] = p
+        self._direct_mask |= 1 << p.index
         for n, order in enumerate(self._by_net):
             # Every network gets dead_after from now to show up before it is reported lost.
             p.net_heard[n] = p.heard
@@ -609,11 +615,18 @@ class Membership:
             self._emit(ev.PeerUp(p.name, hb.incarnation, restarted=True))
 
     def _fresh(self, now: float) -> int:
+        """Config-index bitmap of the peers we heard directly within _FRESH_INTERVALS."""
         horizon = now - _FRESH_INTERVALS * self.config.interval
+        order = self._by_heard
+        for first in order.values():
+            if first.heard >= horizon:
+                return self._direct_mask  # the usual case: everyone is fresh
+            break
         mask = 0
-        for p in self._peer_list:
-            if p.alive and p.heard >= horizon:
-                mask |= 1 << p.index
+        for p in reversed(order.values()):  # most recently heard first
+            if p.heard < horizon:
+                break
+            mask |= 1 << p.index
         return mask
 
     def _schedule_send(self, now: float) -> None:
