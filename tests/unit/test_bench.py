@@ -13,6 +13,7 @@ import pytest
 from vipfarm.bench import core
 from vipfarm.bench.core import (
     BenchError,
+    FigureSet,
     Goal,
     NullReporter,
     Run,
@@ -20,13 +21,12 @@ from vipfarm.bench.core import (
     ScenarioResult,
     Settings,
     interleave_steps,
-    median_of,
     owned_twice,
-    paired,
+    paired_values,
     register,
     rps,
     select,
-    wrk_figures,
+    values_of,
 )
 from vipfarm.bench.cpu import CpuTimes, Snapshot, lab_cpu_s, parse_proc_stat
 from vipfarm.bench.haproxy import haproxy_conf
@@ -136,7 +136,7 @@ def test_owned_twice_counts_buckets_held_by_two_kernels() -> None:
     assert owned_twice({"node1": [0, 1, 2], "node2": [1, 2], "node3": [2]}) == 2
 
 
-def test_median_of_skips_failed_runs_and_missing_modes() -> None:
+def test_values_of_skips_failed_runs_and_missing_modes() -> None:
     runs = [
         _run("farm", Mode.CLOSE, 0, 100),
         _run("farm", Mode.CLOSE, 1, 300),
@@ -144,10 +144,10 @@ def test_median_of_skips_failed_runs_and_missing_modes() -> None:
         Run("farm", Mode.CLOSE, 3, None, 1.0, 1.0),
         _run("other", Mode.KEEPALIVE, 0, 9),
     ]
-    assert median_of(runs, "farm", rps) == {"close": 200}
+    assert values_of(runs, "farm", rps) == {"close": [100, 300, 200]}
 
 
-def test_paired_ratios_are_taken_within_a_round() -> None:
+def test_paired_values_are_taken_within_a_round() -> None:
     runs = [
         _run("a", Mode.CLOSE, 0, 100),
         _run("b", Mode.CLOSE, 0, 50),
@@ -162,15 +162,21 @@ def test_paired_ratios_are_taken_within_a_round() -> None:
         a, b = rps(x), rps(y)
         return a / b if a is not None and b else None
 
-    assert paired(runs, "a", "b", ratio) == pytest.approx({"close": 2.0})
+    assert paired_values(runs, "a", "b", ratio) == {"close": [2.0, 1.0, 3.0]}
 
 
-def test_wrk_figures_names_every_key() -> None:
+def test_figure_set_keeps_medians_and_ranges() -> None:
+    f = FigureSet()
+    f.add("x", {"close": [3.0, 1.0, 2.0], "keepalive": [5.0]})
+    assert f.figures["x"] == {"close": 2.0, "keepalive": 5.0}
+    assert f.spread["x"] == {"close": [1.0, 3.0], "keepalive": [5.0, 5.0]}
     runs = [_run("farm", m, 0, 100, p99_ms=3.0, cpu=0.5) for m in Mode]
-    figs = wrk_figures(runs, ["farm"])
-    assert set(figs) == {"farm_rps", "farm_p50_ms", "farm_p99_ms", "farm_cpu_us"}
-    assert figs["farm_p99_ms"] == {"close": 3.0, "keepalive": 3.0}
-    assert figs["farm_cpu_us"] == pytest.approx({"close": 0.5e6 / 200, "keepalive": 0.5e6 / 200})
+    f.add_wrk(runs, ["farm"])
+    assert {"farm_rps", "farm_p50_ms", "farm_p99_ms", "farm_cpu_us"} <= set(f.figures)
+    assert f.figures["farm_p99_ms"] == {"close": 3.0, "keepalive": 3.0}
+    assert f.figures["farm_cpu_us"] == pytest.approx({"close": 2500.0, "keepalive": 2500.0})
+    result = f.result(runs, notes={"n": 1})
+    assert result.figures is f.figures and result.spread is f.spread and result.notes == {"n": 1}
 
 
 def test_settings_quick_is_one_short_round() -> None:
@@ -302,13 +308,14 @@ def test_markdown_states_command_machine_goals_figures_and_links_plots(tmp_path:
     goals = (Goal("ratio", ">=", 1.5, "ratio at least 1.5"),)
     s = _scenario("alpha", {"ratio": "farm over proxy", "scalar": "one number"}, goals)
     results = _results([s], {"ratio": {"close": 1.2, "keepalive": 2.0}, "scalar": 12345.6})
+    results["spread"] = {"ratio": {"close": [1.0, 1.3], "keepalive": [2.0, 2.0]}}
     png = tmp_path / "out" / "alpha.png"
     text = markdown(results, [s], {"alpha": [png]}, tmp_path / "docs")
     assert "`vipfarm bench --quick --out /tmp/x`" in text
     assert "lab's own tasks used 50% of the machine's busy CPU" in text
     assert "Test CPU, 2 CPUs" in text and "0123456789ab with uncommitted changes" in text
-    assert "| ratio at least 1.5 (`ratio`) | close | 1.2 | **falls short** |" in text
-    assert "| `ratio` | 1.2 | 2 | farm over proxy |" in text
+    assert "| ratio at least 1.5 (`ratio`) | close | 1.2 (1 to 1.3) | **falls short** |" in text
+    assert "| `ratio` | 1.2 (1 to 1.3) | 2 | farm over proxy |" in text
     assert "| `scalar` | 12,346 |  | one number |" in text
     assert "- `wrk_non_2xx`: 2" in text
     assert "![alpha](../out/alpha.png)" in text
@@ -402,3 +409,22 @@ def test_markdown_renders_a_profile_table() -> None:
     assert "| **total** | 200 | 300 |" in text
     assert "| conntrack | 50 | n/a |" in text
     assert "`nf_conntrack_in` 25.0%" in text
+    assert "farm against haproxy: -100.0 µs per request" in text
+    assert "tcp/ip -90.0, conntrack +50.0" in text
+
+
+def test_bystanders_are_every_host_but_the_nodes() -> None:
+    from vipfarm.bench.switch import bystander_ports, node_port
+    from vipfarm.lab.apps import AppKind
+    from vipfarm.lab.buckets import default_rules
+    from vipfarm.lab.testbed import Lab, LabConfig
+
+    config = LabConfig(
+        name="vbunit", nodes=2, clients=2, remote_clients=1, app=AppKind.BUILTIN, datapath=True,
+        rules=default_rules(),
+    )  # fmt: skip
+    lab = Lab(config, "/sbin/ip")
+    nodes = {node_port(lab, "node1"), node_port(lab, "node2")}
+    bystanders = set(bystander_ports(lab))
+    assert len(nodes) == 2 and not nodes & bystanders
+    assert len(bystanders) == 2 + 2 + 1  # router (LAN and remote side), 2 clients, 1 remote

@@ -39,7 +39,9 @@ from vipfarm.lab.apps import AppKind
 from vipfarm.lab.testbed import Lab
 
 Figure = float | dict[str, float]
-RESERVED = frozenset({"meta", "settings", "targets", "safety", "runs", "notes", "profiles"})
+RESERVED = frozenset(
+    {"meta", "settings", "targets", "safety", "runs", "notes", "profiles", "spread"}
+)
 
 
 class BenchError(Exception):
@@ -111,6 +113,7 @@ class ScenarioResult:
     runs: list[Run] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)  # see vipfarm.bench.profile
+    spread: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # [min, max]
 
 
 @dataclass(frozen=True)
@@ -250,31 +253,32 @@ def owned_twice(owned: Mapping[str, Sequence[int] | None]) -> int:
 
 # ---- figures from runs (pure)
 
+Values = dict[str, list[float]]  # per mode: one value per round
+
 
 def _by(runs: Sequence[Run], variant: str, mode: Mode) -> list[Run]:
     return [r for r in runs if r.variant == variant and r.mode is mode and r.result is not None]
 
 
-def median_of(runs: Sequence[Run], variant: str, value: Callable[[Run], float | None]) -> Figure:
-    """Per mode, the median of `value` over the variant's successful runs (modes with none left
-    out)."""
-    out: dict[str, float] = {}
+def values_of(runs: Sequence[Run], variant: str, value: Callable[[Run], float | None]) -> Values:
+    """Per mode, `value` of each of the variant's successful runs."""
+    out: Values = {}
     for mode in Mode:
         values = [v for r in _by(runs, variant, mode) if (v := value(r)) is not None]
         if values:
-            out[str(mode)] = statistics.median(values)
+            out[str(mode)] = values
     return out
 
 
-def paired(
+def paired_values(
     runs: Sequence[Run], a: str, b: str, combine: Callable[[Run, Run], float | None]
-) -> Figure:
-    """Per mode, the median over rounds of `combine(run of a, run of b)` in the same round.
+) -> Values:
+    """Per mode, `combine(run of a, run of b)` for each round where both ran.
 
     Pairing within a round cancels what drifts between rounds (another tenant's load, thermal
-    state) better than a ratio of medians.
+    state) better than combining medians.
     """
-    out: dict[str, float] = {}
+    out: Values = {}
     for mode in Mode:
         bs = {r.round: r for r in _by(runs, b, mode)}
         values = [
@@ -283,7 +287,7 @@ def paired(
             if ra.round in bs and (v := combine(ra, bs[ra.round])) is not None
         ]
         if values:
-            out[str(mode)] = statistics.median(values)
+            out[str(mode)] = values
     return out
 
 
@@ -299,15 +303,29 @@ def p99(run: Run) -> float | None:
     return run.result.p99_ms if run.result else None
 
 
-def wrk_figures(runs: Sequence[Run], variants: Sequence[str]) -> dict[str, Figure]:
-    """`<variant>_rps`, `_p50_ms`, `_p99_ms` and `_cpu_us` (machine CPU per request)."""
-    out: dict[str, Figure] = {}
-    for v in variants:
-        out[f"{v}_rps"] = median_of(runs, v, rps)
-        out[f"{v}_p50_ms"] = median_of(runs, v, p50)
-        out[f"{v}_p99_ms"] = median_of(runs, v, p99)
-        out[f"{v}_cpu_us"] = median_of(runs, v, lambda r: r.cpu_us_per_request)
-    return out
+def cpu(run: Run) -> float | None:
+    return run.cpu_us_per_request
+
+
+@dataclass
+class FigureSet:
+    """Figures as the medians of per-round values, with the range those values spanned."""
+
+    figures: dict[str, Figure] = field(default_factory=dict)
+    spread: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, key: str, values: Values) -> None:
+        self.figures[key] = {m: statistics.median(v) for m, v in values.items()}
+        self.spread[key] = {m: [min(v), max(v)] for m, v in values.items()}
+
+    def add_wrk(self, runs: Sequence[Run], variants: Sequence[str]) -> None:
+        """`<variant>_rps`, `_p50_ms`, `_p99_ms` and `_cpu_us` (CPU per request)."""
+        for v in variants:
+            for suffix, value in (("rps", rps), ("p50_ms", p50), ("p99_ms", p99), ("cpu_us", cpu)):
+                self.add(f"{v}_{suffix}", values_of(runs, v, value))
+
+    def result(self, runs: list[Run], **kwargs: Any) -> ScenarioResult:
+        return ScenarioResult(self.figures, runs, spread=self.spread, **kwargs)
 
 
 # ---- the registry

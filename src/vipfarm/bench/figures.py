@@ -26,20 +26,20 @@ from typing import Any
 
 from vipfarm.bench.core import (
     Context,
-    Figure,
+    FigureSet,
     Goal,
     Run,
     Scenario,
     ScenarioResult,
     Settings,
     Target,
+    cpu,
     interleave_steps,
-    median_of,
     p99,
-    paired,
+    paired_values,
     register,
     rps,
-    wrk_figures,
+    values_of,
 )
 from vipfarm.bench.haproxy import haproxy_in
 from vipfarm.bench.plots import bar_panels
@@ -62,10 +62,6 @@ def _ratio(metric: Callable[[Run], float | None]) -> Combine:
     return combine
 
 
-def _cpu(run: Run) -> float | None:
-    return run.cpu_us_per_request
-
-
 def _loss_pct(a: Run, b: Run) -> float | None:
     """How much lower a's request rate is than b's, in percent (negative: a is faster)."""
     r = _ratio(rps)(a, b)
@@ -74,7 +70,7 @@ def _loss_pct(a: Run, b: Run) -> float | None:
 
 def _cpu_extra_pct(a: Run, b: Run) -> float | None:
     """How much more CPU a request costs in a than in b, in percent."""
-    r = _ratio(_cpu)(a, b)
+    r = _ratio(cpu)(a, b)
     return (r - 1) * 100 if r is not None else None
 
 
@@ -97,13 +93,14 @@ def _throughput(ctx: Context) -> ScenarioResult:
         }
         runs = ctx.interleave("throughput", targets)
         profile = _profile(ctx, targets, ("farm", "haproxy", "direct"))
-    figures = wrk_figures(runs, THROUGHPUT_VARIANTS)
-    figures["farm_vs_haproxy_rps"] = paired(runs, "farm", "haproxy", _ratio(rps))
-    figures["farm_vs_haproxy_p99"] = paired(runs, "farm", "haproxy", _ratio(p99))
-    figures["farm_vs_haproxy_cpu"] = paired(runs, "haproxy", "farm", _ratio(_cpu))
-    figures["farm_vs_haproxy_http_rps"] = paired(runs, "farm", "haproxy_http", _ratio(rps))
-    figures["farm_vs_direct_rps"] = paired(runs, "farm", "direct", _ratio(rps))
-    return ScenarioResult(figures, runs, profile=profile)
+    f = FigureSet()
+    f.add_wrk(runs, THROUGHPUT_VARIANTS)
+    f.add("farm_vs_haproxy_rps", paired_values(runs, "farm", "haproxy", _ratio(rps)))
+    f.add("farm_vs_haproxy_p99", paired_values(runs, "farm", "haproxy", _ratio(p99)))
+    f.add("farm_vs_haproxy_cpu", paired_values(runs, "haproxy", "farm", _ratio(cpu)))
+    f.add("farm_vs_haproxy_http_rps", paired_values(runs, "farm", "haproxy_http", _ratio(rps)))
+    f.add("farm_vs_direct_rps", paired_values(runs, "farm", "direct", _ratio(rps)))
+    return f.result(runs, profile=profile)
 
 
 def _profile(ctx: Context, targets: Mapping[str, Target], names: Sequence[str]) -> dict[str, Any]:
@@ -207,14 +204,18 @@ def _overhead(ctx: Context) -> ScenarioResult:
         }
         runs = ctx.interleave("overhead", targets)
         profile = _profile(ctx, targets, OVERHEAD_VARIANTS)
-    figures = wrk_figures(runs, OVERHEAD_VARIANTS)
-    figures["datapath_overhead_pct"] = paired(runs, "node_vip", "node_direct", _loss_pct)
-    figures["datapath_overhead_vs_bare_pct"] = paired(runs, "node_vip", "node_bare", _loss_pct)
-    figures["datapath_side_cost_pct"] = paired(runs, "node_direct", "node_bare", _loss_pct)
-    figures["datapath_cpu_pct"] = paired(runs, "node_vip", "node_direct", _cpu_extra_pct)
-    figures["datapath_cpu_vs_bare_pct"] = paired(runs, "node_vip", "node_bare", _cpu_extra_pct)
-    figures["datapath_side_cpu_pct"] = paired(runs, "node_direct", "node_bare", _cpu_extra_pct)
-    return ScenarioResult(figures, runs, profile=profile)
+    f = FigureSet()
+    f.add_wrk(runs, OVERHEAD_VARIANTS)
+    for key, a, b, combine in (
+        ("datapath_overhead_pct", "node_vip", "node_direct", _loss_pct),
+        ("datapath_overhead_vs_bare_pct", "node_vip", "node_bare", _loss_pct),
+        ("datapath_side_cost_pct", "node_direct", "node_bare", _loss_pct),
+        ("datapath_cpu_pct", "node_vip", "node_direct", _cpu_extra_pct),
+        ("datapath_cpu_vs_bare_pct", "node_vip", "node_bare", _cpu_extra_pct),
+        ("datapath_side_cpu_pct", "node_direct", "node_bare", _cpu_extra_pct),
+    ):
+        f.add(key, paired_values(runs, a, b, combine))
+    return f.result(runs, profile=profile)
 
 
 def _plot_overhead(figures: Mapping[str, Any], out: Path) -> list[Path]:
@@ -325,19 +326,22 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
             else None
         )
 
-    figures: dict[str, Figure] = wrk_figures(runs, ["drop_flooded", "drop_isolated"])
+    f = FigureSet()
+    f.add_wrk(runs, ["drop_flooded", "drop_isolated"])
     flooded = ("drop_flooded", "drop_isolated")
-    figures["drop_cpu_us"] = paired(runs, *flooded, per_node_us)
-    figures["drop_cpu_pct"] = paired(runs, *flooded, per_node_pct)
-    figures["drop_cpu_us_per_packet"] = paired(runs, *flooded, per_packet_us)
+    f.add("drop_cpu_us", paired_values(runs, *flooded, per_node_us))
+    f.add("drop_cpu_pct", paired_values(runs, *flooded, per_node_pct))
+    f.add("drop_cpu_us_per_packet", paired_values(runs, *flooded, per_packet_us))
     for variant, key in (
         ("drop_flooded", "drop_packets_per_request"),
         ("drop_isolated", "drop_isolated_packets_per_request"),
     ):
-        figures[key] = median_of(
-            runs, variant, lambda r: None if (p := _rx_per_request(r)) is None else p / k
-        )
-    return ScenarioResult(figures, runs, notes={"droppers": k}, profile=profile)
+        f.add(key, values_of(runs, variant, lambda r: _div(_rx_per_request(r), k)))
+    return f.result(runs, notes={"droppers": k}, profile=profile)
+
+
+def _div(x: float | None, y: float) -> float | None:
+    return None if x is None else x / y
 
 
 def _rx_per_request(run: Run) -> float | None:

@@ -79,6 +79,7 @@ def compose(
     results["profiles"] = {
         s.name: outcomes[s.name].profile for s in scenarios if outcomes[s.name].profile
     }
+    results["spread"] = {k: v for s in scenarios for k, v in outcomes[s.name].spread.items()}
     results["runs"] = {s.name: [r.as_json() for r in outcomes[s.name].runs] for s in scenarios}
     return results
 
@@ -102,6 +103,17 @@ def fmt(value: Any) -> str:
     return f"{value:.3g}"
 
 
+def _cell(results: Mapping[str, Any], key: str, mode: str | None) -> str:
+    """A figure, with the range of its per-round values when there was more than one."""
+    value = results.get(key)
+    if isinstance(value, dict):
+        value = value.get(mode) if mode else None
+    low, high = results.get("spread", {}).get(key, {}).get(mode, [None, None])
+    if value is None or low is None or low == high:
+        return fmt(value)
+    return f"{fmt(value)} ({fmt(low)} to {fmt(high)})"
+
+
 def _figure_rows(scenario: Scenario, results: Mapping[str, Any]) -> list[str]:
     modes = [str(m) for m in Mode]
     rows = [
@@ -111,7 +123,7 @@ def _figure_rows(scenario: Scenario, results: Mapping[str, Any]) -> list[str]:
     for key, meaning in scenario.produces.items():
         value = results.get(key)
         cells = (
-            [fmt(value.get(m)) for m in modes]
+            [_cell(results, key, m) for m in modes]
             if isinstance(value, dict)
             else [fmt(value)] + [""] * (len(modes) - 1)
         )
@@ -120,12 +132,11 @@ def _figure_rows(scenario: Scenario, results: Mapping[str, Any]) -> list[str]:
 
 
 def _goal_rows(results: Mapping[str, Any]) -> list[str]:
-    rows = ["| goal | mode | measured | met |", "|---|---|---:|---|"]
+    rows = ["| goal | mode | measured (rounds from, to) | met |", "|---|---|---:|---|"]
     for t in results["targets"]:
         met = {True: "yes", False: "**falls short**", None: "not measured"}[t["met"]]
-        rows.append(
-            f"| {t['goal']} (`{t['figure']}`) | {t['mode'] or ''} | {fmt(t['value'])} | {met} |"
-        )
+        measured = _cell(results, t["figure"], t["mode"]) if t["mode"] else fmt(t["value"])
+        rows.append(f"| {t['goal']} (`{t['figure']}`) | {t['mode'] or ''} | {measured} | {met} |")
     return rows
 
 
@@ -202,7 +213,10 @@ def _profile_lines(profile: Mapping[str, Any]) -> list[str]:
         "",
         "CPU per request by area, in µs: one profiled run per variant, samples of the lab's own "
         "tasks only (its processes, wrk, ksoftirqd). Kernel areas are grouped by symbol; softirq "
-        "work shows under the task it interrupted.",
+        "work shows under the task it interrupted. Without a hardware PMU (a VM) perf samples on "
+        "a timer, so time spent with interrupts off lands where they come back on "
+        "(`_raw_spin_unlock_irqrestore`, counted under locks). One run per variant: shares are "
+        "indicative, totals move by some 10% from run to run.",
         "",
         f"| area | {' | '.join(names)} |",
         f"|---|{'---:|' * len(names)}",
@@ -212,7 +226,22 @@ def _profile_lines(profile: Mapping[str, Any]) -> list[str]:
         cells = [fmt(variants[n]["areas"].get(area)) for n in names]
         lines.append(f"| {area} | {' | '.join(cells)} |")
     lines.append("")
+    first = names[0]
+    for other in names[1:]:
+        lines.append(f"- {_difference(first, other, variants[first], variants[other])}")
     for n in names:
         top = ", ".join(f"`{sym}` {pct:.1f}%" for pct, sym, _ in variants[n]["top"][:8])
         lines.append(f"- top symbols, {n} ({variants[n]['samples']} samples): {top}")
     return lines
+
+
+def _difference(a: str, b: str, pa: Mapping[str, Any], pb: Mapping[str, Any]) -> str:
+    """`a` against `b`: the total and the areas that differ most, in µs per request."""
+    areas = set(pa["areas"]) | set(pb["areas"])
+    diffs = {x: pa["areas"].get(x, 0.0) - pb["areas"].get(x, 0.0) for x in areas}
+    biggest = sorted(diffs, key=lambda x: -abs(diffs[x]))[:4]
+    parts = ", ".join(f"{x} {diffs[x]:+.1f}" for x in biggest)
+    return (
+        f"{a} against {b}: {pa['cpu_us'] - pb['cpu_us']:+.1f} µs per request; "
+        f"the areas that differ most: {parts}"
+    )
