@@ -772,7 +772,7 @@ class Daemon:
                     return
                 new, changes = await asyncio.to_thread(self._validate, body)
                 await self._apply(new, body, version, f"{peer} (rejoin sync)", changes)
-        except (dep.Refused, dep.Unreachable, ControlError) as e:
+        except Exception as e:  # a background task: count and log, never lose it silently
             self.counters["config_sync_errors"] = self.counters.get("config_sync_errors", 0) + 1
             event(self.module_log, "config_sync_failed", logging.WARNING, peer=peer, error=e)
 

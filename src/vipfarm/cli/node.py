@@ -138,6 +138,7 @@ def log(
                     "/api/v1/logs/stream", {"log": name, "offset": got.next_offset}
                 ):
                     _write([line])
+            return  # the node's daemon stopped
         offset = got.next_offset
         while True:
             time.sleep(FOLLOW_POLL_S)

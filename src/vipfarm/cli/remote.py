@@ -36,6 +36,8 @@ from vipfarm.config import ConfigError, parse_config
 from vipfarm.control import ControlError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# Two rounds over every node, each bounded by the nodes' own timeouts (vipfarm.api.client).
+DEPLOY_TIMEOUT_S = 120.0
 M = TypeVar("M", bound=BaseModel)
 
 FARM = typer.Option(None, "--farm", help="farm name (default: the only farm running here)")
@@ -98,7 +100,7 @@ def target_of(ctx: typer.Context) -> Target | None:
 
 
 @contextmanager
-def api_client(target: Target) -> Iterator[Any]:
+def api_client(target: Target, timeout: float = 30.0) -> Iterator[Any]:
     """An `ApiClient` of the target; its errors become exit codes (see the module docstring)."""
     from vipfarm.api.client import ApiClient, ApiError, read_token
     from vipfarm.api.deploy import Unreachable
@@ -108,7 +110,7 @@ def api_client(target: Target) -> Iterator[Any]:
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
     try:
-        with ApiClient(target.url, token, verify=target.verify) as client:
+        with ApiClient(target.url, token, verify=target.verify, timeout=timeout) as client:
             yield client
     except Unreachable as e:
         fail(f"cannot reach the node's API: {e}", EXIT_UNREACHABLE)
@@ -120,14 +122,16 @@ def api_client(target: Target) -> Iterator[Any]:
         fail(str(e), EXIT_USAGE if e.status == 422 else EXIT_FAILED)
 
 
-def local_call(farm: str | None, cmd: str, args: dict[str, Any] | None = None) -> Any:
+def local_call(
+    farm: str | None, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0
+) -> Any:
     """One request to this host's daemon; its errors become exit codes."""
     try:
         name = control.resolve_farm(farm)
     except ControlError as e:
         fail(str(e), EXIT_UNREACHABLE if not control.farms_here() else EXIT_USAGE)
     try:
-        return control.call(name, cmd, args, timeout=120.0)
+        return control.call(name, cmd, args, timeout=timeout)
     except ControlError as e:
         lost = isinstance(e.__cause__, OSError) or "did not answer" in str(e)
         fail(str(e), EXIT_UNREACHABLE if lost else EXIT_FAILED)
@@ -142,13 +146,14 @@ def call(
     method: str = "GET",
     path: str = "",
     body: BaseModel | None = None,
+    timeout: float = 30.0,
 ) -> M:
     """`cmd` on the local daemon, or `method path` on the `--node` target: the same answer."""
     target = target_of(ctx)
     if target is None:
         args = body.model_dump(mode="json") if body is not None else None
-        return model.model_validate(local_call(farm, cmd, args))
-    with api_client(target) as client:
+        return model.model_validate(local_call(farm, cmd, args, timeout))
+    with api_client(target, timeout) as client:
         result: M = client.call(method, "/api/v1" + (path or f"/{cmd}"), model, body=body)
         return result
 
@@ -195,6 +200,7 @@ def deploy(
         method="PUT",
         path="/config",
         body=DeployRequest(text=text, dry_run=dry_run),
+        timeout=DEPLOY_TIMEOUT_S,
     )
     if as_json:
         print_json(result)
@@ -234,10 +240,10 @@ def snapshot(
     """Write a support bundle (tar.gz): configuration without secrets, logs, ruleset, state."""
     target = target_of(ctx)
     if target is None:
-        data = base64.b64decode(local_call(farm, "snapshot")["tar_gz_base64"])
+        data = base64.b64decode(local_call(farm, "snapshot", timeout=120)["tar_gz_base64"])
         where = "local"
     else:
-        with api_client(target) as client:
+        with api_client(target, timeout=120) as client:
             data = client.get_bytes("/api/v1/snapshot")
         where = target.url.split("://", 1)[1].replace(":", "_").replace("/", "")
     if output is None:
