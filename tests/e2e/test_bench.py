@@ -64,7 +64,13 @@ def test_quick_bench_writes_results_plots_and_summary(tmp_path: Path) -> None:
         "farm_vs_haproxy_p99",
         "datapath_overhead_pct",
     }
-    for png in ("throughput_rps.png", "latency_p99.png", "overhead_rps.png", "drop_cost.png"):
+    for png in (
+        "throughput_rps.png",
+        "latency_p99.png",
+        "cpu_per_request.png",
+        "overhead_rps.png",
+        "drop_cost.png",
+    ):
         assert (out / png).read_bytes().startswith(b"\x89PNG"), png
     summary = (out / "summary.md").read_text()
     assert "vipfarm bench --quick" in summary and "](throughput_rps.png)" in summary

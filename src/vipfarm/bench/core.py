@@ -16,7 +16,8 @@ owned twice), `Context.count()` for safety counters (the CI smoke test requires 
 Measurements with wrk go through `Context.interleave()`: every variant (a URL from a client of a
 lab) is measured in every mode, round after round, the order of the variants rotating from one
 round to the next, so slow drifts of a shared machine hit every variant alike. Every run also
-records the machine's busy CPU time, for CPU cost per request.
+records the CPU time of the lab's own tasks and of the whole machine (`vipfarm.bench.cpu`).
+Figures are medians of per-round values (`FigureSet`), kept with the range those values spanned.
 """
 
 from __future__ import annotations

@@ -141,6 +141,13 @@ def _plot_throughput(figures: Mapping[str, Any], out: Path) -> list[Path]:
             figures,
             [(f"{k}_p99_ms", label) for k, label in bars],
         ),
+        bar_panels(
+            out / "cpu_per_request.png",
+            "3 nodes: CPU per request, client, switch and servers (median of rounds)",
+            "µs",
+            figures,
+            [(f"{k}_cpu_us", label) for k, label in bars],
+        ),
     ]
     return [p for p in made if p]
 
@@ -311,12 +318,11 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
         return x - y if x is not None and y is not None else None
 
     def per_node_us(a: Run, b: Run) -> float | None:
-        d = cpu_delta(a, b)
-        return d / k if d is not None else None
+        return _div(cpu_delta(a, b), k)
 
     def per_node_pct(a: Run, b: Run) -> float | None:
-        d, y = cpu_delta(a, b), b.cpu_us_per_request
-        return d / k / y * 100 if d is not None and y else None
+        d, y = per_node_us(a, b), b.cpu_us_per_request
+        return d / y * 100 if d is not None and y else None
 
     def per_packet_us(a: Run, b: Run) -> float | None:
         d, pa, pb = cpu_delta(a, b), _rx_per_request(a), _rx_per_request(b)

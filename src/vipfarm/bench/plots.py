@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vipfarm.bench.report import fmt
 from vipfarm.bench.wrk import Mode
 
 
@@ -35,7 +36,7 @@ def bar_panels(
         labels = [label for _, label in present]
         values = [figures[key].get(str(mode), 0.0) for key, _ in present]
         drawn = ax.bar(labels, values, color=[f"C{i}" for i in range(len(present))])
-        ax.bar_label(drawn, fmt="%.3g", fontsize=8)
+        ax.bar_label(drawn, labels=[fmt(v) for v in values], fontsize=8)
         ax.set_title(f"{mode} ({'new connection per request' if mode is Mode.CLOSE else 'reused'})")
         ax.set_ylabel(ylabel)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
