@@ -26,6 +26,15 @@ JsonInt = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class _Model(BaseModel):
+    """An answer. Unknown keys are ignored when reading one, so a node still understands a
+    peer that runs a newer version (a rolling upgrade)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Query(BaseModel):
+    """Query parameters: strings by nature, so converted; unknown ones refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -82,13 +91,13 @@ class ActionResult(_Model):
 MAX_LINES = 10_000
 
 
-class LogQuery(_Model):
+class LogQuery(_Query):
     log: LogName = "module"
     offset: int | None = Field(default=None, ge=0, description="byte offset; none: the tail")
     limit: int = Field(default=100, ge=1, le=MAX_LINES)
 
 
-class StreamQuery(_Model):
+class StreamQuery(_Query):
     log: LogName = "module"
     offset: int | None = Field(default=None, ge=0, description="byte offset; none: the end")
 
