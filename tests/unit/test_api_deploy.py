@@ -14,6 +14,7 @@ from vipfarm.api.models import (
     AbortRequest,
     CommitReply,
     CommitRequest,
+    DeployResult,
     PrepareReply,
     PrepareRequest,
 )
@@ -180,7 +181,7 @@ class FakeNode:
         self.log.append("abort")
 
 
-def run(nodes: list[FakeNode], dry_run: bool = False) -> dep.DeployResult:
+def run(nodes: list[FakeNode], dry_run: bool = False) -> DeployResult:
     return asyncio.run(dep.coordinate("text", "node1", nodes, dry_run=dry_run))
 
 
