@@ -428,3 +428,19 @@ def test_bystanders_are_every_host_but_the_nodes() -> None:
     bystanders = set(bystander_ports(lab))
     assert len(nodes) == 2 and not nodes & bystanders
     assert len(bystanders) == 2 + 2 + 1  # router (LAN and remote side), 2 clients, 1 remote
+
+
+def test_sighup_handler_is_seen_in_proc() -> None:
+    import os
+    import signal
+
+    from vipfarm.bench.figures import _catches_sighup
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        assert not _catches_sighup(os.getpid())
+        signal.signal(signal.SIGHUP, lambda *_: None)
+        assert _catches_sighup(os.getpid())
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert not _catches_sighup(2**22 + 1)  # no such process

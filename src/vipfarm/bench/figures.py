@@ -20,6 +20,8 @@ request counts the lab's own tasks, softirq included (`vipfarm.bench.cpu`).
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +48,8 @@ from vipfarm.bench.plots import bar_panels
 from vipfarm.bench.profile import profile_variants
 from vipfarm.bench.switch import node_port, set_flood, tx_packets
 from vipfarm.bench.wrk import Mode
-from vipfarm.lab.testbed import url_for
-from vipfarm.lab.topology import BUCKETS, node_lan4, node_name
+from vipfarm.lab.testbed import Lab, url_for
+from vipfarm.lab.topology import BUCKETS, LabError, node_lan4, node_name
 
 Combine = Callable[[Run, Run], float | None]
 
@@ -296,6 +298,7 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
     with ctx.lab(nodes=1 + k) as lab:
         droppers = [node_name(i) for i in range(2, k + 2)]
         ctx.status(f"drop_cost: moving every bucket to node1, {k} nodes own none")
+        _wait_runners_catch_sighup(lab)
         lab.set_owned({"node1": list(range(BUCKETS)), **{d: [] for d in droppers}})
         ports = [node_port(lab, d) for d in droppers]
 
@@ -344,6 +347,30 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
     ):
         f.add(key, values_of(runs, variant, lambda r: _div(_rx_per_request(r), k)))
     return f.result(runs, notes={"droppers": k}, profile=profile)
+
+
+def _catches_sighup(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) >> (signal.SIGHUP - 1) & 1)
+
+
+def _wait_runners_catch_sighup(lab: Lab, timeout_s: float = 30.0) -> None:
+    """Wait until every data path runner handles SIGHUP.
+
+    `up()` returns once the kernels hold the buckets, but a runner installs its SIGHUP handler
+    only after that, and SIGHUP's default action ends a process: `set_owned` right after `up`
+    could kill a runner.
+    """
+    deadline = time.monotonic() + timeout_s
+    for node, rec in lab.runners().items():
+        while not _catches_sighup(rec.pid):
+            if time.monotonic() > deadline:
+                raise LabError(f"{node}: its data path runner did not start in {timeout_s:.0f} s")
+            time.sleep(0.05)
 
 
 def _div(x: float | None, y: float) -> float | None:
