@@ -161,9 +161,7 @@ class Simulator:
         self.anchor: Members = next(iter(self.mcfg.values())).nodes_sorted
         self.codec = Codec("sim", _KEY, cfg.buckets)
         # Slot lists of (node, (payload, network)), or (node, None) for a wake-up.
-        self.ring: list[list[tuple[_Node, tuple[bytes, str] | None]]] = [
-            [] for _ in range(_RING)
-        ]
+        self.ring: list[list[tuple[_Node, tuple[bytes, str] | None]]] = [[] for _ in range(_RING)]
         self.actions: list[tuple[float, int, Callable[[float], None]]] = []
         self._action_seq = 0
         self.targets: list[list[_Node]] = []
