@@ -10,7 +10,9 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +98,27 @@ def test_serves_in_the_loop_and_leaves_signal_handlers_alone() -> None:
                 await client.get(f"{server.url}/hello")
 
     asyncio.run(scenario())
+
+
+def test_small_answers_do_not_wait_for_a_delayed_ack() -> None:
+    """Without TCP_NODELAY on accepted connections a small answer's body waits for the ACK of
+    its headers: about 40 ms per request instead of about 1."""
+
+    async def scenario() -> float:
+        server = ApiServer(hello_app(), LOOPBACK, free_port())
+        await server.start()
+        try:
+            async with httpx.AsyncClient() as client:
+                took = []
+                for _ in range(20):
+                    t0 = time.perf_counter()
+                    await client.get(f"{server.url}/hello")
+                    took.append(time.perf_counter() - t0)
+            return statistics.median(took)
+        finally:
+            await server.stop()
+
+    assert asyncio.run(scenario()) < 0.02
 
 
 def test_tls_with_the_configured_certificate(cert: tuple[Path, Path]) -> None:

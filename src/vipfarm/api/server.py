@@ -68,7 +68,10 @@ class ApiServer:
     async def start(self) -> None:
         """Listen and serve in a task of the running loop; raises OSError if it cannot listen."""
         family = socket.AF_INET if self.host.version == 4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto given explicitly: asyncio sets TCP_NODELAY on accepted connections only when
+        # their proto is IPPROTO_TCP, and without it a small answer waits for the client's
+        # delayed ACK of the headers (40 ms per request, measured).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((str(self.host), self.port))
