@@ -237,6 +237,7 @@ class Daemon:
         self._exit = asyncio.Event()
         self._force = False
         self._drain_task: asyncio.Task[None] | None = None
+        self._app_stopping = False
         self._exit_after_stop = False
 
     # ------------------------------------------------------------------ life cycle
@@ -468,7 +469,9 @@ class Daemon:
             await asyncio.sleep(DRAIN_POLL_S)
         left = busy_connections(vips)
         event(self.module_log, "drained", connections_left=left, forced=self._force)
+        self._app_stopping = True  # from here on a `start` must wait for STOP
         await self.supervisor.stop()
+        self._app_stopping = False
         self.core.stopped(time.monotonic())
         self._force = False
         self._wake.set()
@@ -588,8 +591,26 @@ class Daemon:
 
     async def start(self) -> ActionResult:
         state = self.core.state
+        draining = state in (NodeState.DRAINING, NodeState.STOPPING)
+        if draining and not self._app_stopping and not self._exit_after_stop:
+            # `start` during a drain cancels it: the application still runs, so the node
+            # rejoins at once (WAIT, then UP through the usual release-before-acquire).
+            if self._drain_task is not None:
+                self._drain_task.cancel()
+            self._force = False
+            self.core.join(time.monotonic())
+            self._wake.set()
+            event(self.module_log, "drain_cancelled", state=state.name)
+            return ActionResult(node=self.node.name, state=self.core.state.name)
         if state is not NodeState.STOP:
-            raise ControlError(f"node {self.node.name} is {state.name}, not STOP: nothing to start")
+            raise ControlError(
+                f"node {self.node.name} is {state.name}, not STOP: nothing to start"
+                + (
+                    " (it is stopping its application: start it once it is STOP)"
+                    if draining
+                    else ""
+                )
+            )
         await self.supervisor.start()
         self.core.join(time.monotonic())
         self._wake.set()

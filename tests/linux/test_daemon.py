@@ -285,3 +285,18 @@ def test_bad_config_is_refused_with_the_key_and_changes_nothing(lab_factory: Lab
     assert run.returncode == 2 and "rule[3].ports" in run.stderr
     assert lab.exec("node1", ["nft", "list", "tables"], check=True).stdout.strip() == ""
     assert "198.51.100.100" not in lab.exec("node1", ["ip", "addr", "show", "lo"]).stdout
+
+
+def test_start_during_a_drain_cancels_it(lab_factory: LabFactory) -> None:
+    lab = lab_factory(nodes=3, daemon=True, app="builtin")
+    with lab.hold("client1", 60) as held:
+        assert held.initial["nodes"].get("node3", 0) > 0
+        lab.daemon_call("node3", "stop")
+        wait_for("node3 to give every bucket away", lambda: owners(lab)["node3"] == [])
+        assert state(lab, "node3") in ("DRAINING", "STOPPING")  # waiting for its connections
+        out = cli(lab, "node3", "start")
+        assert out.returncode == 0, out.stderr
+        lab.wait_farm_up(30)
+        probe = held.probe()
+        assert probe["ok"] == 60 and probe["moved"] == 0, probe
+    assert "drain_cancelled" in (lab.dir / "nodelogs" / "node3" / "module.log").read_text()
