@@ -3,7 +3,8 @@
 `compose()` lays results.json out as the issue asks: every figure under its own flat key at the top
 level (`farm_rps`, ...; a `{mode: value}` map for per-mode figures), next to the reserved keys
 `meta` (command, machine, date, commit), `settings`, `targets` (each goal checked per mode),
-`safety` (counters that must be zero), `notes` and `runs` (every measured run, for re-analysis).
+`safety` (counters that must be zero), `spread` (the range of each figure's per-round values),
+`profiles` (perf breakdowns), `notes` and `runs` (every measured run, for re-analysis).
 `markdown()` renders that dictionary, with the scenarios' own words for what each figure means.
 """
 
@@ -146,7 +147,7 @@ def _meta_lines(meta: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
     commit = git.get("commit", "unknown")[:12]
     if git.get("dirty"):
         commit += " with uncommitted changes"
-    tools = ", ".join(f"{k} {v}" for k, v in meta.get("tools", {}).items())
+    tools = ", ".join(meta.get("tools", {}).values())
     load = ", ".join(f"{x:.2f}" for x in m.get("loadavg", []))
     kind = "quick" if settings["quick"] else "full"
     share = "n/a" if meta.get("lab_share_of_busy") is None else fmt(meta["lab_share_of_busy"] * 100)

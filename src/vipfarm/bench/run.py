@@ -60,7 +60,8 @@ def _first_line(argv: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "missing"
     lines = (proc.stdout + proc.stderr).strip().splitlines()
-    return lines[0] if lines else "unknown"
+    # e.g. "HAProxy version 2.6.12 2023/01/01 - https://...", "wrk 4.1.0 [epoll] Copyright ..."
+    return lines[0].split(" - ")[0].split(" Copyright")[0].strip() if lines else "unknown"
 
 
 def tool_versions() -> dict[str, str]:
