@@ -10,9 +10,9 @@ one `haproxy -db` there with two frontends over the same nodes, by their real ad
 Both balance round robin without health checks, as the lab's static farm has none. HAProxy runs
 with its default thread count (one per CPU).
 
-The process is recorded in the lab's state directory, so `vipfarm lab down` stops it even after
-a crash of the bench; the namespace is removed when the context ends (deleting it takes the veth
-with it). Should a bench be killed outright, `ip netns del <lab>-haproxy` removes what is left.
+The process is recorded in the lab's state directory and the namespace name is one the lab knows,
+so `vipfarm lab down` removes both even after a crash of the bench; normally they go when the
+context ends (deleting the namespace takes the veth with it).
 """
 
 from __future__ import annotations
