@@ -35,9 +35,12 @@ Theory of operation (docs/MEMBERSHIP.md has the long version and the safety argu
 - **Hung daemon.** If no heartbeat was sent for longer than `lease`, the kernel leases have
   expired: the core releases everything (`LeaseLost`) and listens for `dead_after` again before
   claiming anything.
+- **Goodbye.** A node that stopped and holds nothing says so (`shutdown`), and peers stop
+  waiting for it at once.
 - **Timers.** `get_timer()` is exact: the next heartbeat, the end of a listening period, or the
-  earliest peer deadline. Peer deadlines only move later when a heartbeat arrives, so the minimum
-  is recomputed only when the peer that holds it is heard from, which keeps the receive path O(1).
+  earliest peer deadline. Live peers sit in an ordered dict by the time they were last heard, so
+  the earliest deadline is its first entry and a heartbeat costs one `move_to_end`: the receive
+  path is O(1), and an unchanged claim is one byte-string comparison.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from vipfarm.protocol import (
     NodeState,
     bits_of,
     config_digest,
+    farm_id,
     mask_of,
     node_id,
 )
@@ -194,8 +198,12 @@ class Membership:
         self.incarnation = incarnation
         if codec is None:
             codec = Codec(config.farm, config.key, config.buckets)
-        elif codec.buckets != config.buckets:
-            raise ValueError(f"codec has {codec.buckets} buckets, config has {config.buckets}")
+        elif codec.buckets != config.buckets or codec.farm_id != farm_id(config.farm):
+            raise ValueError(
+                f"the codec is for another farm or bucket count ({codec.buckets} buckets); "
+                f"share a codec only between cores of farm {config.farm!r} with "
+                f"{config.buckets} buckets"
+            )
         self._cached = codec.cached
         self._decode = codec.decode
         self._codec = codec
