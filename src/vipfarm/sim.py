@@ -479,13 +479,16 @@ class Simulator:
             return
         n = len(self.nodes)
         first = n // 2 if cfg.scenario == "join" else n
+        # Daemons start within one interval of each other, and every scenario event falls at a
+        # random phase of the heartbeat schedule, so that worst cases (a crash right after a
+        # heartbeat) are sampled, not avoided.
         for node in self.nodes[: max(1, first)]:
-            self.at(0.0, partial(self.start, node))
-        warm = 2 * cfg.dead_after + 0.5
+            self.at(self.rnd.uniform(0, cfg.interval), partial(self.start, node))
+        warm = 2 * cfg.dead_after + 0.5 + cfg.interval
         self.at(warm, self._warm)
         t = warm + cfg.period / 2
         while t < cfg.duration:
-            self.at(t, getattr(self, f"_step_{cfg.scenario}"))
+            self.at(t + self.rnd.uniform(0, cfg.interval), getattr(self, f"_step_{cfg.scenario}"))
             t += cfg.period
 
     def _plan_script(self, script: Sequence[Action]) -> None:

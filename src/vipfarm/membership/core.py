@@ -275,32 +275,35 @@ class Membership:
         if ni is None:
             self._count(Drop.UNKNOWN_NETWORK)
             return False
+        seq = hb.seq
         if hb.incarnation != peer.incarnation:
             if hb.incarnation < peer.incarnation:
                 self._count(Drop.REPLAY)
                 return False
             self._new_incarnation(peer, hb)
-        elif hb.seq <= peer.net_seq[ni]:
-            self._count(Drop.DUPLICATE if hb.seq == peer.net_seq[ni] else Drop.REPLAY)
+        elif seq <= peer.net_seq[ni]:
+            self._count(Drop.DUPLICATE if seq == peer.net_seq[ni] else Drop.REPLAY)
             return False
-        peer.net_seq[ni] = hb.seq
-        peer.net_heard[ni] = now
+        peer.net_seq[ni] = seq
         peer.heard = now
+        multi = self._multi
+        if multi:
+            peer.net_heard[ni] = now
         if peer.alive:
             if peer.vouched:
                 self._unvouch(peer)
             else:
                 self._by_heard.move_to_end(peer.id)
-            if self._multi:
+            if multi:
                 if peer.net_lost[ni]:
                     self._net_restored(peer, ni)
                 else:
                     self._by_net[ni].move_to_end(peer.id)
             if peer is self._timer_peer:
                 self._timer_dirty = True
-        if hb.seq <= peer.seq:
+        if multi and seq <= peer.seq:
             return bool(self._events)  # a late copy from a slower network: liveness only
-        peer.seq = hb.seq
+        peer.seq = seq
         old = peer.hb
         peer.hb = hb
         if hb.bye:
@@ -522,7 +525,11 @@ class Membership:
                     "incarnation": p.incarnation or None,
                     "weight": hb.weight if hb else self.config.nodes[p.name],
                     "heartbeat_age_ms": {
-                        net: (round((now - p.net_heard[i]) * 1000.0, 1) if p.hb else None)
+                        net: (
+                            round((now - (p.net_heard[i] if self._multi else p.heard)) * 1e3, 1)
+                            if p.hb
+                            else None
+                        )
                         for net, i in self._nets.items()
                     },
                 }
