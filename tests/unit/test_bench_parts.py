@@ -319,6 +319,8 @@ def test_markdown_states_command_machine_goals_figures_and_links_plots(tmp_path:
     assert "| `scalar` | 12,346 |  | one number |" in text
     assert "- `wrk_non_2xx`: 2" in text
     assert "![alpha](../out/alpha.png)" in text
+    named = markdown(results, [s], {"alpha": [png]}, None)
+    assert "![" not in named and f"Plots (written by the run, not kept here): `{png}`" in named
     assert "do not edit" in text and "Method text" not in text and "method text" in text
 
 

@@ -173,9 +173,10 @@ def markdown(
     results: Mapping[str, Any],
     scenarios: Sequence[Scenario],
     images: Mapping[str, Sequence[Path]],
-    where: Path,
+    where: Path | None,
 ) -> str:
-    """The summary; `images` are each scenario's plots, linked relative to directory `where`."""
+    """The summary; `images` are each scenario's plots, embedded with links relative to directory
+    `where`, or, when `where` is None (a copy kept away from the plots), named only."""
     meta = results["meta"]
     lines = [
         "# vipfarm benchmarks",
@@ -198,8 +199,16 @@ def markdown(
     ]
     for s in scenarios:
         lines += ["", f"## {s.title}", "", s.method, "", *_figure_rows(s, results)]
-        for p in images.get(s.name, ()):
-            lines += ["", f"![{p.stem}]({os.path.relpath(p, where)})"]
+        plots = images.get(s.name, ())
+        if where is not None:
+            lines += [
+                line for p in plots for line in ("", f"![{p.stem}]({os.path.relpath(p, where)})")
+            ]
+        elif plots:
+            lines += [
+                "",
+                f"Plots (written by the run, not kept here): {', '.join(f'`{p}`' for p in plots)}",
+            ]
         if s.name in results.get("profiles", {}):
             lines += ["", *_profile_lines(results["profiles"][s.name])]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ The run is one pass over the selected scenarios with a rich progress bar countin
 scenario builds and removes its own labs, so a failure leaves nothing behind (the exception still
 ends the bench: figures from a half-run would mislead). What a run writes, all in `--out`:
 `results.json`, one PNG per figure family, `summary.md`; and with `--docs FILE` the same summary
-at FILE with image links relative to it (how docs/BENCHMARKS.md is produced).
+at FILE, naming the plots instead of embedding them (how docs/BENCHMARKS.md is produced).
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def run_bench(
     (out / "summary.md").write_text(markdown(results, chosen, images, out))
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(markdown(results, chosen, images, docs.parent))
+        # The plots stay in --out (bench/results is not committed): the copy names them only.
+        docs.write_text(markdown(results, chosen, images, None))
     _print_summary(console, results, out, docs)
     return results
 
