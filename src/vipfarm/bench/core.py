@@ -135,14 +135,6 @@ class Reporter(Protocol):
     def advance(self) -> None: ...
 
 
-class NullReporter:
-    def status(self, text: str) -> None:
-        pass
-
-    def advance(self) -> None:
-        pass
-
-
 class Context:
     """What a scenario measures with: settings, labs, wrk, safety counters, progress."""
 

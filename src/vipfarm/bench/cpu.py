@@ -26,11 +26,9 @@ TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 @dataclass(frozen=True)
 class CpuTimes:
     busy: int  # clock ticks, all CPUs together
-    idle: int
-    steal: int
 
     def __sub__(self, other: CpuTimes) -> CpuTimes:
-        return CpuTimes(self.busy - other.busy, self.idle - other.idle, self.steal - other.steal)
+        return CpuTimes(self.busy - other.busy)
 
     @property
     def busy_s(self) -> float:
@@ -38,12 +36,15 @@ class CpuTimes:
 
 
 def parse_proc_stat(text: str) -> CpuTimes:
-    """The aggregate `cpu` line: user nice system idle iowait irq softirq steal [guest...]."""
+    """Busy time from the aggregate `cpu` line: user nice system idle iowait irq softirq steal...
+
+    Guest time is already part of user time.
+    """
     for line in text.splitlines():
         fields = line.split()
         if fields and fields[0] == "cpu":
-            user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
-            return CpuTimes(user + nice + system + irq + softirq, idle + iowait, steal)
+            user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
+            return CpuTimes(user + nice + system + irq + softirq)
     raise ValueError("no aggregate `cpu` line in /proc/stat")
 
 

@@ -387,7 +387,7 @@ def _rx_per_request(run: Run) -> float | None:
 def _plot_drop(figures: Mapping[str, Any], out: Path) -> list[Path]:
     made = bar_panels(
         out / "drop_cost.png",
-        "Machine CPU per request, non-owners flooded or not",
+        "CPU per request, non-owners flooded or not",
         "µs per request",
         figures,
         [("drop_flooded_cpu_us", "non-owners flooded"), ("drop_isolated_cpu_us", "not flooded")],
