@@ -112,12 +112,23 @@ def test_parse_proc_stat_counts_work_not_idle_or_steal() -> None:
 
 def test_lab_cpu_counts_tasks_and_children_but_not_a_reused_pid() -> None:
     m = CpuTimes(0)
-    before = Snapshot(m, children_s=1.0, tasks={10: (500, 100), 11: (600, 0), 12: (700, 0)})
-    # 10 used 50 ticks; 11 is a new process with the same PID; 12 ended.
-    after = Snapshot(m, children_s=1.5, tasks={10: (500, 150), 11: (900, 400)})
-    from vipfarm.bench.cpu import TICK_S
+    before = Snapshot(m, children_s=1.0, tasks={10: (500, 10**9), 11: (600, 0), 12: (700, 0)})
+    # 10 used 0.25 s; 11 is a new process with the same PID; 12 ended.
+    after = Snapshot(m, children_s=1.5, tasks={10: (500, 125 * 10**7), 11: (900, 4 * 10**9)})
+    assert lab_cpu_s(before, after) == pytest.approx(0.25 + 0.5)
 
-    assert lab_cpu_s(before, after) == pytest.approx(50 * TICK_S + 0.5)
+
+def test_snapshot_reads_this_process_precisely() -> None:
+    import os
+
+    from vipfarm.bench.cpu import snapshot
+
+    me = os.getpid()
+    a = snapshot([me, 2**22 + 1])  # the second PID cannot exist: left out
+    sum(i * i for i in range(200_000))  # burn some CPU
+    b = snapshot(a.tasks)
+    assert set(a.tasks) == {me}
+    assert 0 < lab_cpu_s(a, b) < 5
 
 
 # ---- figures from runs

@@ -3,13 +3,13 @@
 * Machine-wide, from /proc/stat: user + nice + system + irq + softirq (idle and iowait are not
   work; steal is time the hypervisor gave another guest). Complete, but it counts every other
   tenant of the machine too.
-* The lab's own: user + system time of every process in the lab's namespaces, of our children
-  (wrk) and of the ksoftirqd threads. The kernel's tick accounting charges softirq work (where
-  packets are switched, filtered and delivered; on a veth it runs on the sending CPU, inside the
-  sender's system call) to the task it interrupted, so this includes the network path while
-  leaving other tenants out (checked on this kernel: over a loaded run, the CPU time of all
-  processes together equals the machine's busy time, softirq included). This is the figure the
-  bench reports; the machine-wide one is kept with every run for comparison.
+* The lab's own: the time on a CPU of every process in the lab's namespaces, of our children
+  (wrk) and of the ksoftirqd threads. Softirq work (where packets are switched, filtered and
+  delivered; on a veth it runs on the sending CPU, inside the sender's system call) counts as
+  time of the task it interrupted, so this includes the network path while leaving other tenants
+  out (checked on this kernel: over a loaded run, the CPU time of all processes together equals
+  the machine's busy time, softirq included). This is the figure the bench reports; the
+  machine-wide one is kept with every run for comparison.
 """
 
 from __future__ import annotations
@@ -55,14 +55,21 @@ def read_cpu() -> CpuTimes:
 # ---- the lab's own CPU time
 
 
-def _task_ticks(pid: int) -> tuple[int, int] | None:
-    """(start time, user + system ticks) of a process, all its threads together."""
+def _task_cpu_ns(pid: int) -> tuple[int, int] | None:
+    """(start time, nanoseconds on a CPU) of a process, all its threads together.
+
+    From the scheduler's own clock (`/proc/<pid>/task/*/schedstat`), not tick samples, which at
+    250 Hz would blur a few-second run by several percent.
+    """
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ns = 0
+        for task in os.scandir(f"/proc/{pid}/task"):
+            ns += int(Path(task.path, "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
-    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
-    return int(fields[19]), int(fields[11]) + int(fields[12])
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return int(fields[19]), ns
 
 
 def lab_tasks(namespaces: Iterable[str]) -> list[int]:
@@ -95,12 +102,12 @@ def lab_tasks(namespaces: Iterable[str]) -> list[int]:
 class Snapshot:
     machine: CpuTimes
     children_s: float  # our reaped children: wrk runs as one
-    tasks: dict[int, tuple[int, int]]
+    tasks: dict[int, tuple[int, int]]  # pid -> (start time, CPU ns)
 
 
 def snapshot(pids: Iterable[int]) -> Snapshot:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    tasks = {pid: t for pid in pids if (t := _task_ticks(pid)) is not None}
+    tasks = {pid: t for pid in pids if (t := _task_cpu_ns(pid)) is not None}
     return Snapshot(read_cpu(), usage.ru_utime + usage.ru_stime, tasks)
 
 
@@ -111,9 +118,9 @@ def lab_cpu_s(before: Snapshot, after: Snapshot) -> float:
     which under a lab's load is mostly the lab's own senders, so this counts the network path too
     while leaving out other tenants of the machine. A process that ended in between is left out.
     """
-    ticks = 0
+    ns = 0
     for pid, (start, t0) in before.tasks.items():
         now = after.tasks.get(pid)
         if now is not None and now[0] == start:
-            ticks += now[1] - t0
-    return ticks * TICK_S + after.children_s - before.children_s
+            ns += now[1] - t0
+    return ns / 1e9 + after.children_s - before.children_s
