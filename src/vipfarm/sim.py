@@ -47,7 +47,6 @@ _INV = 1.0 / RES
 _RING = 1 << 16  # slots in the timing wheel (6.5 s): longer than any delay or timer
 _KEY = b"vipfarm-simulator-key-0123456789abcdef"
 Action = tuple[float, str, int]
-Receive = Callable[[bytes, str, float], bool]
 
 
 @dataclass
@@ -161,14 +160,11 @@ class Simulator:
         }
         self.anchor: Members = next(iter(self.mcfg.values())).nodes_sorted
         self.codec = Codec("sim", _KEY, cfg.buckets)
-        # Slot lists of (node, its core's receive_datagram, payload, network), or
-        # (node, None, b"", "") for a wake-up. The bound method is taken when the node starts:
-        # datagrams in flight to an earlier incarnation go to that (dead) core, i.e. are lost.
-        self.ring: list[list[tuple[_Node, Receive | None, bytes, str]]]
-        self.ring = [[] for _ in range(_RING)]
+        # Slot lists of (node, (payload, network)), or (node, None) for a wake-up.
+        self.ring: list[list[tuple[_Node, tuple[bytes, str] | None]]] = [[] for _ in range(_RING)]
         self.actions: list[tuple[float, int, Callable[[float], None]]] = []
         self._action_seq = 0
-        self.targets: list[list[tuple[_Node, Receive]]] = []
+        self.targets: list[list[_Node]] = []
         self.partitioned = False
         # (observer, peer) pairs where the observer believes the peer dead. When both are in
         # fact alive and connected (heavy loss hid the peer, or a partition has just healed and
@@ -188,11 +184,9 @@ class Simulator:
 
     # ---------------------------------------------------------------- topology
     def _retarget(self) -> None:
-        live = [(n, n.core.receive_datagram) for n in self.nodes if n.core is not None]
-        self.targets = [
-            [(m, recv) for m, recv in live if m is not n and m.group == n.group] for n in self.nodes
-        ]
-        self.partitioned = len({n.group for n, _ in live}) > 1
+        live = [n for n in self.nodes if n.core is not None]
+        self.targets = [[m for m in live if m is not n and m.group == n.group] for n in self.nodes]
+        self.partitioned = len({n.group for n in live}) > 1
 
     def _misjudged(self) -> bool:
         nodes = self.nodes
@@ -214,7 +208,7 @@ class Simulator:
         k = k_now + 1 if t == -math.inf else max(k_now + 1, math.ceil(t * _INV - 1e-6))
         if k < node.wake:
             node.wake = k
-            self.ring[k & (_RING - 1)].append((node, None, b"", ""))
+            self.ring[k & (_RING - 1)].append((node, None))
 
     # ---------------------------------------------------------------- node lifecycle
     def start(self, node: _Node, now: float) -> None:
@@ -425,13 +419,13 @@ class Simulator:
         base, span = k + self.dmin, self.dspan
         ring, mask = self.ring, _RING - 1
         late = int(2 * self.cfg.interval * _INV)
+        item = (payload, net)
         if not (loss or dup or reorder):
             self.m.deliveries += len(targets)
-            delays = self.rnd.choices(self.delays, k=len(targets))
-            for (r, recv), d in zip(targets, delays, strict=True):
-                ring[(base + d) & mask].append((r, recv, payload, net))
+            for r, d in zip(targets, self.rnd.choices(self.delays, k=len(targets)), strict=True):
+                ring[(base + d) & mask].append((r, item))
             return
-        for r, recv in targets:
+        for r in targets:
             if loss and rnd() < loss:
                 continue
             copies = 2 if dup and rnd() < dup else 1
@@ -439,7 +433,7 @@ class Simulator:
                 kk = base + int(rnd() * span)
                 if reorder and rnd() < reorder:
                     kk += int(rnd() * late)
-                ring[kk & mask].append((r, recv, payload, net))
+                ring[kk & mask].append((r, item))
                 self.m.deliveries += 1
 
     def run(self) -> dict[str, Any]:
@@ -462,15 +456,16 @@ class Simulator:
             ring[k & mask] = []
             now = k * RES
             self.now = now
-            for node, recv, payload, net in items:
+            for node, item in items:
                 core = node.core
                 if core is None:
                     continue
-                if recv is None:
+                if item is None:
                     if node.wake == k:
                         node.wake = 2**62
                         self._wake(node, k, now)
-                elif recv(payload, net, now):
+                    continue
+                if core.receive_datagram(item[0], item[1], now):
                     self._events(node, now)
                     if core.get_timer() < node.wake * RES:
                         self._schedule(node, k)
