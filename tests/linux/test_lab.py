@@ -114,8 +114,12 @@ def test_down_removes_everything_also_strays(lab_factory: LabFactory) -> None:
     # A process the lab did not record: down must find it through `ip netns pids`.
     stray = subprocess.Popen([IP, "netns", "exec", lab.ns("client1"), "sleep", "600"])
     pids: list[tuple[int, int | None]] = [*lab_pids(lab), (stray.pid, start_time(stray.pid))]
-    nginx_workers = [int(p) for p in lab.exec("node1", ["pgrep", "nginx"]).stdout.split()]
-    pids += [(p, start_time(p)) for p in nginx_workers]
+    # Every process in node1's namespace (nginx workers included). Not `pgrep`: namespaces
+    # share the PID space, so it would also list other labs' nginx.
+    in_node1 = [
+        int(p) for p in subprocess.check_output([IP, "netns", "pids", lab.ns("node1")]).split()
+    ]
+    pids += [(p, start_time(p)) for p in in_node1]
     lab.down()
     stray.wait(timeout=10)
     assert_gone(lab.name, pids, links_before)
