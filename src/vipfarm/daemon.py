@@ -826,11 +826,7 @@ class Daemon:
             event(self.module_log, "flow_counters_failed", logging.WARNING, error=e)
             flows = {}
         snap = self.core.snapshot(time.monotonic())
-        # The supervisor keeps its checkers' latest results; they are read, never changed.
-        checkers = [
-            (c.spec.label, c.filter.healthy, c.last.ok if c.last else None)
-            for c in getattr(self.supervisor, "_checkers", [])
-        ]
+        checkers = self.supervisor.checker_results()
         return self.metrics.render(
             NodeFacts(
                 state=self.core.state.name,

@@ -161,6 +161,13 @@ class AppSupervisor:
     def healthy(self) -> bool:
         return self.state == AppState.HEALTHY
 
+    def checker_results(self) -> list[tuple[str, bool, bool | None]]:
+        """Each checker's (label, healthy after rise/fall, latest probe ok or None if none yet):
+        a read-only view for metrics and state."""
+        return [
+            (c.spec.label, c.filter.healthy, c.last.ok if c.last else None) for c in self._checkers
+        ]
+
     async def start(self) -> None:
         """Begin supervising (returns at once); a fresh start forgets earlier restarts."""
         if self._task is not None and not self._task.done():
