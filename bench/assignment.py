@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import os
 import platform
 import random
 import statistics
@@ -171,10 +172,13 @@ def _measure(
 def bench_sim(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     duration = 60.0 if quick else 600.0
+    cpu = time.process_time()
     r = simulate(SimConfig(nodes=64, scenario="crash", duration=duration))
     out["crash_64_nodes"] = {
         "simulated_s": duration,
         "wall_s": r["wall_s"],
+        "cpu_s": round(time.process_time() - cpu, 2),  # wall minus other load on the machine
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "datagrams_received": r["datagrams_received"],
         "receptions_per_wall_s": round(r["datagrams_received"] / r["wall_s"]),
         "max_owners_per_bucket": r["max_owners_per_bucket"],
