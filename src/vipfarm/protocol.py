@@ -7,9 +7,9 @@ hears; docs/PROTOCOL.md describes it field by field.
 
 Theory of operation:
 
-- `Codec.encode` packs a `Heartbeat` and appends `HMAC-SHA256(subkey, header || body)`, where the
-  subkey is derived from the farm key with a fixed label, so the raw farm key never MACs anything
-  else the project may sign later.
+- `Codec.encode` packs the fields and appends `HMAC-SHA256(subkey, everything before)`, where
+  the subkey is derived from the farm key with a fixed label, so the raw farm key never MACs
+  anything else the project may sign later.
 - `Codec.decode` never raises: it returns a `Heartbeat` or the `Drop` reason. Cheap checks come
   first (length, magic, version, farm id), then the MAC over everything before the tag, and only
   authenticated bytes are parsed further. Replay (old incarnation or sequence) needs per-peer state
@@ -118,7 +118,7 @@ def mask_of(buckets: Iterable[int]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """ "I have applied your heartbeat `seq` of incarnation `incarnation`" (see PROTOCOL.md)."""
+    """The sender applied heartbeat `seq` of incarnation `incarnation` of node `node_id`."""
 
     node_id: int
     incarnation: int

@@ -337,6 +337,18 @@ class Membership:
         if now < self._next_send:
             return []
         self._check_lease(now)
+        acks = tuple(Ack(p.id, p.incarnation, p.seq) for p in self._wanting.values())
+        out = self._heartbeat(self._fresh(now), acks)
+        self._last_send = now
+        # While claiming, repeat the claim sooner: a lost claim or acknowledgement then costs
+        # a fraction of an interval, not a whole one.
+        self._next_send = now + self.config.interval / (_CLAIM_SPEEDUP if self._want else 1)
+        self._timer_dirty = True
+        return out
+
+    def _heartbeat(
+        self, fresh: int, acks: tuple[Ack, ...], bye: bool = False
+    ) -> list[tuple[str, bytes]]:
         self._seq += 1
         payload = self._codec.encode(
             node_id=self._id,
@@ -347,15 +359,11 @@ class Membership:
             weight=self.weight,
             owned=self._held | self._requested,
             want=self._want,
-            fresh=self._fresh(now),
+            fresh=fresh,
             fresh_len=self._fresh_len,
-            acks=tuple(Ack(p.id, p.incarnation, p.seq) for p in self._wanting.values()),
+            acks=acks,
+            bye=bye,
         )
-        self._last_send = now
-        # While claiming, repeat the claim sooner: a lost claim or acknowledgement then costs
-        # a fraction of an interval, not a whole one.
-        self._next_send = now + self.config.interval / (_CLAIM_SPEEDUP if self._want else 1)
-        self._timer_dirty = True
         return [(net, payload) for net in self.config.networks]
 
     def get_timer(self) -> float:
@@ -451,23 +459,9 @@ class Membership:
         before peers take them)."""
         if self.state is not NodeState.STOP or self._held | self._requested | self._want:
             return []
-        self._seq += 1
-        payload = self._codec.encode(
-            node_id=self._id,
-            digest=self._digest,
-            incarnation=self.incarnation,
-            seq=self._seq,
-            state=NodeState.STOP,
-            weight=self.weight,
-            owned=0,
-            want=0,
-            fresh=0,
-            fresh_len=self._fresh_len,
-            bye=True,
-        )
         self._next_send = math.inf
         self._timer_dirty = True
-        return [(net, payload) for net in self.config.networks]
+        return self._heartbeat(0, (), bye=True)
 
     def set_weight(self, weight: int, now: float) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
