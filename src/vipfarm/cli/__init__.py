@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from vipfarm.cli import bench as bench_cli
 from vipfarm.cli import chaos as chaos_cli
 from vipfarm.cli import config as config_cli
 from vipfarm.cli import datapath as datapath_cli
@@ -27,6 +28,7 @@ config_cli.app.command("get")(remote_cli.config_get)
 app.command("snapshot")(remote_cli.snapshot)
 app.command("sim")(sim_cli.sim)
 app.command("chaos")(chaos_cli.chaos)
+app.command("bench")(bench_cli.bench)
 app.command("daemon")(node_cli.daemon)
 app.command("start")(node_cli.start)
 app.command("stop")(node_cli.stop)

@@ -28,8 +28,6 @@ def load_spec(path: Path) -> NodeDatapathSpec:
 async def run(spec_path: Path, state_dir: Path) -> None:
     node = load_spec(spec_path)
     service = DatapathService(node.datapath, state_dir)
-    owned = await service.start(node.owned)
-    event(log, "runner_started", spec=spec_path, owned=len(owned))
     wake = asyncio.Event()
     flags = {"stop": False, "reload": False}
 
@@ -41,6 +39,10 @@ async def run(spec_path: Path, state_dir: Path) -> None:
     loop.add_signal_handler(signal.SIGTERM, signalled, "stop")
     loop.add_signal_handler(signal.SIGINT, signalled, "stop")
     loop.add_signal_handler(signal.SIGHUP, signalled, "reload")
+    # Handlers first: a SIGHUP or SIGTERM sent right after the process appears (the lab moves
+    # buckets as soon as it is up) is then handled by the loop below instead of killing it.
+    owned = await service.start(node.owned)
+    event(log, "runner_started", spec=spec_path, owned=len(owned))
     period = node.datapath.lease_s / 3
     try:
         while not flags["stop"]:

@@ -619,6 +619,7 @@ class Lab:
                     ns,
                     "sysctl",
                     "-q",
+                    "-e",  # bridge netfilter keys exist only where br_netfilter is loaded
                     "-w",
                     *(f"{k}={v}" for k, v in pairs),
                 ]

@@ -238,10 +238,15 @@ class Topology:
         raise LabError(f"lab {self.name!r} has no host {who!r}: use one of {known}")
 
     def switch_sysctls(self) -> tuple[tuple[str, str], ...]:
-        # The switch is layer 2 only: without IPv6 its bridges send no RS/MLD noise into the LAN.
+        # The switch is layer 2 only: without IPv6 its bridges send no RS/MLD noise into the LAN,
+        # and with bridge netfilter off (on by default where br_netfilter is loaded) the frames it
+        # forwards do not go through the iptables/nftables hooks, as on a real switch.
         return (
             ("net.ipv6.conf.all.disable_ipv6", "1"),
             ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ("net.bridge.bridge-nf-call-iptables", "0"),
+            ("net.bridge.bridge-nf-call-ip6tables", "0"),
+            ("net.bridge.bridge-nf-call-arptables", "0"),
         )
 
     def switch_batch(self) -> list[str]:
