@@ -176,3 +176,24 @@ def test_overlapping_rules_rejected() -> None:
     with pytest.raises(ValidationError, match="overlap"):
         spec(Rule(vip=V4, port=80, port_end=90), Rule(vip=V4, port=85))
     spec(Rule(vip=V4, port=80), Rule(vip=V4, proto=Proto.UDP, port=80))  # other proto is fine
+
+
+def test_only_vip_traffic_enters_the_vip_chain() -> None:
+    s = spec(Rule(vip=V4, port=80), Rule(vip=V6, port=443))
+    hook = ruleset.hook_rules(s)
+    assert [rendered(r) for r in hook] == [
+        rendered(
+            [
+                {"match": {"op": "==", "left": {"payload": {"protocol": fam, "field": "daddr"}},
+                           "right": {"set": [str(vip)]}}},
+                {"jump": {"target": "vip"}},
+            ]
+        )
+        for fam, vip in (("ip", V4), ("ip6", V6))
+    ]  # fmt: skip
+    chains = {
+        c["add"]["rule"]["chain"] for c in ruleset.ruleset_batch(s) if "rule" in c.get("add", {})
+    }
+    assert chains == {"ingress", "pre", "vip", "bucket"}
+    only_v4 = ruleset.hook_rules(spec(Rule(vip=V4, port=80)))
+    assert len(only_v4) == 1

@@ -5,9 +5,10 @@ Two tables per farm:
 * ``netdev vipfarm_<farm>``: an ingress chain on the LAN interface turns frames addressed to a VMAC
   from ``PACKET_OTHERHOST`` into ``PACKET_HOST``, so IP input accepts them. It holds no state, so it
   is deleted and recreated on every apply (the hook device may have changed).
-* ``inet vipfarm_<farm>``: a prerouting chain after conntrack (priority -150) that, for traffic to
-  a VIP, accepts established flows, drops TCP that is not a pure SYN (with tcp_loose=0 this node
-  never picks up or resets a flow another node serves), hashes new flows of each rule into a bucket
+* ``inet vipfarm_<farm>``: a prerouting chain after conntrack (priority -150) that sends traffic
+  to a VIP to the chain ``vip`` (other traffic pays two set lookups), which accepts established
+  flows, drops TCP that is not a pure SYN (with tcp_loose=0 this node never picks up or resets a
+  flow another node serves), hashes new flows of each rule into a bucket
   (`meta mark set jhash <key> mod B seed S`) and accepts them only when the bucket is in the set
   ``owned`` and a local socket (the application) would take them - so a node whose application
   died drops new flows instead of resetting them while its lease runs out. Anything else
@@ -44,7 +45,8 @@ INGRESS_PRIORITY = -500
 # At mangle (-150): after conntrack (-200), so `ct state` is known.
 PREROUTING_PRIORITY = -150
 OWNED_SET = "owned"
-MAIN_CHAIN = "pre"
+MAIN_CHAIN = "pre"  # hooked: sends traffic to a VIP to VIP_CHAIN, lets everything else by
+VIP_CHAIN = "vip"  # the decisions, for VIP traffic only
 BUCKET_CHAIN = "bucket"
 
 # A socket lookup: it only matches when a socket would take the packet (a listener, for a SYN).
@@ -122,8 +124,20 @@ def _rule(table: str, chain: str, expr: list[Json], family: str = "inet") -> Jso
     return {"add": {"rule": {"family": family, "table": table, "chain": chain, "expr": expr}}}
 
 
+def hook_rules(spec: DatapathSpec) -> list[list[Json]]:
+    """The hooked chain: one set lookup per family, so traffic that is not for a VIP (the
+    node's own services, its management, its heartbeats) pays two lookups and nothing more."""
+    out: list[list[Json]] = []
+    for version, l3 in ((4, "ip"), (6, "ip6")):
+        family_vips = [str(v) for v in spec.vips if v.version == version]
+        if family_vips:
+            to_vip = _match(_payload(l3, "daddr"), {"set": family_vips})
+            out.append([to_vip, {"jump": {"target": VIP_CHAIN}}])
+    return out
+
+
 def main_chain_rules(spec: DatapathSpec) -> list[list[Json]]:
-    """Expressions of the prerouting chain, in order. Pure, for unit tests and for the apply."""
+    """Expressions of the VIP chain, in order. Pure, for unit tests and for the apply."""
     out: list[list[Json]] = []
     vips = spec.vips
     for version, l3, icmp, errors in (
@@ -220,8 +234,10 @@ def ruleset_batch(spec: DatapathSpec) -> list[Json]:
                 }
             }
         },
+        {"add": {"chain": {**inet, "name": VIP_CHAIN}}},
         {"add": {"chain": {**inet, "name": BUCKET_CHAIN}}},
         {"flush": {"chain": {**inet, "name": MAIN_CHAIN}}},
+        {"flush": {"chain": {**inet, "name": VIP_CHAIN}}},
         {"flush": {"chain": {**inet, "name": BUCKET_CHAIN}}},
     ]
     batch += [
@@ -229,7 +245,8 @@ def ruleset_batch(spec: DatapathSpec) -> list[Json]:
         for rule in spec.rules
         for name in counter_names(rule)
     ]
-    batch += [_rule(t, MAIN_CHAIN, expr) for expr in main_chain_rules(spec)]
+    batch += [_rule(t, MAIN_CHAIN, expr) for expr in hook_rules(spec)]
+    batch += [_rule(t, VIP_CHAIN, expr) for expr in main_chain_rules(spec)]
     batch.append(
         _rule(
             t,
