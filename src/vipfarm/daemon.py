@@ -261,6 +261,9 @@ class Daemon:
                     pid=os.getpid(),
                 )
                 await self._loop()
+                # Stopped cleanly and holding nothing: say goodbye, so peers need not wait
+                # dead_after to drop this node (the core sends nothing if buckets are held).
+                self._send(self.core.shutdown(time.monotonic()))
             finally:
                 sdnotify.notify("STOPPING=1")
                 self._closing = True
@@ -390,18 +393,21 @@ class Daemon:
         out = self.core.datagrams_to_send(now)
         if out:
             self._renew_leases()
-            for network, payload in out:
-                tr = self._transports.get(network)
-                if tr is None:
-                    continue
-                for peer in self._peers[network]:
-                    try:
-                        tr.sendto(payload, peer)
-                        self.hb_sent[network] += 1
-                    except OSError:
-                        self.counters["heartbeat_send_errors"] += 1
+            self._send(out)
         while (e := self.core.next_event()) is not None:
             self._on_core_event(e, now)
+
+    def _send(self, out: list[tuple[str, bytes]]) -> None:
+        for network, payload in out:
+            tr = self._transports.get(network)
+            if tr is None:
+                continue
+            for peer in self._peers[network]:
+                try:
+                    tr.sendto(payload, peer)
+                    self.hb_sent[network] += 1
+                except OSError:
+                    self.counters["heartbeat_send_errors"] += 1
 
     def _renew_leases(self) -> None:
         try:
