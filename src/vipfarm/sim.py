@@ -92,7 +92,7 @@ class SimConfig:
             raise ValueError(f"period {self.period} s is too short: use at least 4 x dead_after")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     index: int
     name: str

@@ -247,6 +247,8 @@ class Membership:
         self._mine_all = 0  # my buckets in the assignment of view _mine_view
         self._mine_view: tuple[Members, Members | None] | None = None
         self._split = False
+        self._blocked = 0  # owned by a live peer, or claimed by one with priority
+        self._blocker: _Peer | None = None  # a peer whose acknowledgement was missing
         self._events: deque[ev.Event] = deque()
 
         self._last_send: float | None = None
@@ -316,10 +318,13 @@ class Membership:
         elif old is not None and old.body == hb.body:
             if hb.want:
                 self._schedule_send(now)  # acknowledge claims quickly
-            elif not (self._want and self._id in hb.acks):
-                return bool(self._events)  # e.g. a network restored
-            self._evaluate(now)  # an acknowledgement may complete an acquisition
-            return True
+            if self._want and self._id in hb.acks:
+                # Only an acknowledgement is new: no claim changed, so only rule 3 can.
+                ready = self._acquirable()
+                if ready:
+                    self._evaluate(now)
+                    return True
+            return bool(hb.want or self._events)
         elif old is not None and (
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
@@ -725,12 +730,8 @@ class Membership:
             self._want |= new_wants
             self._schedule_send(now)
 
-        ready = self._want & ~(others | prio_want)
-        if ready and alive:
-            acked = min(self._ack_of(p.hb) for p in alive if p.hb is not None)
-            for b in bits_of(ready):
-                if self._want_since[b] > acked:
-                    ready &= ~(1 << b)
+        self._blocked = others | prio_want
+        ready = self._acquirable()
         if ready:
             self._want &= ~ready
             for b in bits_of(ready):
@@ -772,6 +773,33 @@ class Membership:
             self._mine_view = view
             self._mine_all = assign(view[0], self.config.buckets, anchor).mask(self.name)
 
-    def _ack_of(self, hb: Heartbeat) -> int:
-        a = hb.acks.get(self._id)
+    def _acquirable(self) -> int:
+        """Wanted buckets that no live peer owns or claims first and that every live peer has
+        acknowledged wanting (rule 3 of release-before-acquire)."""
+        ready = self._want & ~self._blocked
+        if not ready or not (self._by_heard or self._vouched):
+            return ready
+        floor = min(self._want_since[b] for b in bits_of(ready))
+        # Acknowledgements arrive one by one: the peer that blocked the last check usually still
+        # does, which makes each check O(1) instead of a scan of every peer.
+        blocker = self._blocker
+        if blocker is not None and blocker.alive and self._ack_of(blocker) < floor:
+            return 0
+        acked = math.inf
+        for p in self._peer_list:
+            if not p.alive:
+                continue
+            a = self._ack_of(p)
+            if a < floor:
+                self._blocker = p
+                return 0
+            acked = min(acked, a)
+        self._blocker = None
+        for b in bits_of(ready):
+            if self._want_since[b] > acked:
+                ready &= ~(1 << b)
+        return ready
+
+    def _ack_of(self, p: _Peer) -> int:
+        a = p.hb.acks.get(self._id) if p.hb is not None else None
         return a[1] if a is not None and a[0] == self.incarnation else 0
