@@ -179,7 +179,6 @@ class Simulator:
         self.dmin = max(1, round(cfg.delay_ms[0] * 1e-3 * _INV))
         self.dspan = max(0, round((cfg.delay_ms[1] - cfg.delay_ms[0]) * 1e-3 * _INV)) + 1
         self.delays = range(self.dspan)  # extra slots on top of dmin
-        self.now = 0.0
 
     # ---------------------------------------------------------------- topology
     def _retarget(self) -> None:
@@ -445,7 +444,6 @@ class Simulator:
         for k in range(end_k + 1):
             while k >= next_action:
                 t, _, fn = heapq.heappop(actions)
-                self.now = t
                 fn(t)
                 next_action = self._k(actions[0][0]) if actions else end_k + 1
             items = ring[k & mask]
@@ -453,7 +451,6 @@ class Simulator:
                 continue
             ring[k & mask] = []
             now = k * RES
-            self.now = now
             for node, item in items:
                 core = node.core
                 if core is None:
