@@ -140,6 +140,22 @@ def link_up(ifname: str) -> bool:
     return state not in ("down", "lowerlayerdown", "notpresent", "dormant")
 
 
+def next_incarnation(path: Path) -> int:
+    """A number larger than any earlier start's: the wall clock in ms, but never below the last
+    one + 1 (kept in `path`), so a clock stepped back across a restart cannot make peers take
+    the new daemon for a replay of the old one."""
+    try:
+        last = int(path.read_text())
+    except (OSError, ValueError):
+        last = 0
+    value = max(time.time_ns() // 1_000_000, last + 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(value))
+    tmp.replace(path)
+    return value
+
+
 class DaemonError(Exception):
     """The daemon cannot run; the text says why and what to do."""
 
@@ -186,7 +202,7 @@ class Daemon:
         self.metrics = Metrics()
         self._flows = FlowCounters()
         self.datapath = DatapathService(config.datapath_spec(node), run_dir / "datapath", kernel)
-        self.incarnation = time.time_ns() // 1_000_000
+        self.incarnation = next_incarnation(run_dir / "incarnation")
         t = config.timing
         self.core = Membership(
             MembershipConfig(
