@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -227,6 +228,8 @@ class Daemon:
         self.kernel_owned: frozenset[int] = frozenset()
         self._app_ok = False
         self._link_ok = True
+        # Up "forever" at start: a fresh start is protected by the core's own listening period.
+        self._link_up_since: float | None = -math.inf
         self.control = ControlServer(
             config.farm.name,
             {
@@ -518,15 +521,27 @@ class Daemon:
     def _check_link(self, now: float) -> None:
         """A node whose LAN link is down can serve nobody, and would otherwise believe every
         peer dead and claim every bucket, then accept the same new flows as its peers for a
-        moment when the link returns. So it counts as unhealthy (WAIT: it releases everything)
-        until the link is back, and then rejoins through the normal release-before-acquire."""
-        ok = link_up(self.datapath.spec.interface)
+        moment when the link returns. So it counts as unhealthy (WAIT: it holds nothing) while
+        the link is down, and stays so for dead_after + 2 intervals after the link is back:
+        long enough to hear every live peer again (peers it declared dead while it heard
+        nobody), so that it rejoins through the normal release-before-acquire instead of
+        claiming buckets whose owners it merely could not hear (found by `vipfarm chaos`)."""
+        iface = self.datapath.spec.interface
+        up = link_up(iface)
+        if not up:
+            self._link_up_since = None
+        elif self._link_up_since is None:
+            self._link_up_since = now
+        t = self.config.timing
+        settle_s = (t.dead_after_ms + 2 * t.interval_ms) / 1000
+        ok = up and self._link_up_since is not None and now - self._link_up_since >= settle_s
         if ok == self._link_ok:
             return
         self._link_ok = ok
-        iface = self.datapath.spec.interface
-        event(self.module_log, "lan_link_up" if ok else "lan_link_down",
-              logging.INFO if ok else logging.ERROR, interface=iface)  # fmt: skip
+        if not ok:
+            event(self.module_log, "lan_link_down", logging.ERROR, interface=iface)
+        else:
+            event(self.module_log, "lan_link_up", interface=iface, settled_s=settle_s)
         self.core.set_app_healthy(self._app_ok and ok, now)
 
     # ------------------------------------------------------------------ node service
