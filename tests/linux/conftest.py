@@ -9,34 +9,25 @@ developer's `vf` lab) and tears down every lab it built when the test ends, pass
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 
 from vipfarm.lab import testbed
-from vipfarm.lab.apps import AppKind
 from vipfarm.lab.testbed import Lab, LabFactory, unique_name
 from vipfarm.lab.topology import LabError
-from vipfarm.model import Rule
 
 
 @pytest.fixture
 def lab_factory() -> Iterator[LabFactory]:
     made: list[str] = []
 
-    def make(
-        nodes: int = 3,
-        clients: int = 1,
-        remote_clients: int = 0,
-        app: AppKind | str = AppKind.AUTO,
-        rules: list[Rule] | None = None,
-        datapath: bool = True,
-        daemon: bool = False,
-    ) -> Lab:
+    def make(**kwargs: Any) -> Lab:  # the parameters of testbed.up, typed by LabFactory
         name = unique_name()
         made.append(name)
-        return testbed.up(name, nodes, clients, remote_clients, app, rules, datapath, daemon)
+        return testbed.up(name, **kwargs)
 
-    yield make
+    yield cast(LabFactory, make)
     failures = []
     for name in made:
         try:
