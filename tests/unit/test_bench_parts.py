@@ -450,3 +450,22 @@ def test_sighup_handler_is_seen_in_proc() -> None:
     finally:
         signal.signal(signal.SIGHUP, old)
     assert not _catches_sighup(2**22 + 1)  # no such process
+
+
+def test_figures_per_setting_render_with_their_names() -> None:
+    from vipfarm.bench.core import Scenario
+    from vipfarm.bench.report import _figure_rows
+
+    sc = Scenario(
+        name="x",
+        title="x",
+        produces={"vrrp_failover_ms": "ms", "farm_rps": "rps"},
+        method="",
+        steps=lambda s: 0,
+        run=lambda ctx: None,  # type: ignore[arg-type,return-value]
+    )
+    rows = _figure_rows(
+        sc, {"vrrp_failover_ms": {"default": 3100.0, "fast": 320.5}, "farm_rps": {"close": 5.0}}
+    )
+    assert "default: 3,100, fast: 320" in rows[2]
+    assert rows[3].startswith("| `farm_rps` | 5 |")

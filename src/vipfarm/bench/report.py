@@ -123,11 +123,14 @@ def _figure_rows(scenario: Scenario, results: Mapping[str, Any]) -> list[str]:
     ]
     for key, meaning in scenario.produces.items():
         value = results.get(key)
-        cells = (
-            [_cell(results, key, m) for m in modes]
-            if isinstance(value, dict)
-            else [fmt(value)] + [""] * (len(modes) - 1)
-        )
+        if isinstance(value, dict) and not set(value) <= set(modes):
+            # per setting rather than per mode (e.g. keepalived's default and fast timers)
+            named = ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
+            cells = [named] + [""] * (len(modes) - 1)
+        elif isinstance(value, dict):
+            cells = [_cell(results, key, m) for m in modes]
+        else:
+            cells = [fmt(value)] + [""] * (len(modes) - 1)
         rows.append(f"| `{key}` | {' | '.join(cells)} | {meaning} |")
     return rows
 
