@@ -13,12 +13,16 @@ A lab of node daemons is built; three threads then run until the duration is ove
   farm takes to converge (every bucket held exactly once by the nodes that should hold it, every
   such node UP), repairs the fault, measures convergence again, pauses, repeats.
 
-**Accepted twice** is measured exactly, not sampled: every node gets one extra nftables table
-(`inet vfchaos`, in the node's own namespace, apart from vipfarm's) whose `input` hook adds the
-(client address, client port) of every SYN to the VIP that the node accepted into a dynamic set.
-Only packets vipfarm's prerouting chain accepted reach `input`, so a pair found in the sets of two
-nodes is a connection two nodes accepted. Source ports are unique within a run, so a legitimate
-second connection can never look like one.
+**Accepted twice** is measured exactly, not sampled, where the harm shows: at the client. An
+extra nftables table in the client's namespace (`inet vfchaos`) adds the (Ethernet source, client
+port) of every SYN-ACK from the VIP to a dynamic set; nodes answer from their own MACs, so a client
+port answered by two MACs is a connection attempt two nodes accepted and answered (the second
+answer ends in a reset). Source ports are unique within a run, so a legitimate second connection
+can never look like one. Each node also records, in its own namespace, the (client, port) of every
+SYN its vipfarm chain let through (`syn_accepted_by_two` counts pairs found on two nodes): that
+also counts a SYN taken by a node that could no longer answer (its cable was just pulled, so the
+client retried and another node answered), which is harmless, hence the client-side figure is
+the one that must be zero.
 
 **False failovers** are `peer_down` events in the nodes' logs for a peer that was not down: not
 killed, not isolated, not within its fault's window.
@@ -59,6 +63,16 @@ PORT_FIRST, PORT_LAST = 20000, 59999
 BATCH = 40
 CONVERGE_TIMEOUT_S = 20.0
 
+CLIENT_TABLE = f"""
+table inet vfchaos {{
+  set synacks {{ type ether_addr . inet_service; size 65535; flags dynamic,timeout; timeout 1h; }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip saddr {VIP4} tcp flags & (syn | ack) == syn | ack add @synacks {{ ether saddr . tcp dport }}
+  }}
+}}
+"""
+
 CHAOS_TABLE = f"""
 table inet vfchaos {{
   set accepted {{ type ipv4_addr . inet_service; size 65535; flags dynamic,timeout; timeout 1h; }}
@@ -96,6 +110,7 @@ class ChaosReport:
     requests: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     accepted_twice: int = 0
+    syn_accepted_by_two: int = 0
     max_unowned_ms: float = 0.0
     false_failovers: int = 0
     false_failover_events: list[str] = field(default_factory=list)
@@ -130,18 +145,30 @@ class Chaos:
     def install_probes(self) -> None:
         for node in self.lab.node_names:
             self.lab.exec(node, ["nft", "-f", "-"], input=CHAOS_TABLE, check=True)
+        self.lab.exec(self.client, ["nft", "-f", "-"], input=CLIENT_TABLE, check=True)
+
+    def _pairs(self, who: str, set_name: str) -> list[tuple[str, int]]:
+        out = self.lab.exec(
+            who, ["nft", "-j", "list", "set", "inet", "vfchaos", set_name], check=True
+        ).stdout
+        pairs = []
+        for obj in json.loads(out)["nftables"]:
+            for e in obj.get("set", {}).get("elem", []):
+                val = e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
+                first, port = val["concat"]
+                pairs.append((str(first), int(port)))
+        return pairs
 
     def accepted_twice(self) -> int:
+        """Client ports that SYN-ACKs from two different nodes answered."""
+        macs = Counter(port for _mac, port in self._pairs(self.client, "synacks"))
+        return sum(1 for n in macs.values() if n > 1)
+
+    def syn_accepted_by_two(self) -> int:
+        """(client, port) pairs whose SYN two nodes' vipfarm chains let through."""
         seen: Counter[tuple[str, int]] = Counter()
         for node in self.lab.node_names:
-            out = self.lab.exec(
-                node, ["nft", "-j", "list", "set", "inet", "vfchaos", "accepted"], check=True
-            ).stdout
-            for obj in json.loads(out)["nftables"]:
-                for e in obj.get("set", {}).get("elem", []):
-                    val = e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
-                    addr, port = val["concat"]
-                    seen[(addr, int(port))] += 1
+            seen.update(set(self._pairs(node, "accepted")))
         return sum(1 for n in seen.values() if n > 1)
 
     # ------------------------------------------------------------------ threads
@@ -339,6 +366,7 @@ class Chaos:
             requests=len(replies),
             failed=dict(Counter(r.error for r in replies if r.error)),
             accepted_twice=self.accepted_twice(),
+            syn_accepted_by_two=self.syn_accepted_by_two(),
             max_unowned_ms=round(self.max_unowned_s * 1000, 1),
             false_failovers=len(false),
             false_failover_events=false,

@@ -62,7 +62,8 @@ def chaos(
         console.print(table)
         console.print(
             f"{report.requests} connections, failed {report.failed or 0}; "
-            f"accepted twice: {report.accepted_twice}; longest unowned bucket: "
+            f"accepted twice: {report.accepted_twice} (SYNs let through by two nodes: "
+            f"{report.syn_accepted_by_two}); longest unowned bucket: "
             f"{report.max_unowned_ms:.0f} ms; false failovers: {report.false_failovers}"
         )
     if report.accepted_twice:
