@@ -17,9 +17,13 @@ def test_demo_runs_to_its_summary_and_removes_the_lab() -> None:
             text=True,
             timeout=300,
         )
+        # exit 0: every act settled (a crash failed over, the node rejoined, a drain and a start)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "summary" in proc.stdout and f"lab {name} removed" in proc.stdout
-        assert "failed: 0" in proc.stdout
+        # kill -9 resets the requests in flight on the killed node, nothing else may fail: no
+        # connection refused, none timed out
+        tail = proc.stdout[proc.stdout.rindex("connections in all") :]
+        assert "refused" not in tail and "timeout" not in tail, tail
     finally:
         subprocess.run([sys.executable, "-m", "vipfarm", "lab", "down", "--name", name])
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
