@@ -124,7 +124,8 @@ def test_kill_a_node_fails_over_and_it_rejoins_without_breaking_connections(
     # While node2's leases run out, its kernel drops SYNs (nothing listens) rather than
     # refusing them; only a request in flight when node2 died can be reset.
     assert not [r for r in replies if r.error == "refused"]
-    assert all(r.t < kill_at + 0.05 for r in replies if r.error == "reset")
+    # (kill_at is taken just before the kill; on a loaded machine it may land a little later)
+    assert all(r.t < kill_at + 0.5 for r in replies if r.error == "reset")
 
     with lab.hold("client1", 200) as held:
         assert held.initial["ok"] == 200
