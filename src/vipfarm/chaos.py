@@ -200,9 +200,7 @@ class Chaos:
 
     # ------------------------------------------------------------------ convergence
     def _settled(self, nodes: list[str]) -> bool:
-        owned = self.lab.kernel_owned(nodes)
-        held = [b for n in nodes for b in owned[n] or []]
-        if not len(held) == len(set(held)) == BUCKETS:
+        if not self.lab.holds_every_bucket_once(nodes):
             return False
         try:
             return all(self.lab.daemon_state(n, timeout=2)["state"] == "UP" for n in nodes)
@@ -235,11 +233,6 @@ class Chaos:
                 node, ["ip", "route", "replace", "default", "via", "198.51.100.1"], check=True
             )
 
-    def _app_pid(self, node: str) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
-            return int((self.lab.dir / "pids" / f"{node}.app.pid").read_text())
-        return None
-
     def _ensure_started(self, node: str) -> None:
         """An application killed too often exhausts its restart policy: bring the node back."""
         with contextlib.suppress(Exception):
@@ -255,21 +248,13 @@ class Chaos:
         hold_s = self.rng.uniform(1.0, 3.0)
         if kind == "kill9":
             self.lab.kill(node)
-            converge = self._converge(others)
-            time.sleep(hold_s)
-            t = time.monotonic()
-            self.lab.start_daemon(node, wait=False)
-            recover = self._since(t, names)
+            converge, recover = self._away(others, hold_s, lambda: self._restart(node))
         elif kind == "daemon_crash":
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.lab.daemon_record(node).pid, signal.SIGKILL)
-            converge = self._converge(others)
-            time.sleep(hold_s)
-            t = time.monotonic()
-            self.lab.start_daemon(node, wait=False)
-            recover = self._since(t, names)
+            converge, recover = self._away(others, hold_s, lambda: self._restart(node))
         elif kind == "app_crash":
-            pid = self._app_pid(node)
+            pid = self.lab.app_pid(node)
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -278,11 +263,7 @@ class Chaos:
             recover = self._converge(names)
         elif kind == "link_flap":
             self._links(node, up=False)
-            converge = self._converge(others)
-            time.sleep(hold_s)
-            t = time.monotonic()
-            self._links(node, up=True)
-            recover = self._since(t, names)
+            converge, recover = self._away(others, hold_s, lambda: self._links(node, up=True))
         elif kind == "hb_loss":  # half of the node's heartbeats lost, both ways, every network
             lossy = "udp dport 9001 numgen random mod 100 < 50 drop"
             self._hb_rules(node, lossy, lossy)
@@ -316,9 +297,20 @@ class Chaos:
             self.expected_down.append((node, wall, time.time() + 1.0))
         return FaultResult(kind, node, round(started, 3), converge, recover)
 
-    def _since(self, t: float, nodes: list[str]) -> float | None:
-        left = self._converge(nodes)
-        return None if left is None else round((time.monotonic() - t) * 1000, 1)
+    def _restart(self, node: str) -> None:
+        self.lab.start_daemon(node, wait=False)
+
+    def _away(
+        self, others: list[str], hold_s: float, repair: Callable[[], None]
+    ) -> tuple[float | None, float | None]:
+        """A node was just taken away: ms until the others settle without it, then, after
+        `hold_s`, ms from `repair()` until the whole farm has settled again."""
+        converge = self._converge(others)
+        time.sleep(hold_s)
+        t = time.monotonic()
+        repair()
+        done = self._converge(self.lab.node_names)
+        return converge, None if done is None else round((time.monotonic() - t) * 1000, 1)
 
     # ------------------------------------------------------------------ the run
     def run(self, faults: tuple[str, ...] = FAULTS) -> ChaosReport:

@@ -29,7 +29,6 @@ from vipfarm.log import event
 log = logging.getLogger("vipfarm.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-MAX_REQUEST = 64 * 1024
 
 
 class ControlError(Exception):

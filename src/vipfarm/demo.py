@@ -96,12 +96,7 @@ def farm_acts(lab: Lab) -> list[Act]:
         return lambda lab, batch: any(r.node == node for r in batch)
 
     def owned_by(nodes: list[str]) -> Callable[[Lab], bool]:
-        def check(lab: Lab) -> bool:
-            owned = lab.kernel_owned(nodes)
-            held = [b for n in nodes for b in owned[n] or []]
-            return len(set(held)) == len(held) == BUCKETS
-
-        return check
+        return lambda lab: lab.holds_every_bucket_once(nodes)
 
     acts = [
         Act(

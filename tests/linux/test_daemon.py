@@ -39,9 +39,7 @@ def owners(lab: Lab) -> dict[str, list[int]]:
 
 
 def all_buckets_on(lab: Lab, nodes: list[str]) -> bool:
-    owned = lab.kernel_owned(nodes)
-    held = [b for n in nodes for b in owned[n] or []]
-    return len(held) == len(set(held)) == BUCKETS
+    return lab.holds_every_bucket_once(nodes)
 
 
 def state(lab: Lab, node: str) -> str:
@@ -137,16 +135,8 @@ def test_kill_a_node_fails_over_and_it_rejoins_without_breaking_connections(
     assert "node2" in {r.node for r in lab.load("client1", count=60)}
 
 
-def _app_pid(lab: Lab, node: str) -> int | None:
-    """The PID the generic module recorded; None while a restart has removed it."""
-    try:
-        return int((lab.dir / "pids" / f"{node}.app.pid").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def _kill_app(lab: Lab, node: str) -> int:
-    pid = _app_pid(lab, node)
+    pid = lab.app_pid(node)
     assert pid is not None, f"{node}'s application is not running"
     os.kill(pid, signal.SIGKILL)
     return pid
@@ -160,7 +150,7 @@ def test_app_failure_restarts_then_exhaustion_takes_the_node_out(
         pid = _kill_app(lab, "node1")
 
         def restarted(pid: int = pid) -> bool:
-            now = _app_pid(lab, "node1")
+            now = lab.app_pid("node1")
             return now not in (None, pid) and state(lab, "node1") == "UP"
 
         wait_for(f"restart {attempt} of node1's app", restarted)
@@ -206,7 +196,7 @@ def test_daemon_crash_with_app_alive_no_resets_lease_expires_peers_take_over(
     lab_factory: LabFactory,
 ) -> None:
     lab = lab_factory(nodes=3, daemon=True, app="builtin")
-    app_pid = _app_pid(lab, "node2")
+    app_pid = lab.app_pid("node2")
     assert app_pid is not None
     stream = Stream(lab, count=1200, rate=300)
     wait_for("the stream to start", lambda: time.monotonic() - stream.started > 1.0)

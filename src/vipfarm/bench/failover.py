@@ -39,7 +39,7 @@ from vipfarm.lab import testbed
 from vipfarm.lab.apps import AppKind, builtin_argv, resolve_app
 from vipfarm.lab.procs import ProcRecord, spawn, terminate
 from vipfarm.lab.testbed import Lab
-from vipfarm.lab.topology import BUCKETS, LabError, client_lan4
+from vipfarm.lab.topology import LabError, client_lan4
 
 KEEPALIVED = "/usr/sbin/keepalived"
 VRRP_VIP = ipaddress.IPv4Address("198.51.100.150")
@@ -61,12 +61,6 @@ def _farm(ctx: Context, nodes: int = 3) -> Iterator[Lab]:
     finally:
         ctx.labs.discard(name)
         testbed.down(name)
-
-
-def _all_on(lab: Lab, nodes: list[str]) -> bool:
-    owned = lab.kernel_owned(nodes)
-    held = [b for n in nodes for b in owned[n] or []]
-    return len(held) == len(set(held)) == BUCKETS
 
 
 def ports_for_buckets(
@@ -125,7 +119,7 @@ def _farm_trial(ctx: Context, lab: Lab) -> tuple[float | None, float | None, int
         lab.kill(victim)
         server = None
         while time.monotonic() - t_kill < 20:
-            if _all_on(lab, survivors):
+            if lab.holds_every_bucket_once(survivors):
                 server = (time.monotonic() - t_kill) * 1000
                 break
             time.sleep(0.005)

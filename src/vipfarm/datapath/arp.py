@@ -35,10 +35,6 @@ def mac_bytes(mac: str) -> bytes:
     return bytes(int(p, 16) for p in parts)
 
 
-def mac_text(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
 @dataclass(frozen=True, slots=True)
 class Arp:
     eth_dst: bytes

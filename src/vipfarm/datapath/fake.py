@@ -61,9 +61,6 @@ class FakeKernel:
         now = self.clock()
         return frozenset(b for b, exp in self.owned.get(t, {}).items() if exp > now)
 
-    def nft_tables(self) -> list[tuple[str, str]]:
-        return sorted(self.tables)
-
     def link_exists(self, ifname: str) -> bool:
         return ifname in self.links
 

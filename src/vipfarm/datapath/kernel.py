@@ -30,7 +30,6 @@ class Kernel(Protocol):
         """The owned set, or None when the farm's table does not exist."""
         ...
 
-    def nft_tables(self) -> list[tuple[str, str]]: ...
     def link_mac(self, ifname: str) -> str: ...
     def link_exists(self, ifname: str) -> bool: ...
     def addresses(self) -> dict[str, list[IPAddress]]:
@@ -111,16 +110,6 @@ class LinuxKernel:
                 return None
             self._check(rc, err, "read the owned buckets")
         return ruleset.parse_owned(json.loads(out))
-
-    def nft_tables(self) -> list[tuple[str, str]]:
-        rc, out, err = self._nft.cmd("list tables")
-        self._check(rc, err, "list tables")
-        data = json.loads(out) if out.strip() else {}
-        return [
-            (o["table"]["family"], o["table"]["name"])
-            for o in data.get("nftables", [])
-            if "table" in o
-        ]
 
     # links and addresses
     def _index(self, ifname: str) -> int:

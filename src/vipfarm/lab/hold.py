@@ -18,7 +18,7 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from vipfarm.lab.load import _classify
@@ -32,7 +32,6 @@ class Conn:
     last: str | None = None
     error: str | None = None
     served: int = 0
-    history: list[str] = field(default_factory=list)
 
 
 async def _ask(c: Conn, host: str, timeout: float) -> None:

@@ -576,6 +576,20 @@ class Lab:
         except (ControlError, OSError):
             return None
 
+    def holds_every_bucket_once(self, nodes: Iterable[str]) -> bool:
+        """Whether the kernels of `nodes` together hold every bucket, each exactly once."""
+        wanted = list(nodes)
+        owned = self.kernel_owned(wanted)
+        held = [b for n in wanted for b in (owned[n] or [])]
+        return len(held) == len(set(held)) == self.spec.buckets
+
+    def app_pid(self, node: str) -> int | None:
+        """The application PID the generic module recorded (daemon mode); None while none is."""
+        try:
+            return int((self.dir / "pids" / f"{node}.app.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
     def wait_farm_up(self, timeout: float, nodes: Iterable[str] | None = None) -> None:
         """Until every node (of `nodes`) is UP and the kernels hold every bucket exactly once."""
         wanted = list(nodes or self.node_names)
@@ -583,9 +597,7 @@ class Lab:
         def ready() -> bool:
             if any(self._state_of(n) != "UP" for n in wanted):
                 return False
-            owned = self.kernel_owned(wanted)
-            held = [b for n in wanted for b in (owned[n] or [])]
-            return len(held) == len(set(held)) == self.spec.buckets
+            return self.holds_every_bucket_once(wanted)
 
         _poll("every node UP and every bucket owned once", ready, timeout, interval=0.1)
 
