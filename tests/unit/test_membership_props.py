@@ -7,8 +7,8 @@ and partitions, and runs the real cores in the simulator. Two properties must ho
 1. Safety: while the live nodes are connected, no bucket ever has two owners (the simulator
    checks every acquisition against every kernel whose lease has not run out).
 2. Liveness: once the network is quiet (no more steps, no more loss) for dead_after plus two
-   intervals, every bucket has exactly one owner and it is the one the assignment of the UP
-   nodes names.
+   intervals, every bucket has exactly one owner, every UP node holds its quota (within one
+   bucket of its weighted share) and every view agrees: nothing moves any more.
 """
 
 from __future__ import annotations

@@ -1,37 +1,47 @@
-"""Bucket assignment: who owns which bucket, as a pure function of the UP nodes and their weights.
+"""Bucket assignment: who owns which bucket, given the UP nodes, their weights and what they own.
 
-Every node computes the assignment on its own from what the heartbeats tell it; nodes that see
-the same UP set compute the same owners, so no coordination round is needed.
+Every node computes the assignment on its own from what the heartbeats tell it: the UP set, the
+weights and every UP node's owned-bucket bitmap. Nodes that see the same heartbeats compute the
+same owners, so no coordination round is needed.
 
 Theory of operation:
 
 1. **Quotas.** Node i of weight w_i gets `lo_i = floor(B*w_i/W)` or `hi_i = ceil(B*w_i/W)`
    buckets, so every node is within one bucket of its weighted ideal share. Exactly
-   `B - sum(lo)` "tickets" let that many nodes go from lo to hi; the assignment hands them out.
-2. **Weighted rendezvous hashing with capacity caps (HRW).** Every (node, bucket) pair has a cost
-   `-ln(u)/w`, u uniform in (0, 1) from SHAKE-256 of the node name; the smallest cost wins, which
-   is weighted rendezvous hashing. Pairs are visited cheapest first and a pair is taken when the
-   bucket is free and the node is below its quota (or a ticket is left). One global order of
-   pairs makes the result independent of any order of the nodes.
-3. **Anchoring.** Capped HRW alone moves 70-130 % more buckets than necessary when one node
-   joins or leaves (the caps of every node shift and some overflow buckets return; see
-   docs/MEMBERSHIP.md for the measurements). So when every live node runs the same configuration,
-   the assignment is anchored on the *configured* farm: compute capped HRW once for all
-   configured nodes (configured weights), let every UP node keep its anchor buckets (up to its
-   quota), and spread only the buckets of the nodes that are not UP, by capped HRW again. One node
-   leaving a full farm then moves exactly its own buckets, and coming back moves them back. With
-   k nodes down, only buckets of those k nodes can move in addition. Without a common anchor
-   (configuration rollout in progress) the assignment is plain capped HRW over the UP set.
+   `B - sum(lo)` "tickets" let that many nodes go from lo to hi.
+2. **Keep what is owned (history).** A bucket stays with its current owner while that owner is
+   UP and within its quota. A node above its quota gives back only its excess; the tickets go
+   first to nodes that already hold more than lo, in a fixed order of the node names (not of the
+   counts, so that a plan does not change half-way through its own handover). This moves exactly
+   the minimum any balanced assignment allows (`min_moves`): the buckets of nodes that left, plus
+   the excess of nodes whose quota shrank. A bucket two UP nodes claim (a healed split brain)
+   stays with the lower name, the same priority the release rule of the core uses.
+3. **Weighted rendezvous hashing with capacity caps (HRW)** hands out the free buckets. Every
+   (node, bucket) pair has a cost `-ln(u)/w`, u uniform in (0, 1) from SHAKE-256 of the node name;
+   pairs are visited cheapest first and a pair is taken when the bucket is free and the node is
+   below its quota (or a ticket is left). One global order of pairs makes the result independent
+   of any order of the nodes.
+4. **Anchor.** While every live node runs the same configuration, the capped HRW assignment of
+   the whole configured farm (configured weights) is the *anchor*. A node gives back buckets
+   anchored to another UP node first and its own anchor buckets last, and HRW hands a free bucket
+   to its anchor node before any other. A node that leaves and comes back therefore gets its own
+   buckets back, and a farm whose configured nodes are all UP converges to the anchor, whatever
+   the order in which nodes joined. Without a common anchor (a configuration rollout in progress)
+   only the costs decide.
 
-Exact balance and exactly minimal movement for *every* subset at once is impossible for any
-function of the UP set alone (a choice rule that never moves a bucket unless its owner left is a
-fixed ranking per bucket, i.e. plain rendezvous hashing, which is not balanced); anchoring makes
-the common cases exact instead.
+Why history: a pure function of the UP set cannot be both within one bucket of every share and
+move only the minimum on every join and leave. A function that never moves a bucket unless its
+owner left is a fixed ranking of the nodes per bucket (plain rendezvous hashing), which is not
+balanced; the anchored function measured 14-21 % above the minimum once nodes were already down.
+The current owners are in every heartbeat, so using them keeps the assignment a deterministic
+function of what every node sees: when the network is quiet all nodes compute the same result, and
+a balanced state is a fixed point (nothing moves).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import struct
 from collections.abc import Sequence
@@ -41,12 +51,21 @@ from functools import lru_cache
 Members = tuple[tuple[str, int], ...]
 """UP nodes as (name, weight), sorted by name; weight-0 nodes take no buckets."""
 
+_ANCHOR_BONUS = 1e9  # larger than any cost (-ln(2**-64) / 1 < 45): anchor pairs come first
+
 
 @lru_cache(maxsize=1024)
 def _costs(name: str, buckets: int) -> tuple[float, ...]:
     """-ln(u) per bucket for one node: exponentially distributed, independent per bucket."""
     raw = hashlib.shake_256(b"vipfarm-bucket\0" + name.encode()).digest(8 * buckets)
     return tuple(-math.log((x + 0.5) / 2.0**64) for x in struct.unpack(f"<{buckets}Q", raw))
+
+
+@lru_cache(maxsize=1024)
+def _ticket_rank(name: str) -> bytes:
+    """Fixed order in which nodes above lo keep their ticket (a hash, so not always the same
+    names first)."""
+    return hashlib.shake_256(b"vipfarm-ticket\0" + name.encode()).digest(8)
 
 
 def quotas(weights: Sequence[int], buckets: int) -> tuple[list[int], list[int]]:
@@ -61,64 +80,116 @@ def quotas(weights: Sequence[int], buckets: int) -> tuple[list[int], list[int]]:
 
 def _fill(
     members: Members,
-    owners: list[int],
-    free: Sequence[int],
+    free: int,
     counts: list[int],
     buckets: int,
-) -> None:
-    """Give every bucket in `free` to a member: capped weighted HRW, cheapest pair first.
+    anchor: Members | None = None,
+) -> list[int]:
+    """Give every bucket of bitmap `free` to a member: capped weighted HRW, cheapest pair first.
 
-    The pairs are one flat list of costs sorted by index: no tuple per pair, which measured
-    faster in CPython than tuples or a lazy heap of per-bucket proposals.
+    Returns one bitmap per member and updates `counts`. Pairs (node, bucket) are taken in the
+    order of their cost, a bucket anchored to the node first (see `_prefs`); a pair is taken
+    when the bucket is free and the node below its quota or a ticket is left. Instead of sorting
+    every pair, each node with room walks its own cached preference list, and a heap holds one
+    candidate per node: the same greedy order, but the usual case (a few free buckets, a few
+    nodes with room) costs a few heap operations, not a sort of nodes x buckets.
     """
     lo, hi = quotas([w for _, w in members], buckets)
     tickets = buckets - sum(max(q, c) for q, c in zip(lo, counts, strict=True))
-    flat: list[float] = []
-    for name, w in members:
-        cost = _costs(name, buckets)
-        flat.extend([cost[b] / w for b in free])
-    nfree = len(free)
-    left = nfree
-    for k in sorted(range(len(flat)), key=flat.__getitem__):
-        i, j = divmod(k, nfree)
-        b = free[j]
-        if owners[b] >= 0:
+    got = [0] * len(members)
+    is_free = bytearray(buckets)
+    for b in _bits(free):
+        is_free[b] = 1
+    left = free.bit_count()
+    mine = _anchored(anchor, buckets) if anchor else {}
+    heap: list[tuple[float, int]] = []
+    prefs: list[tuple[int, ...]] = [()] * len(members)  # only nodes with room need theirs
+    pos = [0] * len(members)
+
+    def push(i: int) -> None:
+        order, p = prefs[i], pos[i]
+        while not is_free[order[p]]:
+            p += 1
+        pos[i] = p
+        b = order[p]
+        name, w = members[i]
+        bonus = _ANCHOR_BONUS if mine.get(name, 0) >> b & 1 else 0.0
+        heapq.heappush(heap, (_costs(name, buckets)[b] / w - bonus, i))
+
+    for i, (name, _) in enumerate(members):
+        c = counts[i]
+        if left and (c < lo[i] or (c < hi[i] and tickets > 0)):
+            prefs[i] = _prefs(name, anchor, buckets)
+            push(i)
+    while left:
+        _, i = heapq.heappop(heap)
+        b = prefs[i][pos[i]]
+        if not is_free[b]:  # taken since it became this node's candidate
+            push(i)
             continue
         c = counts[i]
         if c >= lo[i]:
             if c >= hi[i] or tickets <= 0:
-                continue
+                continue  # full for good: counts only grow and tickets only shrink
             tickets -= 1
-        owners[b] = i
+        is_free[b] = 0
+        got[i] |= 1 << b
         counts[i] = c + 1
         left -= 1
-        if not left:
-            return
-    raise AssertionError("capped HRW left buckets unassigned")  # pragma: no cover - invariant
+        if left:
+            push(i)
+    return got
 
 
 @lru_cache(maxsize=64)
 def _plain(members: Members, buckets: int) -> tuple[int, ...]:
-    owners = [-1] * buckets
-    _fill(members, owners, range(buckets), [0] * len(members), buckets)
-    return tuple(owners)
+    """Capped HRW of `members` from scratch, as bitmaps."""
+    return tuple(_fill(members, (1 << buckets) - 1, [0] * len(members), buckets))
+
+
+@lru_cache(maxsize=64)
+def _anchored(anchor: Members, buckets: int) -> dict[str, int]:
+    """Anchor buckets of every configured node of positive weight, as bitmaps."""
+    active = tuple((n, w) for n, w in anchor if w > 0)
+    return (
+        {n: m for (n, _), m in zip(active, _plain(active, buckets), strict=True)} if active else {}
+    )
+
+
+@lru_cache(maxsize=4096)
+def _prefs(name: str, anchor: Members | None, buckets: int) -> tuple[int, ...]:
+    """Buckets in the order node `name` prefers them: its anchor buckets, then by cost (a
+    node's own order does not depend on its weight)."""
+    cost = _costs(name, buckets)
+    home = _anchored(anchor, buckets).get(name, 0) if anchor else 0
+    return tuple(sorted(range(buckets), key=lambda b: (not home >> b & 1, cost[b])))
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
 
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Owners of all buckets for one UP set. `owners[b]` indexes `members`, or is -1."""
+    """Owners of all buckets for one UP set: `masks[i]` is the bitmap of member i's buckets."""
 
     members: Members
-    owners: tuple[int, ...]
-    masks: tuple[int, ...]  # per member: bitmap of its buckets
+    masks: tuple[int, ...]
+    buckets: int
 
-    @classmethod
-    def of(cls, members: Members, owners: Sequence[int]) -> Assignment:
-        masks = [0] * len(members)
-        for b, o in enumerate(owners):
-            if o >= 0:
-                masks[o] |= 1 << b
-        return cls(members, tuple(owners), tuple(masks))
+    @property
+    def owners(self) -> tuple[int, ...]:
+        """Per bucket, the index of its owner in `members`, or -1."""
+        out = [-1] * self.buckets
+        for i, mask in enumerate(self.masks):
+            for b in _bits(mask):
+                out[b] = i
+        return tuple(out)
 
     def mask(self, name: str) -> int:
         """Bitmap of the buckets `name` owns (0 for a node that is not a member)."""
@@ -128,60 +199,161 @@ class Assignment:
         return 0
 
     def owner_names(self) -> list[str | None]:
-        return [self.members[o][0] if o >= 0 else None for o in self.owners]
-
-    def counts(self) -> list[int]:
-        out = [0] * len(self.members)
-        for o in self.owners:
-            if o >= 0:
-                out[o] += 1
+        out: list[str | None] = [None] * self.buckets
+        for (name, _), mask in zip(self.members, self.masks, strict=True):
+            for b in _bits(mask):
+                out[b] = name
         return out
 
+    def counts(self) -> list[int]:
+        return [m.bit_count() for m in self.masks]
 
-@lru_cache(maxsize=256)
-def assign(members: Members, buckets: int, anchor: Members | None = None) -> Assignment:
-    """The assignment for UP nodes `members` (sorted (name, weight) pairs).
+
+@lru_cache(maxsize=4096)
+def rebalance(
+    members: Members, current: tuple[int, ...], buckets: int, anchor: Members | None = None
+) -> Assignment:
+    """The assignment for UP nodes `members` (sorted (name, weight) pairs) that keeps as much of
+    `current` (per member, the bitmap of buckets it owns now) as balance allows.
 
     `anchor` is the whole configured farm with configured weights (see the module docstring);
-    None means plain capped HRW over `members`. Weight-0 members own nothing.
+    None means no anchor. Weight-0 members own nothing. Bitmaps make the usual case (nothing
+    or a few buckets to move) cost O(members), not O(buckets): every node runs this whenever a
+    heartbeat shows a changed ownership.
     """
-    active = tuple((n, w) for n, w in members if w > 0)
-    if not active:
-        return Assignment.of(members, (-1,) * buckets)
-    index = {n: members.index((n, w)) for n, w in active}
-    anchor_active = tuple((n, w) for n, w in anchor if w > 0) if anchor else ()
-    if not anchor_active or anchor_active == active:
-        plain = _plain(active, buckets)
-        return Assignment.of(members, [index[active[o][0]] for o in plain])
-    base = _plain(anchor_active, buckets)
-    pos = {n: i for i, (n, _) in enumerate(active)}
+    if len(current) != len(members):
+        raise ValueError(f"{len(current)} ownership bitmaps for {len(members)} members")
+    idx = [i for i, (_, w) in enumerate(members) if w > 0]
+    out = [0] * len(members)
+    if not idx:
+        return Assignment(members, tuple(out), buckets)
+    active = tuple(members[i] for i in idx)
+    everything = (1 << buckets) - 1
+    taken = 0
+    held = []
+    for i in idx:  # members are sorted: a double claim stays with the lower name
+        mine = current[i] & everything & ~taken
+        taken |= mine
+        held.append(mine)
+    counts = [m.bit_count() for m in held]
     lo, hi = quotas([w for _, w in active], buckets)
-    kept: list[list[int]] = [[] for _ in active]
-    for b, o in enumerate(base):
-        i = pos.get(anchor_active[o][0], -1)
-        if i >= 0:
-            kept[i].append(b)
-    for i, (name, _) in enumerate(active):
-        cost = _costs(name, buckets)
-        # Best first; a node whose weight dropped below its configured one keeps its best.
-        kept[i] = sorted(kept[i], key=cost.__getitem__)[: hi[i]]
-    # Fewer tickets than anchor nodes holding one: the nodes whose weakest bucket is the
-    # least attached (highest cost) give a bucket back.
-    excess = sum(max(q, len(k)) for q, k in zip(lo, kept, strict=True)) - buckets
-    if excess > 0:
-        over = [i for i in range(len(active)) if len(kept[i]) > lo[i]]
-        over.sort(key=lambda i: -_costs(active[i][0], buckets)[kept[i][-1]] / active[i][1])
-        for i in over[:excess]:
-            kept[i].pop()
-    owners = [-1] * buckets
-    counts = [len(k) for k in kept]
-    for i, mine in enumerate(kept):
-        for b in mine:
-            owners[b] = i
-    free = [b for b in range(buckets) if owners[b] < 0]
+    home = _anchored(anchor, buckets) if anchor else {}
+    # Nodes that hold a ticket in the anchor keep it first: a node that leaves and comes back
+    # then restores the anchor exactly.
+    eligible = [i for i in range(len(active)) if counts[i] > lo[i] < hi[i]]
+    eligible.sort(
+        key=lambda i: (
+            home.get(active[i][0], 0).bit_count() <= lo[i],
+            _ticket_rank(active[i][0]),
+        )
+    )
+    quota = lo[:]
+    for i in eligible[: buckets - sum(lo)]:
+        quota[i] = hi[i]
+    away = 0  # buckets anchored to a configured node that is not an active member
+    names = {n for n, _ in active}
+    for n, m in home.items():
+        if n not in names:
+            away |= m
+    for i, mine in enumerate(held):
+        excess = counts[i] - quota[i]
+        if excess <= 0:
+            continue
+        cost = _costs(active[i][0], buckets)
+        own = home.get(active[i][0], 0)
+
+        def keep(b: int, own: int = own, cost: tuple[float, ...] = cost) -> tuple[int, float]:
+            # Own anchor buckets are kept first, buckets whose anchor node is away next.
+            return (0 if own >> b & 1 else 1 if away >> b & 1 or not home else 2), cost[b]
+
+        for b in sorted(_bits(mine), key=keep)[-excess:]:
+            taken &= ~(1 << b)
+            held[i] &= ~(1 << b)
+        counts[i] = quota[i]
+    free = everything & ~taken
     if free:
-        _fill(active, owners, free, counts, buckets)
-    return Assignment.of(members, [index[active[o][0]] for o in owners])
+        for i, mask in enumerate(_fill(active, free, counts, buckets, anchor)):
+            held[i] |= mask
+    for i, mine in zip(idx, held, strict=True):
+        out[i] = mine
+    return Assignment(members, tuple(out), buckets)
+
+
+def assign(members: Members, buckets: int, anchor: Members | None = None) -> Assignment:
+    """The assignment of a farm in which nobody owns anything yet (a cold start)."""
+    return rebalance(members, (0,) * len(members), buckets, anchor)
+
+
+def on_plan(before: Sequence[int], after: Sequence[int], plan: Assignment) -> bool:
+    """True when going from ownership `before` to `after` (bitmaps per member) only carried out
+    part of `plan` = `rebalance(members, before, ...)`; `rebalance(members, after, ...)` is then
+    `plan` again. Allowed steps: a node released buckets the plan takes from it and that no
+    other member holds, or acquired buckets the plan gives it that no other member holds.
+
+    Why the plan stays the same: a release lowers a count only down to the node's quota, so the
+    nodes that keep a ticket (a fixed order of names, cut at the number of tickets) do not
+    change, and what is left to shed is what was left of the shed list. An acquisition of
+    planned buckets is a decision of the capped greedy committed early: every pair that greedy
+    still takes finds its bucket free and its node with room, and a ticket the acquiring node
+    took early is one it would have taken later, so every other node still finds its ticket.
+    """
+    seen = twice = handed = 0
+    for b, a, p in zip(before, after, plan.masks, strict=True):
+        twice |= seen & a
+        seen |= a
+        handed |= a & ~b & p
+    for b, a, p in zip(before, after, plan.masks, strict=True):
+        if a == b:
+            continue
+        gained, lost = a & ~b, b & ~a
+        # A lost bucket that another member still claims would pass to that member, unless
+        # that member is the one the plan hands it to.
+        if (lost & p) or (lost & seen & ~handed) or (gained & ~p) or (gained & twice):
+            return False
+    return True
+
+
+class Planner:
+    """One node's latest plan: `rebalance` is only called again when the ownership changed in
+    another way than progress along the plan (`on_plan`). During a handover most changed
+    heartbeats are such progress, and every node sees them in a different combination, so a
+    shared cache would miss."""
+
+    __slots__ = ("_current", "_key", "_plan")
+
+    def __init__(self) -> None:
+        self._key: tuple[Members, int, Members | None] | None = None
+        self._current: tuple[int, ...] = ()
+        self._plan: Assignment | None = None
+
+    def plan(
+        self, members: Members, current: tuple[int, ...], buckets: int, anchor: Members | None
+    ) -> Assignment:
+        key = (members, buckets, anchor)
+        plan = self._plan
+        if plan is None or key != self._key or not on_plan(self._current, current, plan):
+            plan = self._plan = rebalance(members, current, buckets, anchor)
+            self._key = key
+        self._current = current
+        return plan
+
+
+def balanced(owners: Sequence[str | None], members: Members, buckets: int) -> str | None:
+    """Why `owners` is not a settled assignment of `members`, or None: every bucket has an
+    owner among the members of positive weight, each within its quota."""
+    active = [(n, w) for n, w in members if w > 0]
+    if not active:
+        extra = [b for b, o in enumerate(owners) if o is not None]
+        return f"buckets {extra} have owners, but no member has a weight" if extra else None
+    count: dict[str | None, int] = {}
+    for o in owners:
+        count[o] = count.get(o, 0) + 1
+    lo, hi = quotas([w for _, w in active], buckets)
+    for (n, _), a, b in zip(active, lo, hi, strict=True):
+        if not a <= count.get(n, 0) <= b:
+            return f"{n} owns {count.get(n, 0)} buckets, quota {a}..{b}"
+    stray = sorted(set(count) - {n for n, _ in active}, key=str)
+    return f"buckets owned by {stray}, not by a member" if stray else None
 
 
 def min_moves(old: Sequence[str | None], members: Members, buckets: int) -> int:
@@ -209,3 +381,14 @@ def min_moves(old: Sequence[str | None], members: Members, buckets: int) -> int:
 def moved(old: Sequence[str | None], new: Sequence[str | None]) -> int:
     """Buckets whose owner differs between two owner lists."""
     return sum(1 for a, b in zip(old, new, strict=True) if a != b)
+
+
+def masks_of(owners: Sequence[str | None], members: Members) -> tuple[int, ...]:
+    """Per member, the bitmap of the buckets `owners` gives it (input of `rebalance`)."""
+    pos = {n: i for i, (n, _) in enumerate(members)}
+    out = [0] * len(members)
+    for b, o in enumerate(owners):
+        i = pos.get(o) if o is not None else None
+        if i is not None:
+            out[i] |= 1 << b
+    return tuple(out)

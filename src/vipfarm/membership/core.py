@@ -16,9 +16,11 @@ Theory of operation (docs/MEMBERSHIP.md has the long version and the safety argu
   silent towards us but that another live peer reports hearing within two intervals (the
   heartbeat's "fresh" bitmap) is not declared dead: a lossy link is not a failover. Silence on one
   network while another works is a warning (`NetworkLost`).
-- **Assignment.** The UP set (self and live peers whose latest heartbeat says UP) and the
-  weights determine every bucket's owner (`assignment.assign`), anchored on the configured farm
-  while every live node advertises the same configuration digest.
+- **Assignment.** The UP set (self and live peers whose latest heartbeat says UP), the weights
+  and what every UP node owns now (its heartbeat's `owned`, our own kernel set) determine every
+  bucket's owner (`assignment.rebalance`): owners keep their buckets within their quota, only the
+  minimum moves, and free buckets go to their anchor node (the configured farm's assignment,
+  while every live node advertises the same configuration digest) or by capped HRW.
 - **Release before acquire.** A heartbeat carries `owned` (every bucket this node's kernel holds
   or may hold: confirmed buckets plus acquisitions not yet confirmed, and released buckets until
   the release is confirmed) and `want` (buckets it is waiting to acquire). A node releases what
@@ -54,7 +56,7 @@ from typing import Any, Final
 
 from vipfarm.log import event as log_event
 from vipfarm.membership import events as ev
-from vipfarm.membership.assignment import Members, assign
+from vipfarm.membership.assignment import Members, Planner
 from vipfarm.membership.states import Trigger, next_state
 from vipfarm.protocol import (
     MAX_ACKS,
@@ -244,8 +246,7 @@ class Membership:
         self._learn_until = -math.inf
         self._view: tuple[Members, Members | None] | None = None
         self._view_dirty = True
-        self._mine_all = 0  # my buckets in the assignment of view _mine_view
-        self._mine_view: tuple[Members, Members | None] | None = None
+        self._planner = Planner()
         self._split = False
         self._blocked = 0  # owned by a live peer, or claimed by one with priority
         self._blocker: _Peer | None = None  # a peer whose acknowledgement was missing
@@ -702,17 +703,23 @@ class Membership:
         if self._view_dirty:
             self._view_dirty = False
             self._update_view(alive)
-        mine = self._mine_all if self.state is NodeState.UP and not self._learning() else 0
-
         mine_held = self._held | self._requested
         prio_owned = prio_want = others = 0
+        owned = {self.name: mine_held}
         for p in alive:
             hb = p.hb
             assert hb is not None
             others |= hb.owned
+            owned[p.name] = hb.owned
             if p.prio:
                 prio_owned |= hb.owned
                 prio_want |= hb.want
+        mine = 0
+        if self.state is NodeState.UP and not self._learning():
+            assert self._view is not None
+            members, anchor = self._view
+            current = tuple(owned[n] for n, _ in members)
+            mine = self._planner.plan(members, current, self.config.buckets, anchor).mask(self.name)
         # Only overlaps with our own buckets are certain: two peers' heartbeats may be of
         # different ages, ours is the truth.
         dup = mine_held & others
@@ -768,10 +775,6 @@ class Membership:
         if view != self._view:
             self._view = view
             self._emit(ev.ViewChanged(view[0], anchor is not None))
-        if self.state is NodeState.UP and self._mine_view != view:
-            # Only an UP node needs its share; a starting node hears peers one by one.
-            self._mine_view = view
-            self._mine_all = assign(view[0], self.config.buckets, anchor).mask(self.name)
 
     def _acquirable(self) -> int:
         """Wanted buckets that no live peer owns or claims first and that every live peer has
