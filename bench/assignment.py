@@ -8,12 +8,16 @@ Assignment: compares, for B = 256 and 1024, equal and random weights (1..10), N 
 - `hrw`: weighted rendezvous hashing with capacity caps over the UP set (no anchor);
 - `maglev`: Maglev-style population (each node walks its own permutation of the buckets,
   nodes take turns in proportion to their weights until each reaches its quota);
-- `hrw-anchored`: what vipfarm uses, capped HRW anchored on the configured farm.
+- `hrw-anchored`: the previous design, a pure function of the UP set anchored on the configured
+  farm (UP nodes keep their anchor buckets, capped HRW spreads the rest);
+- `vipfarm`: what vipfarm uses, `assignment.rebalance`: current owners keep their buckets within
+  their quota, the anchor is a preference, capped HRW hands out the free buckets.
 
-Events: every node leaving the full farm and coming back, and the same from a farm that already
-misses 1, 2 or 4 random nodes ("degraded"). For each event it counts the buckets that changed
-owner against `min_moves` (the fewest any balanced assignment allows) and checks balance (every
-node within one bucket of its weighted ideal share).
+Events: a random walk per farm: every node leaves the full farm and comes back ("single"), then
+as many joins and leaves again with nodes already down ("degraded"). Each algorithm follows the
+walk from its own previous result. For each event it counts the buckets that changed owner
+against `min_moves` (the fewest any balanced assignment allows) and checks balance (every node
+within one bucket of its weighted ideal share).
 
 Simulator: wall time of 64 nodes x 600 simulated seconds (crash scenario, defaults), crash
 convergence for N = 2..64, and false failovers of 64 nodes at 5 % loss for 600 s.
@@ -37,7 +41,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vipfarm.membership.assignment import Members, _costs, assign, min_moves, moved, quotas
+from vipfarm.membership.assignment import (
+    Members,
+    _costs,
+    assign,
+    masks_of,
+    min_moves,
+    moved,
+    quotas,
+    rebalance,
+)
 from vipfarm.sim import SimConfig, simulate
 
 Owners = list[str | None]
@@ -78,11 +91,29 @@ def maglev(members: Members, buckets: int) -> Owners:
     return owners
 
 
-ALGORITHMS: dict[str, Callable[[Members, int, Members], Owners]] = {
-    "hrw": lambda m, b, _anchor: assign(m, b).owner_names(),
-    "maglev": lambda m, b, _anchor: maglev(m, b),
-    "hrw-anchored": lambda m, b, anchor: assign(m, b, anchor).owner_names(),
+Algorithm = Callable[[Members, int, Members, Owners | None], Owners]
+
+
+def _vipfarm(members: Members, buckets: int, anchor: Members, old: Owners | None) -> Owners:
+    if old is None:
+        return assign(members, buckets, anchor).owner_names()
+    return rebalance(members, masks_of(old, members), buckets, anchor).owner_names()
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "hrw": lambda m, b, _anchor, _old: assign(m, b).owner_names(),
+    "maglev": lambda m, b, _anchor, _old: maglev(m, b),
+    "hrw-anchored": lambda m, b, anchor, _old: _anchored_only(m, b, anchor),
+    "vipfarm": _vipfarm,
 }
+
+
+def _anchored_only(members: Members, buckets: int, anchor: Members) -> Owners:
+    """The previous design (re-expressed with `rebalance`), a pure function of the UP set: UP
+    nodes keep their anchor buckets up to their quota, capped HRW spreads the rest."""
+    base = assign(anchor, buckets).owner_names()
+    kept = tuple(o if any(o == n for n, _ in members) else None for o in base)
+    return rebalance(members, masks_of(list(kept), members), buckets).owner_names()
 
 
 def balance(owners: Owners, members: Members, buckets: int) -> float:
@@ -93,22 +124,24 @@ def balance(owners: Owners, members: Members, buckets: int) -> float:
     return max(abs(sum(1 for o in owners if o == n) - buckets * w / total) for n, w in active)
 
 
-def events(full: Members, rnd: random.Random) -> list[tuple[str, Members, Members]]:
-    """(kind, before, after) pairs: leave and rejoin of each node, from full and degraded."""
-    out: list[tuple[str, Members, Members]] = []
+def walk(full: Members, rnd: random.Random) -> list[tuple[str, Members]]:
+    """A random walk of single events from the full farm: every node leaves and rejoins once
+    ("single": the farm is full before or after), then as many events again with nodes
+    already down ("degraded"). Each step is (kind, members after it)."""
+    out: list[tuple[str, Members]] = []
     for x in full:
         less = tuple(m for m in full if m != x)
         if less:
-            out += [("leave", full, less), ("join", less, full)]
-    for k in (1, 2, 4):
-        if len(full) <= k + 1:
-            continue
-        down = set(rnd.sample(full, k))
-        base = tuple(m for m in full if m not in down)
-        x = rnd.choice(base)
-        out.append(("degraded-leave", base, tuple(m for m in base if m != x)))
-        y = rnd.choice(sorted(down))
-        out.append(("degraded-join", base, tuple(sorted((*base, y)))))
+            out += [("single", less), ("single", full)]
+    up = set(full)
+    for _ in range(len(full) + 8 if len(full) > 2 else 0):
+        down = sorted(set(full) - up)
+        if down and (rnd.random() < 0.4 or len(up) <= 2):
+            up.add(rnd.choice(down))
+        else:
+            up.remove(rnd.choice(sorted(up)))
+        members = tuple(sorted(up))
+        out.append(("single" if members == full or len(down) == 0 else "degraded", members))
     return out
 
 
@@ -130,24 +163,18 @@ def bench_assignment(quick: bool) -> dict[str, Any]:
 
 
 def _measure(
-    algo: Callable[[Members, int, Members], Owners],
-    farms: Sequence[Members],
-    buckets: int,
-    rnd: random.Random,
+    algo: Algorithm, farms: Sequence[Members], buckets: int, rnd: random.Random
 ) -> dict[str, Any]:
     stats: dict[str, dict[str, Any]] = {}
     times: list[float] = []
     for full in farms:
-        cache: dict[Members, Owners] = {}
-        for kind, before, after in events(full, rnd):
-            for members in (before, after):
-                if members not in cache:
-                    t = time.perf_counter()
-                    cache[members] = algo(members, buckets, full)
-                    times.append(time.perf_counter() - t)
-            old, new = cache[before], cache[after]
-            got, best = moved(old, new), min_moves(old, after, buckets)
-            for group in ("all", kind.split("-")[0] if "-" in kind else "single"):
+        old = algo(full, buckets, full, None)
+        for kind, members in walk(full, rnd):
+            t = time.perf_counter()
+            new = algo(members, buckets, full, old)
+            times.append(time.perf_counter() - t)
+            got, best = moved(old, new), min_moves(old, members, buckets)
+            for group in ("all", kind):
                 s = stats.setdefault(
                     group,
                     {"events": 0, "moved": 0, "optimal": 0, "within_10pct": 0, "within_1": 0},
@@ -158,7 +185,10 @@ def _measure(
                 s["within_10pct"] += got <= 1.1 * best
                 s["within_1"] += got <= best + 1
                 s["max_extra"] = max(s.get("max_extra", 0), got - best)
-                s["worst_balance"] = max(s.get("worst_balance", 0.0), balance(new, after, buckets))
+                s["worst_balance"] = max(
+                    s.get("worst_balance", 0.0), balance(new, members, buckets)
+                )
+            old = new
     for s in stats.values():
         s["ratio"] = round(s["moved"] / max(1, s["optimal"]), 4)
         s["worst_balance"] = round(s["worst_balance"], 3)
@@ -224,7 +254,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(9, 4))
     keys = sorted(assignment)
     ratios = [assignment[k]["all"]["ratio"] for k in keys]
-    ax.barh(keys, ratios, color=["tab:green" if "anchored" in k else "tab:gray" for k in keys])
+    colors = ["tab:green" if k.startswith("vipfarm") else "tab:gray" for k in keys]
+    ax.barh(keys, ratios, color=colors)
     ax.axvline(1.1, color="tab:red", linestyle="--", label="1.1 x minimum")
     ax.set_xlabel("buckets moved / minimum possible (all join and leave events)")
     ax.legend()

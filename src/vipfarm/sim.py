@@ -224,6 +224,10 @@ class Simulator:
 
     def crash(self, node: _Node, now: float) -> None:
         """The daemon dies; its kernel keeps the buckets until the lease runs out."""
+        if any(m.core is not None and m.group != node.group for m in self.nodes):
+            # It dies on one side of a partition: the other side may take its buckets while
+            # its lease still runs, which is the split brain outliving the partition.
+            self.blind_until = max(self.blind_until, node.lease_until)
         self._unserve(node, node.kernel, now)
         node.core = None
         node.wake = 2**62

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vipfarm.cli import app
-from vipfarm.sim import SCENARIOS, SimConfig, simulate
+from vipfarm.sim import SCENARIOS, Action, SimConfig, Simulator, simulate
 
 KEYS = {
     "max_owners_per_bucket",
@@ -87,6 +87,25 @@ def test_runs_are_reproducible_and_weights_count() -> None:
     b.pop("wall_s")
     assert a == b
     assert a["balance_max_over_mean"] <= 1.0 + 1 / 30  # within one bucket of 30 / 60 ideal
+
+
+def test_a_node_dying_on_the_far_side_of_a_partition_is_split_brain_not_double_ownership() -> None:
+    """node02 starts while cut off from node01 and takes every bucket just as node01 dies: both
+    kernels hold them until node01's lease runs out. No protocol can see that (node02 never
+    heard node01), so it counts as split brain, as the partition it outlives."""
+    cfg = SimConfig(nodes=2, buckets=16, delay_ms=(1.0, 1.0), duration=5.71, seed=0)
+    script: list[Action] = [
+        (2.5, "crash", 1),
+        (3.5, "partition", 0),
+        (4.5, "start", 1),
+        (5.0, "crash", 0),
+        (5.01, "heal", 0),
+        (5.01, "start", 0),
+    ]
+    sim = Simulator(cfg, script)
+    r = sim.run()
+    assert r["max_owners_per_bucket"] == 1 and r["max_owners_while_split"] == 2
+    assert sim.unsettled() is None
 
 
 def test_two_heartbeat_networks() -> None:
