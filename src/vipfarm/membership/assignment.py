@@ -106,43 +106,47 @@ def _fill(
     for b in _bits(free):
         is_free[b] = 1
     left = free.bit_count()
-    mine = _anchored(anchor, buckets) if anchor else {}
     heap: list[tuple[float, int]] = []
-    prefs: list[tuple[int, ...]] = [()] * len(members)  # only nodes with room need theirs
+    # Per node with room: its preference list, each position's cost and anchor bonus, and where
+    # its walk stands (the candidate in the heap).
+    walks: list[tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]] = []
     pos = [0] * len(members)
-
-    def push(i: int) -> None:
-        order, p = prefs[i], pos[i]
+    inv = [1.0 / w for _, w in members]
+    for i, (name, _) in enumerate(members):
+        c = counts[i]
+        if not (left and (c < lo[i] or (c < hi[i] and tickets > 0))):
+            walks.append(((), (), ()))  # full: never a candidate
+            continue
+        order, cost, bonus = walk = _prefs(name, anchor, buckets)
+        walks.append(walk)
+        p = 0
         while not is_free[order[p]]:
             p += 1
         pos[i] = p
-        b = order[p]
-        name, w = members[i]
-        bonus = _ANCHOR_BONUS if mine.get(name, 0) >> b & 1 else 0.0
-        heapq.heappush(heap, (_costs(name, buckets)[b] / w - bonus, i))
-
-    for i, (name, _) in enumerate(members):
-        c = counts[i]
-        if left and (c < lo[i] or (c < hi[i] and tickets > 0)):
-            prefs[i] = _prefs(name, anchor, buckets)
-            push(i)
+        heap.append((cost[p] * inv[i] - bonus[p], i))
+    heapq.heapify(heap)
     while left:
         _, i = heapq.heappop(heap)
-        b = prefs[i][pos[i]]
-        if not is_free[b]:  # taken since it became this node's candidate
-            push(i)
-            continue
-        c = counts[i]
-        if c >= lo[i]:
-            if c >= hi[i] or tickets <= 0:
-                continue  # full for good: counts only grow and tickets only shrink
-            tickets -= 1
-        is_free[b] = 0
-        got[i] |= 1 << b
-        counts[i] = c + 1
-        left -= 1
-        if left:
-            push(i)
+        order, cost, bonus = walks[i]
+        p = pos[i]
+        b = order[p]
+        if is_free[b]:
+            c = counts[i]
+            if c >= lo[i]:
+                if c >= hi[i] or tickets <= 0:
+                    continue  # full for good: counts only grow and tickets only shrink
+                tickets -= 1
+            is_free[b] = 0
+            got[i] |= 1 << b
+            counts[i] = c + 1
+            left -= 1
+            if not left:
+                break
+        # Next candidate of this node (its bucket was taken by another node, or by itself).
+        while not is_free[order[p]]:
+            p += 1
+        pos[i] = p
+        heapq.heappush(heap, (cost[p] * inv[i] - bonus[p], i))
     return got
 
 
@@ -162,12 +166,19 @@ def _anchored(anchor: Members, buckets: int) -> dict[str, int]:
 
 
 @lru_cache(maxsize=4096)
-def _prefs(name: str, anchor: Members | None, buckets: int) -> tuple[int, ...]:
-    """Buckets in the order node `name` prefers them: its anchor buckets, then by cost (a
-    node's own order does not depend on its weight)."""
+def _prefs(
+    name: str, anchor: Members | None, buckets: int
+) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    """Buckets in the order node `name` prefers them (its anchor buckets, then by cost; a node's
+    own order does not depend on its weight), with each one's cost and anchor bonus."""
     cost = _costs(name, buckets)
     home = _anchored(anchor, buckets).get(name, 0) if anchor else 0
-    return tuple(sorted(range(buckets), key=lambda b: (not home >> b & 1, cost[b])))
+    order = tuple(sorted(range(buckets), key=lambda b: (not home >> b & 1, cost[b])))
+    return (
+        order,
+        tuple(cost[b] for b in order),
+        tuple(_ANCHOR_BONUS if home >> b & 1 else 0.0 for b in order),
+    )
 
 
 def _bits(mask: int) -> list[int]:
