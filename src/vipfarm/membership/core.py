@@ -288,35 +288,37 @@ class Membership:
             return False
         peer.net_seq[ni] = seq
         peer.heard = now
-        multi = self._multi
-        if multi:
-            peer.net_heard[ni] = now
-        if peer.alive:
+        alive = peer.alive  # nothing below changes it before _bury/_revive
+        if alive:
             if peer.vouched:
                 self._unvouch(peer)
             else:
                 self._by_heard.move_to_end(peer.id)
-            if multi:
+            if peer is self._timer_peer:
+                self._timer_dirty = True
+        if self._multi:
+            peer.net_heard[ni] = now
+            if alive:
                 if peer.net_lost[ni]:
                     self._net_restored(peer, ni)
                 else:
                     self._by_net[ni].move_to_end(peer.id)
-            if peer is self._timer_peer:
-                self._timer_dirty = True
-        if multi and seq <= peer.seq:
-            return bool(self._events)  # a late copy from a slower network: liveness only
+            if seq <= peer.seq:
+                return bool(self._events)  # a late copy from a slower network: liveness only
         peer.seq = seq
         old = peer.hb
         peer.hb = hb
         if hb.bye:
-            if peer.alive:
+            if alive:
                 self._bury(peer)  # it stopped, owns nothing and said goodbye
                 self._evaluate(now)
             return True
-        if not peer.alive:
+        if not alive:
             self._revive(peer, hb)
         elif old is not None and old.body == hb.body:
-            if hb.want:
+            # The claim is unchanged: the usual heartbeat, which only refreshed liveness above.
+            want = hb.want
+            if want:
                 self._schedule_send(now)  # acknowledge claims quickly
             if self._want and self._id in hb.acks:
                 # Only an acknowledgement is new: no claim changed, so only rule 3 can.
@@ -324,7 +326,7 @@ class Membership:
                 if ready:
                     self._evaluate(now)
                     return True
-            return bool(hb.want or self._events)
+            return bool(want or self._events)
         elif old is not None and (
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
