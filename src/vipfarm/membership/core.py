@@ -179,7 +179,7 @@ class _Peer:
         self.seq = 0  # latest applied heartbeat
         self.heard = -math.inf  # latest valid heartbeat, any network
         self.indirect = -math.inf  # latest time another peer vouched for this one
-        self.net_seq = [0] * networks
+        self.net_seq = [0] * networks  # latest per network, kept only with several networks
         self.net_heard = [-math.inf] * networks
         self.net_lost = [True] * networks
 
@@ -278,15 +278,19 @@ class Membership:
             self._count(Drop.UNKNOWN_NETWORK)
             return False
         seq = hb.seq
+        multi = self._multi
         if hb.incarnation != peer.incarnation:
             if hb.incarnation < peer.incarnation:
                 self._count(Drop.REPLAY)
                 return False
             self._new_incarnation(peer, hb)
-        elif seq <= peer.net_seq[ni]:
-            self._count(Drop.DUPLICATE if seq == peer.net_seq[ni] else Drop.REPLAY)
-            return False
-        peer.net_seq[ni] = seq
+        else:
+            # With one network, the latest sequence number applied is that network's latest
+            # (net_seq is kept only with several; this saves a list access per heartbeat).
+            last = peer.net_seq[ni] if multi else peer.seq
+            if seq <= last:
+                self._count(Drop.DUPLICATE if seq == last else Drop.REPLAY)
+                return False
         peer.heard = now
         alive = peer.alive  # nothing below changes it before _bury/_revive
         if alive:
@@ -296,7 +300,8 @@ class Membership:
                 self._by_heard.move_to_end(peer.id)
             if peer is self._timer_peer:
                 self._timer_dirty = True
-        if self._multi:
+        if multi:
+            peer.net_seq[ni] = seq
             peer.net_heard[ni] = now
             if alive:
                 if peer.net_lost[ni]:
