@@ -20,6 +20,12 @@ Theory of operation:
   same datagram once per heartbeat network, so `decode` keeps a bounded cache keyed by the payload
   bytes: identical bytes always yield the identical verdict, so the MAC is computed once per
   payload, not once per receiver. The cache is cleared when full, which keeps it O(1) and bounded.
+- The receive path is dominated by memory latency, not arithmetic, so the decoder also shares
+  objects between heartbeats: every heartbeat of one node carries the same node id int object
+  (`Codec.intern_id`, which the core uses for its peer table too, so a lookup matches by
+  identity without reading a second int), and a heartbeat whose body equals the previous one
+  of its node carries that same bytes object (an unchanged claim compares by identity). Both
+  tables are bounded by the number of node ids, which only authenticated datagrams add.
 - Bitmaps (owned, wanted, fresh) travel as little-endian bit strings: bucket i is bit i % 8 of
   byte i // 8. In memory they are Python ints with bit i set, which makes set algebra cheap.
 """
@@ -51,6 +57,7 @@ _BODY_AT: Final = 35
 _ACK: Final = struct.Struct("!IQQ")
 ACK_LEN: Final = _ACK.size
 _CACHE_MAX: Final = 4096
+_IDS_MAX: Final = 4 * MAX_ACKS  # node ids whose objects are shared (a farm has at most 255)
 _BLOCK: Final = 64  # SHA-256 block size, for the HMAC pads
 
 
@@ -154,7 +161,9 @@ class Codec:
 
     __slots__ = (
         "_bitmap_len",
+        "_bodies",
         "_cache",
+        "_ids",
         "_inner",
         "_outer",
         "_subkey",
@@ -181,6 +190,15 @@ class Codec:
         self._cache: dict[bytes, Heartbeat | Drop] = {}
         # The receive hot path calls this first and `decode` only on a miss.
         self.cached = self._cache.get
+        self._ids: dict[int, int] = {}
+        self._bodies: dict[int, bytes] = {}  # latest body per node id
+
+    def intern_id(self, node_id: int) -> int:
+        """The one int object this codec uses for `node_id` (an equal int: only speed depends
+        on getting the shared object)."""
+        if len(self._ids) < _IDS_MAX:
+            return self._ids.setdefault(node_id, node_id)
+        return self._ids.get(node_id, node_id)
 
     def encode(
         self,
@@ -295,7 +313,14 @@ class Codec:
         acks = {}
         for i in range(n_acks):
             a_node, a_inc, a_seq = _ACK.unpack_from(data, acks_at + i * ACK_LEN)
-            acks[a_node] = (a_inc, a_seq)
+            acks[self.intern_id(a_node)] = (a_inc, a_seq)
+        nid = self.intern_id(nid)
+        body = data[_BODY_AT:fresh_at]
+        last = self._bodies.get(nid)
+        if last == body:
+            body = last  # unchanged claim: the core compares by identity
+        elif len(self._bodies) < _IDS_MAX:
+            self._bodies[nid] = body
         return Heartbeat(
             node_id=nid,
             digest=digest,
@@ -308,5 +333,5 @@ class Codec:
             fresh=int.from_bytes(data[fresh_at:acks_at], "little"),
             acks=acks,
             bye=bool(flags),
-            body=data[_BODY_AT:fresh_at],
+            body=body,
         )

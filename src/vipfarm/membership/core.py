@@ -212,7 +212,7 @@ class Membership:
         self._cached = codec.cached
         self._decode = codec.decode
         self._codec = codec
-        self._id = node_id(config.node)
+        self._id = codec.intern_id(node_id(config.node))
         self._digest = config_digest(dict(config.nodes), config.buckets)
         self._anchor: Members = config.nodes_sorted
         self._fresh_len = (len(config.nodes) + 7) // 8
@@ -224,6 +224,8 @@ class Membership:
             _Peer(n, i, slot, n < config.node, len(config.networks))
             for slot, (i, n) in enumerate(others)
         ]
+        for p in self._peer_list:
+            p.id = codec.intern_id(p.id)  # the decoder's object: dict lookups match by identity
         self._peers = {p.id: p for p in self._peer_list}
         # Live peers heard directly within dead_after, and when each was last heard (any
         # network; +inf for the other peers), by slot: a heartbeat costs one list store, and the
@@ -660,12 +662,11 @@ class Membership:
         horizon = now - _FRESH_INTERVALS * self.config.interval
         if self._heard_floor < horizon:
             self._heard_floor = min(self._heard_at, default=math.inf)
-        if self._heard_floor >= horizon:
-            return self._direct_mask  # the usual case: everyone is fresh
-        mask = 0
-        for p in self._direct.values():
-            if p.heard >= horizon:
-                mask |= 1 << p.index
+        mask = self._direct_mask
+        if self._heard_floor < horizon:  # someone is not fresh (else the usual case)
+            for p in self._direct.values():
+                if p.heard < horizon:
+                    mask &= ~(1 << p.index)
         return mask
 
     def _schedule_send(self, now: float) -> None:
