@@ -358,7 +358,8 @@ class Membership:
         if now < self._next_send:
             return []
         self._check_lease(now)
-        acks = tuple(Ack(p.id, p.incarnation, p.seq) for p in self._wanting.values())
+        wanting = self._wanting
+        acks = tuple(Ack(p.id, p.incarnation, p.seq) for p in wanting.values()) if wanting else ()
         out = self._heartbeat(self._fresh(now), acks)
         self._last_send = now
         # While claiming, repeat the claim sooner: a lost claim or acknowledgement then costs
@@ -428,9 +429,10 @@ class Membership:
             )
             for p in due:
                 changed |= self._suspect(p, now)
-        for p in [p for p in self._vouched.values() if p.indirect + da <= now]:
-            del self._vouched[p.id]
-            changed |= self._suspect(p, now)
+        if self._vouched:
+            for p in [p for p in self._vouched.values() if p.indirect + da <= now]:
+                del self._vouched[p.id]
+                changed |= self._suspect(p, now)
         for n, order in enumerate(self._by_net):
             while order:
                 p = next(iter(order.values()))
