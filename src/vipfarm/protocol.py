@@ -319,7 +319,7 @@ class Codec:
         last = self._bodies.get(nid)
         if last == body:
             body = last  # unchanged claim: the core compares by identity
-        elif len(self._bodies) < _IDS_MAX:
+        elif last is not None or len(self._bodies) < _IDS_MAX:
             self._bodies[nid] = body
         return Heartbeat(
             node_id=nid,
