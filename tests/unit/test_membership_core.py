@@ -478,3 +478,26 @@ def test_snapshot_reports_every_node() -> None:
         "heartbeat_age_ms": {"lan": None},
     }
     assert len(snap["owned"]) == 8
+
+
+def test_timer_may_be_early_once_a_peer_is_heard_again_but_is_never_late() -> None:
+    h = Harness(["a", "b"])
+    h.start("a", 0.0, healthy=False)  # WAIT: no handover, heartbeats exactly every interval
+    h.start("b", 0.0, healthy=False)
+    h.run_until(0.95)
+    h.blocked.add(("b", "a"))  # b's heartbeat of 0.875 (heard at 0.890625) is the last for now
+    h.run_until(1.36)
+    h.blocked.clear()
+    h.cores["b"].set_weight(2, 1.36)  # an extra heartbeat (no claim), heard at 1.375625
+    h.run_until(1.38)
+    a = h.cores["a"]
+    # a's heartbeat of 1.375 set its timer to b's deadline, 0.890625 + dead_after: b was heard
+    # since, so the timer is early, and the call then finds nothing due.
+    assert a.get_timer() == 0.890625 + DEAD_AFTER
+    h.run_until(1.45)
+    assert h.events("a", ev.PeerDown) == []
+    assert a.get_timer() == 1.5  # the next heartbeat
+    h.crash("b")  # before its next heartbeat, due at 1.485
+    h.run_until(3.0)
+    [(t_dead, _)] = h.events("a", ev.PeerDown)
+    assert t_dead == 1.36 + DELAY + DEAD_AFTER  # exactly dead_after after the last one heard

@@ -154,6 +154,28 @@ def test_decode_results_are_cached_per_payload() -> None:
     assert len(codec._cache) <= 4096
 
 
+def test_tag_is_hmac_sha256_of_everything_before_it() -> None:
+    codec = Codec("farm", KEY, B)
+    data = encode(codec)
+    assert data[-TAG_LEN:] == hmac.digest(codec._subkey, data[:-TAG_LEN], "sha256")
+
+
+def test_heartbeats_of_one_node_share_the_id_and_an_unchanged_body() -> None:
+    codec = Codec("farm", KEY, B)
+    first, again, changed = (
+        codec.decode(encode(codec, seq=1)),
+        codec.decode(encode(codec, seq=2, fresh=0, acks=())),  # the same claim
+        codec.decode(encode(codec, seq=3, want=0)),
+    )
+    assert isinstance(first, Heartbeat) and isinstance(again, Heartbeat)
+    assert isinstance(changed, Heartbeat)
+    assert first.node_id is again.node_id is changed.node_id is codec.intern_id(node_id("node1"))
+    assert list(first.acks) == [node_id("node2")]
+    assert next(iter(first.acks)) is codec.intern_id(node_id("node2"))
+    assert again.body is first.body
+    assert changed.body != first.body
+
+
 def test_codec_rejects_bad_parameters() -> None:
     with pytest.raises(ValueError, match="at least 32 random bytes"):
         Codec("farm", b"short", B)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
 
+import vipfarm.sim
 from vipfarm.cli import app
 from vipfarm.sim import SCENARIOS, Action, SimConfig, Simulator, simulate
 
@@ -121,3 +124,24 @@ def test_bad_configuration_is_explained() -> None:
         SimConfig(nodes=2, weights=[1, 1, 1])
     with pytest.raises(ValueError, match=r"period 1\.0 s is too short"):
         SimConfig(period=1.0)
+
+
+@pytest.mark.parametrize("span", [1, 41, 256, 300])
+def test_bulk_network_draws_are_uniform_delays_and_independent_losses(span: int) -> None:
+    draws = vipfarm.sim._Draws(seed=7, span=span)
+    delays = Counter(d for _ in range(1000) for d in draws.delays(span * 40 // 63 + 1))
+    assert set(delays) == set(range(span))
+    assert max(delays.values()) < 1.3 * min(delays.values())  # about 640 expected per value
+    for loss in (0.05, 0.3):
+        lost = [draws.lost(63, loss) for _ in range(4000)]
+        assert all(x == sorted(set(x)) and all(0 <= i < 63 for i in x) for x in lost)
+        share = sum(map(len, lost)) / (63 * 4000)
+        assert abs(share - loss) < 0.01  # 252,000 draws: the standard error is under 0.001
+        # Independent: a loss makes the next delivery no more or less likely to be lost.
+        after = [i + 1 in x for x in lost for i in x if i + 1 < 63]
+        assert abs(sum(after) / len(after) - loss) < 0.03
+
+
+def test_garbage_collection_is_paused_during_a_run_only() -> None:
+    simulate(SimConfig(nodes=2, duration=2.0))
+    assert gc.isenabled()
