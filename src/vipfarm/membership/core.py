@@ -259,6 +259,9 @@ class Membership:
         self._view: tuple[Members, Members | None] | None = None
         self._view_dirty = True
         self._planner = Planner()
+        self._plan_stale = True  # the view or a peer's owned buckets changed since _plan_mine
+        self._plan_held = 0  # our own buckets when _plan_mine was computed
+        self._plan_mine = 0  # our buckets in the latest plan
         self._split = False
         self._blocked = 0  # owned by a live peer, or claimed by one with priority
         self._blocker: _Peer | None = None  # a peer whose acknowledgement was missing
@@ -346,6 +349,8 @@ class Membership:
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
             self._view_dirty = True
+        if old is None or old.owned != hb.owned:
+            self._plan_stale = True
         if hb.want:
             self._wanting[peer.id] = peer
             self._schedule_send(now)  # acknowledge claims quickly
@@ -733,21 +738,28 @@ class Membership:
             self._update_view(alive)
         mine_held = self._held | self._requested
         prio_owned = prio_want = others = 0
-        owned = {self.name: mine_held}
         for p in alive:
             hb = p.hb
             assert hb is not None
             others |= hb.owned
-            owned[p.name] = hb.owned
             if p.prio:
                 prio_owned |= hb.owned
                 prio_want |= hb.want
         mine = 0
         if self.state is NodeState.UP and not self._learning():
-            assert self._view is not None
-            members, anchor = self._view
-            current = tuple(owned[n] for n, _ in members)
-            mine = self._planner.plan(members, current, self.config.buckets, anchor).mask(self.name)
+            if self._plan_stale or mine_held != self._plan_held:
+                # Only a changed view or ownership can change the plan; wants and
+                # acknowledgements, most of a handover's heartbeats, cannot.
+                assert self._view is not None
+                members, anchor = self._view
+                owned = {p.name: p.hb.owned for p in alive if p.hb is not None}
+                owned[self.name] = mine_held
+                current = tuple(owned[n] for n, _ in members)
+                plan = self._planner.plan(members, current, self.config.buckets, anchor)
+                self._plan_mine = plan.mask(self.name)
+                self._plan_held = mine_held
+                self._plan_stale = False
+            mine = self._plan_mine
         # Only overlaps with our own buckets are certain: two peers' heartbeats may be of
         # different ages, ours is the truth.
         dup = mine_held & others
@@ -802,6 +814,7 @@ class Membership:
         view = (tuple(sorted(members)), anchor)
         if view != self._view:
             self._view = view
+            self._plan_stale = True
             self._emit(ev.ViewChanged(view[0], anchor is not None))
 
     def _acquirable(self) -> int:
