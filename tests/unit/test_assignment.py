@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from vipfarm.membership.assignment import (
     Assignment,
     Members,
+    Planner,
     _costs,
     assign,
     balanced,
@@ -208,6 +209,31 @@ def test_progress_along_the_plan_keeps_the_plan(
         after[rnd.randrange(len(after))] ^= 1 << rnd.randrange(buckets)
         if on_plan(current, tuple(after), plan):
             assert rebalance(members, tuple(after), buckets, anchor) == plan
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.sampled_from([0, 1, 1, 2, 3]), min_size=1, max_size=6),
+    st.sampled_from([8, 64]),
+    st.randoms(use_true_random=False),
+)
+def test_a_planner_always_answers_what_rebalance_would(
+    weights: list[int], buckets: int, rnd: random.Random
+) -> None:
+    """A core's planner over a run of handover steps (mostly one node at a time carrying out
+    the plan, sometimes anything else): its answer is always `rebalance` of the input."""
+    members = tuple((f"n{i}", w) for i, w in enumerate(weights))
+    planner = Planner()
+    current = [rnd.getrandbits(buckets) & rnd.getrandbits(buckets) for _ in members]
+    for _ in range(40):
+        want = rebalance(members, tuple(current), buckets, members)
+        assert planner.plan(members, tuple(current), buckets, members) == want
+        i = rnd.randrange(len(members))
+        if rnd.random() < 0.8:  # one step of the plan for node i, or of a stale plan
+            step = (current[i] ^ want.masks[i]) & rnd.getrandbits(buckets)
+            current[i] ^= step
+        else:
+            current[i] ^= 1 << rnd.randrange(buckets)
 
 
 def test_quotas() -> None:
