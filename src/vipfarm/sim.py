@@ -349,6 +349,8 @@ class Simulator:
                 relevant = True
             elif isinstance(e, ev.StateChanged):
                 relevant = True
+                if e.old is NodeState.STARTING:
+                    self._unheard(node, now)
                 if e.new is NodeState.UP and node.joining:
                     node.joining = False
                     self._pend("join", now, node.name)
@@ -360,6 +362,16 @@ class Simulator:
                 relevant = True
         if relevant and self.pending:
             self._check_converged(now)
+
+    def _unheard(self, node: _Node, now: float) -> None:
+        """The node's listening period is over. A live, reachable peer it has not heard at all
+        (loss silenced the link for dead_after) is behind a partition as far as the protocol can
+        tell, exactly like a peer it declared dead, until it hears it (PeerUp)."""
+        assert node.core is not None
+        heard = {n["name"] for n in node.core.snapshot(now)["nodes"] if n["alive"]}
+        for m in self.nodes:
+            if m is not node and m.core is not None and m.name not in heard:
+                self.believed_dead.add((node.index, m.index))
 
     def _stopped(self, node: _Node, now: float) -> None:
         if node.core is not None and node.core.state is NodeState.STOPPING:

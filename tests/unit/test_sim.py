@@ -145,3 +145,23 @@ def test_bulk_network_draws_are_uniform_delays_and_independent_losses(span: int)
 def test_garbage_collection_is_paused_during_a_run_only() -> None:
     simulate(SimConfig(nodes=2, duration=2.0))
     assert gc.isenabled()
+
+
+def test_a_start_that_hears_no_live_peer_is_a_split_not_double_ownership() -> None:
+    """With seed 65535's losses, none of node02's heartbeats reaches the restarted node01 during
+    its listening period: node01 takes every bucket that node02 still holds. Loss that silences a
+    link for dead_after is a partition as far as any protocol can tell, so it counts as split."""
+    cfg = SimConfig(nodes=2, buckets=16, loss=0.3, delay_ms=(1.0, 1.0), duration=5.71, seed=65535)
+    script: list[vipfarm.sim.Action] = [
+        (2.0, "crash", 0),
+        (4.0, "start", 0),
+        (5.0, "crash", 0),
+        (5.01, "quiet", 0),
+        (5.01, "start", 0),
+        (5.01, "healthy", 0),
+    ]
+    sim = vipfarm.sim.Simulator(cfg, script)
+    r = sim.run()
+    assert r["max_owners_while_split"] == 2  # the silent link happened
+    assert r["max_owners_per_bucket"] == 1 and r["false_failovers"] == 0
+    assert sim.unsettled() is None
