@@ -225,7 +225,7 @@ class Assignment:
         return [m.bit_count() for m in self.masks]
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=256)
 def rebalance(
     members: Members, current: tuple[int, ...], buckets: int, anchor: Members | None = None
 ) -> Assignment:
