@@ -403,16 +403,23 @@ class Simulator:
         exactly once, every node within its quota, nodes that are not UP hold nothing), and
         every core's view is that UP set. A balanced assignment is a fixed point of
         `rebalance`, so nothing moves any more."""
+        return self._settlement()[0]
+
+    def _settlement(self) -> tuple[str | None, list[tuple[Members, list[str | None]]]]:
+        """(why not settled or None, and when settled each component's UP set and owners)."""
+        states = []
         for comp in self._components().values():
             members = self._members(comp)
             for n in comp:
                 assert n.core is not None
                 if n.core.members != members:
-                    return f"{n.name} sees members {n.core.members}, not {members}"
-            why = balanced(self._owners(comp), members, self.cfg.buckets)
+                    return f"{n.name} sees members {n.core.members}, not {members}", []
+            owners = self._owners(comp)
+            why = balanced(owners, members, self.cfg.buckets)
             if why is not None:
-                return why
-        return None
+                return why, []
+            states.append((members, owners))
+        return None, states
 
     @staticmethod
     def _members(comp: list[_Node]) -> Members:
@@ -433,13 +440,12 @@ class Simulator:
         return owners
 
     def _check_converged(self, now: float) -> bool:
-        if self.unsettled() is not None:
+        why, states = self._settlement()
+        if why is not None:
             return False
-        comps = list(self._components().values())
         owners: list[str | None] | None = None
-        if len(comps) == 1:
-            members = self._members(comps[0])
-            owners = self._owners(comps[0])
+        if len(states) == 1:
+            members, owners = states[0]
             self._balance(owners, members)
         before = self.pending[0].before if self.pending else None
         for p in self.pending:

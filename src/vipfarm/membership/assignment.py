@@ -53,6 +53,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from vipfarm.protocol import bits_of
+
 Members = tuple[tuple[str, int], ...]
 """UP nodes as (name, weight), sorted by name; weight-0 nodes take no buckets."""
 
@@ -103,7 +105,7 @@ def _fill(
     tickets = buckets - sum(max(q, c) for q, c in zip(lo, counts, strict=True))
     got = [0] * len(members)
     is_free = bytearray(buckets)
-    for b in _bits(free):
+    for b in bits_of(free):
         is_free[b] = 1
     left = free.bit_count()
     heap: list[tuple[float, int]] = []
@@ -181,15 +183,6 @@ def _prefs(
     )
 
 
-def _bits(mask: int) -> list[int]:
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class Assignment:
     """Owners of all buckets for one UP set: `masks[i]` is the bitmap of member i's buckets."""
@@ -203,7 +196,7 @@ class Assignment:
         """Per bucket, the index of its owner in `members`, or -1."""
         out = [-1] * self.buckets
         for i, mask in enumerate(self.masks):
-            for b in _bits(mask):
+            for b in bits_of(mask):
                 out[b] = i
         return tuple(out)
 
@@ -215,11 +208,7 @@ class Assignment:
         return 0
 
     def owner_names(self) -> list[str | None]:
-        out: list[str | None] = [None] * self.buckets
-        for (name, _), mask in zip(self.members, self.masks, strict=True):
-            for b in _bits(mask):
-                out[b] = name
-        return out
+        return [self.members[o][0] if o >= 0 else None for o in self.owners]
 
     def counts(self) -> list[int]:
         return [m.bit_count() for m in self.masks]
@@ -283,7 +272,7 @@ def rebalance(
             # Own anchor buckets are kept first, buckets whose anchor node is away next.
             return (0 if own >> b & 1 else 1 if away >> b & 1 or not home else 2), cost[b]
 
-        for b in sorted(_bits(mine), key=keep)[-excess:]:
+        for b in sorted(bits_of(mine), key=keep)[-excess:]:
             taken &= ~(1 << b)
             held[i] &= ~(1 << b)
         counts[i] = quota[i]
@@ -301,6 +290,15 @@ def assign(members: Members, buckets: int, anchor: Members | None = None) -> Ass
     return rebalance(members, (0,) * len(members), buckets, anchor)
 
 
+def _claims(masks: Sequence[int]) -> tuple[int, int]:
+    """(buckets claimed by any of `masks`, buckets claimed by two or more)."""
+    seen = twice = 0
+    for m in masks:
+        twice |= seen & m
+        seen |= m
+    return seen, twice
+
+
 def on_plan(before: Sequence[int], after: Sequence[int], plan: Assignment) -> bool:
     """True when going from ownership `before` to `after` (bitmaps per member) only carried out
     part of `plan` = `rebalance(members, before, ...)`; `rebalance(members, after, ...)` is then
@@ -314,10 +312,9 @@ def on_plan(before: Sequence[int], after: Sequence[int], plan: Assignment) -> bo
     still takes finds its bucket free and its node with room, and a ticket the acquiring node
     took early is one it would have taken later, so every other node still finds its ticket.
     """
-    seen = twice = handed = 0
+    seen, twice = _claims(after)
+    handed = 0
     for b, a, p in zip(before, after, plan.masks, strict=True):
-        twice |= seen & a
-        seen |= a
         handed |= a & ~b & p
     for b, a, p in zip(before, after, plan.masks, strict=True):
         if a == b:
@@ -370,11 +367,7 @@ class Planner:
             return not changed or on_plan(before, current, plan)
         j = changed[0]
         if self._union is None:
-            seen = twice = 0
-            for m in before:
-                twice |= seen & m
-                seen |= m
-            self._union, self._twice = seen, twice
+            self._union, self._twice = _claims(before)
         b, a, p = before[j], current[j], plan.masks[j]
         others = (self._union & ~b) | (self._twice & b)  # claimed by another member
         # on_plan for one member: release only what the plan takes away, take only what it
