@@ -51,7 +51,7 @@ from vipfarm.membership.assignment import (
     quotas,
     rebalance,
 )
-from vipfarm.sim import SimConfig, simulate
+from vipfarm.membership.sim import SimConfig, simulate
 
 Owners = list[str | None]
 

@@ -10,9 +10,9 @@ overlap, the per-node data path spec, macro substitution in the module). Every p
 round is reported, each as `key.path[index].field: bad value 'x': expected ...`, in one
 `ConfigError`; nothing is applied by loading, so a bad file changes nothing.
 
-Rules are converted to `vipfarm.model.Rule` and the data path of each node is checked by building
-its `vipfarm.model.DatapathSpec`: the bounds and the overlap check live there only, and their
-errors are mapped back onto the keys of this file (`port` -> `ports`, `lease_s` ->
+Rules are converted to `vipfarm.datapath.spec.Rule` and the data path of each node is checked by
+building its `vipfarm.datapath.spec.DatapathSpec`: the bounds and the overlap check live there only,
+and their errors are mapped back onto the keys of this file (`port` -> `ports`, `lease_s` ->
 `timing.lease_ms`).
 
 The application module is a directory (`modules/<name>/`) holding `module.toml` (defaults:
@@ -56,7 +56,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from vipfarm.model import Affinity, DatapathSpec, IPAddress, Proto, Rule
+from vipfarm.datapath.spec import Affinity, DatapathSpec, IPAddress, Proto, Rule
 
 __all__ = [
     "ApiSection",

@@ -22,10 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
-from vipfarm.control import ControlError
 from vipfarm.lab.netns import run_in_netns
 from vipfarm.lab.testbed import Lab, LabFactory
 from vipfarm.lab.topology import node_lan4
+from vipfarm.node.control import ControlError
 
 NEW_RULE = """
 [[rule]]
@@ -273,7 +273,7 @@ def test_remote_cli_drains_node2_from_the_client_side(lab_factory: LabFactory) -
 
 FORGE = """
 import socket, sys
-from vipfarm.protocol import Codec, NodeState, config_digest, node_id
+from vipfarm.membership.wire import Codec, NodeState, config_digest, node_id
 farm, target = sys.argv[1], sys.argv[2]
 codec = Codec(farm, b"not the farm key, but long enough", 256)
 payload = codec.encode(

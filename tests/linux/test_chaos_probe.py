@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-from vipfarm.chaos import Chaos
 from vipfarm.datapath.ruleset import OWNED_SET, table_name
+from vipfarm.lab.chaos import Chaos
 from vipfarm.lab.testbed import LabFactory
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vipfarm import control, sdnotify
+from vipfarm.node import control, sdnotify
 
 
 def run_with_server(

@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import pytest
 
-from vipfarm.bucket import bucket_of
+from vipfarm.datapath.jhash import bucket_of
+from vipfarm.datapath.spec import Affinity, IPAddress, Proto, Rule, vmac_for
 from vipfarm.lab.buckets import even_split
 from vipfarm.lab.testbed import Lab, LabFactory
 from vipfarm.lab.topology import VIP4, VIP6, client_lan4, client_lan6, remote_addr
-from vipfarm.model import Affinity, IPAddress, Proto, Rule, vmac_for
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -194,7 +194,7 @@ def test_udp_rule_balances_an_echo_service(lab_factory: LabFactory) -> None:
 def test_predicted_bucket_owner_is_the_node_that_answers(
     lab_factory: LabFactory, affinity: Affinity, vip: IPAddress
 ) -> None:
-    """vipfarm.bucket computes the kernel's jhash: its bucket's owner is who answers."""
+    """vipfarm.datapath.jhash computes the kernel's jhash: its bucket's owner is who answers."""
     rule = Rule(vip=vip, port=80, affinity=affinity, prefix4=28)
     lab = lab_factory(nodes=3, clients=2, remote_clients=2, app="builtin", rules=[rule])
     owner = {b: n for n, bs in lab.kernel_owned().items() for b in bs or []}

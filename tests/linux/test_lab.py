@@ -12,13 +12,13 @@ from collections import Counter
 import pytest
 
 from vipfarm.datapath.ruleset import table_name
+from vipfarm.datapath.spec import Affinity, Proto, Rule
 from vipfarm.lab import testbed
 from vipfarm.lab.buckets import even_split
 from vipfarm.lab.procs import pid_alive, start_time
 from vipfarm.lab.procs import terminate as real_terminate
 from vipfarm.lab.testbed import Lab, LabFactory, state_dir, unique_name, url_for
 from vipfarm.lab.topology import VIP4, VIP6, LabError, Topology, lab_namespaces
-from vipfarm.model import Affinity, Proto, Rule
 
 pytestmark = pytest.mark.linux
 

@@ -25,8 +25,7 @@ from schemathesis.checks import positive_data_acceptance
 from schemathesis.config import SchemathesisConfig
 from typer.testing import CliRunner
 
-from vipfarm.api import deploy as dep
-from vipfarm.api import logfiles
+from vipfarm.api import logs as logfiles
 from vipfarm.api.app import create_app
 from vipfarm.api.client import base_url, read_token
 from vipfarm.api.models import (
@@ -49,8 +48,9 @@ from vipfarm.api.models import (
     StopRequest,
 )
 from vipfarm.config import parse_config
-from vipfarm.control import ControlError
-from vipfarm.metrics import Metrics, NodeFacts
+from vipfarm.node import deploy as dep
+from vipfarm.node.control import ControlError
+from vipfarm.node.metrics import Metrics, NodeFacts
 
 TOKEN = b"unit-test-token-0123456789"
 

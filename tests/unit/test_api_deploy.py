@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from vipfarm.api import deploy as dep
 from vipfarm.api.models import (
     AbortRequest,
     CommitReply,
@@ -19,6 +18,7 @@ from vipfarm.api.models import (
     PrepareRequest,
 )
 from vipfarm.config import FarmConfig, parse_config
+from vipfarm.node import deploy as dep
 
 FARM = """
 [farm]

@@ -21,7 +21,7 @@ import pytest
 from fastapi import FastAPI
 
 from vipfarm.api.server import ApiServer
-from vipfarm.model import IPAddress
+from vipfarm.datapath.spec import IPAddress
 
 LOOPBACK: IPAddress = ipaddress.ip_address("127.0.0.1")
 

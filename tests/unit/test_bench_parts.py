@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from vipfarm.bench import core
-from vipfarm.bench.core import (
+from vipfarm.bench import framework as core
+from vipfarm.bench.cpu import CpuTimes, Snapshot, lab_cpu_s, parse_proc_stat
+from vipfarm.bench.framework import (
     BenchError,
     FigureSet,
     Goal,
@@ -27,7 +28,6 @@ from vipfarm.bench.core import (
     select,
     values_of,
 )
-from vipfarm.bench.cpu import CpuTimes, Snapshot, lab_cpu_s, parse_proc_stat
 from vipfarm.bench.haproxy import haproxy_conf
 from vipfarm.bench.plots import bar_panels
 from vipfarm.bench.report import SAFETY_COUNTERS, check_goals, compose, fmt, markdown
@@ -453,7 +453,7 @@ def test_sighup_handler_is_seen_in_proc() -> None:
 
 
 def test_figures_per_setting_render_with_their_names() -> None:
-    from vipfarm.bench.core import Scenario
+    from vipfarm.bench.framework import Scenario
     from vipfarm.bench.report import _figure_rows
 
     sc = Scenario(

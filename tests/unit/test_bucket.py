@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from vipfarm.bucket import bucket_of, hash_key, jhash
-from vipfarm.model import Affinity, Proto, Rule
+from vipfarm.datapath.jhash import bucket_of, hash_key, jhash
+from vipfarm.datapath.spec import Affinity, Proto, Rule
 
 V4 = ipaddress.ip_address("198.51.100.100")
 CLIENT = ipaddress.ip_address("203.0.113.77")

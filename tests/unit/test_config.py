@@ -26,7 +26,7 @@ from vipfarm.config import (
     parse_config,
     substitute,
 )
-from vipfarm.model import Affinity
+from vipfarm.datapath.spec import Affinity
 
 REPO = Path(__file__).resolve().parents[2]
 

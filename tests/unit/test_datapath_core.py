@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vipfarm.datapath.core import Datapath, sysctl_settings
-from vipfarm.datapath.fake import FakeKernel
+from tests.fakes.kernel import FakeKernel
+from vipfarm.datapath.datapath import Datapath, sysctl_settings
 from vipfarm.datapath.kernel import DatapathError
-from vipfarm.model import DatapathSpec, Rule
+from vipfarm.datapath.spec import DatapathSpec, Rule
 
 V4 = ipaddress.ip_address("198.51.100.100")
 V4B = ipaddress.ip_address("198.51.100.101")

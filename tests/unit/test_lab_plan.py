@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vipfarm.datapath.spec import Proto
 from vipfarm.lab.apps import nginx_argv, nginx_conf, parse_proc_net
 from vipfarm.lab.buckets import (
     datapath_spec,
@@ -25,7 +26,6 @@ from vipfarm.lab.topology import (
     host_batch,
     lab_namespaces,
 )
-from vipfarm.model import Proto
 
 
 def test_names_and_addresses() -> None:

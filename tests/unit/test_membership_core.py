@@ -16,7 +16,7 @@ import pytest
 
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
-from vipfarm.protocol import Codec, NodeState
+from vipfarm.membership.wire import Codec, NodeState
 
 KEY = b"test-farm-key-0123456789abcdef-0123"
 INTERVAL, LEASE, DEAD_AFTER, DELAY = 0.125, 0.25, 0.5, 1 / 64

@@ -16,7 +16,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vipfarm.sim import Action, SimConfig, Simulator
+from vipfarm.membership.sim import Action, SimConfig, Simulator
 
 KINDS = ["crash", "start", "drain", "healthy", "unhealthy", "partition", "heal"]
 

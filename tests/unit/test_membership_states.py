@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vipfarm.membership.states import TRANSITIONS, Trigger, mermaid, next_state
-from vipfarm.protocol import NodeState
+from vipfarm.membership.wire import NodeState
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "MEMBERSHIP.md"
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vipfarm.protocol import (
+from vipfarm.membership.wire import (
     FLAG_BYE,
     HEADER_LEN,
     TAG_LEN,

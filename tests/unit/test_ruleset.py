@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from vipfarm.datapath import ruleset
-from vipfarm.model import Affinity, DatapathSpec, Proto, Rule, vmac_for
+from vipfarm.datapath.spec import Affinity, DatapathSpec, Proto, Rule, vmac_for
 
 V4 = ipaddress.ip_address("198.51.100.100")
 V6 = ipaddress.ip_address("2001:db8:100::100")

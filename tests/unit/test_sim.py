@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-import vipfarm.sim
+import vipfarm.membership.sim
 from vipfarm.cli import app
-from vipfarm.sim import SCENARIOS, Action, SimConfig, Simulator, simulate
+from vipfarm.membership.sim import SCENARIOS, Action, SimConfig, Simulator, simulate
 
 KEYS = {
     "max_owners_per_bucket",
@@ -136,7 +136,7 @@ def test_bad_configuration_is_explained() -> None:
 
 @pytest.mark.parametrize("span", [1, 41, 256, 300])
 def test_bulk_network_draws_are_uniform_delays_and_independent_losses(span: int) -> None:
-    draws = vipfarm.sim._Draws(seed=7, span=span)
+    draws = vipfarm.membership.sim._Draws(seed=7, span=span)
     delays = Counter(d for _ in range(1000) for d in draws.delays(span * 40 // 63 + 1))
     assert set(delays) == set(range(span))
     assert max(delays.values()) < 1.3 * min(delays.values())  # about 640 expected per value

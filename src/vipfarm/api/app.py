@@ -36,8 +36,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vipfarm import __version__
-from vipfarm.api import logfiles
-from vipfarm.api.deploy import DeployError
+from vipfarm.api import logs as logfiles
 from vipfarm.api.models import (
     AbortRequest,
     Ack,
@@ -59,7 +58,8 @@ from vipfarm.api.models import (
     StreamQuery,
 )
 from vipfarm.config import ConfigError
-from vipfarm.control import ControlError
+from vipfarm.node.control import ControlError
+from vipfarm.node.deploy import DeployError
 
 PREFIX = "/api/v1"
 

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from vipfarm.api.deploy import Refused, Unreachable
 from vipfarm.api.models import (
     AbortRequest,
     Ack,
@@ -30,7 +29,8 @@ from vipfarm.api.models import (
     PrepareRequest,
 )
 from vipfarm.config import key_bytes
-from vipfarm.model import IPAddress
+from vipfarm.datapath.spec import IPAddress
+from vipfarm.node.deploy import Refused, Unreachable
 
 DEFAULT_PORT = 9010
 DEFAULT_TOKEN_FILE = Path("/etc/vipfarm/api.token")
@@ -236,7 +236,7 @@ class PeerClient:
 
 
 class RemoteNode:
-    """A peer as the deployment coordinator drives it (`vipfarm.api.deploy.Participant`)."""
+    """A peer as the deployment coordinator drives it (`vipfarm.node.deploy.Participant`)."""
 
     def __init__(self, name: str, addr: IPAddress, alive: bool, client: PeerClient) -> None:
         self.name, self.addr, self.alive, self._client = name, addr, alive, client

@@ -22,8 +22,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from vipfarm.datapath.spec import IPAddress
 from vipfarm.log import event
-from vipfarm.model import IPAddress
 
 log = logging.getLogger("vipfarm.api")
 GRACE_S = 2.0

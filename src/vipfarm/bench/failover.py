@@ -5,8 +5,8 @@ availability claims rest on.
   stays, as after a crash of the daemon and the application); the time until every bucket is
   held by node1 or node3 (read from their kernels, polled every ~10 ms).
 * `client_failover_ms`: the same kill, seen by a client: one source port chosen per bucket node2
-  owned (`vipfarm.bucket` computes the kernel's hash), each retried with new connections every
-  100 ms until one is answered by another node; the time until the last bucket answered.
+  owned (`vipfarm.datapath.jhash` computes the kernel's hash), each retried with new connections
+  every 100 ms until one is answered by another node; the time until the last bucket answered.
 * `vrrp_failover_ms`: keepalived moving a VIP between two hosts of the same LAN, each running the
   same small web server: `kill -9` of every process of the master, then the time until a new
   client connection to the VIP is answered by the backup. `default` uses keepalived's default
@@ -33,8 +33,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from vipfarm.bench.core import Context, Goal, Scenario, ScenarioResult, Settings, register
-from vipfarm.bucket import bucket_of
+from vipfarm.bench.framework import Context, Goal, Scenario, ScenarioResult, Settings, register
+from vipfarm.datapath.jhash import bucket_of
 from vipfarm.lab import testbed
 from vipfarm.lab.apps import AppKind, builtin_argv, resolve_app
 from vipfarm.lab.procs import ProcRecord, spawn, terminate

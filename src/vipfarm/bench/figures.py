@@ -1,7 +1,7 @@
 """The data-path figures: throughput and latency against HAProxy, overhead, cost of dropping.
 
 Three scenarios, each in labs of its own (`Context.lab`), each measured with wrk from the lab's
-client namespace, every variant in both modes, rounds interleaved (see `vipfarm.bench.core`):
+client namespace, every variant in both modes, rounds interleaved (see `vipfarm.bench.framework`):
 
 * `throughput`: one 3-node lab. The farm (the VIP) against HAProxy in its own namespace balancing
   the same three nginx by their real addresses (layer 4, and layer 7 as a second variant), and
@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vipfarm.bench.core import (
+from vipfarm.bench.framework import (
     Context,
     FigureSet,
     Goal,

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vipfarm.bench.core import Context, Target
 from vipfarm.bench.cpu import lab_tasks
+from vipfarm.bench.framework import Context, Target
 from vipfarm.bench.wrk import Mode
 
 KERNEL_DSO = "[kernel.kallsyms]"

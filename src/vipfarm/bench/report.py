@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vipfarm.bench.core import Scenario, ScenarioResult, Settings
+from vipfarm.bench.framework import Scenario, ScenarioResult, Settings
 from vipfarm.bench.wrk import Mode
 
 # Always present in `safety`, so a smoke test can require each of them to be zero.

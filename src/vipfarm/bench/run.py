@@ -35,7 +35,7 @@ from rich.table import Table
 
 import vipfarm.bench.failover  # registers failover and rebalance
 import vipfarm.bench.figures  # noqa: F401  (registers the data-path scenarios)
-from vipfarm.bench.core import BenchError, Context, Scenario, ScenarioResult, Settings, select
+from vipfarm.bench.framework import BenchError, Context, Scenario, ScenarioResult, Settings, select
 from vipfarm.bench.report import compose, fmt, markdown
 
 # Add further scenario modules (failover, chaos) above, next to `vipfarm.bench.figures`.

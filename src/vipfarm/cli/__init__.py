@@ -47,7 +47,7 @@ def demo(
 
     from rich.console import Console
 
-    from vipfarm.demo import run_demo
+    from vipfarm.lab.demo import run_demo
     from vipfarm.lab.topology import LabError
 
     if os.geteuid() != 0:

@@ -24,7 +24,7 @@ def bench(
     ),
 ) -> None:
     """Measure throughput, latency and data path costs; write results.json, plots, a summary."""
-    from vipfarm.bench.core import BenchError, Settings
+    from vipfarm.bench.framework import BenchError, Settings
     from vipfarm.bench.run import run_bench
     from vipfarm.lab.topology import LabError
 

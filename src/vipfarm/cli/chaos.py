@@ -1,4 +1,4 @@
-"""`vipfarm chaos`: random faults on a farm of daemons under a steady load (see vipfarm.chaos)."""
+"""`vipfarm chaos`: random faults on a farm of daemons under a steady load (vipfarm.lab.chaos)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vipfarm.chaos import FAULTS, run_chaos, write_report
+from vipfarm.lab.chaos import FAULTS, run_chaos, write_report
 from vipfarm.lab.topology import LabError
 
 

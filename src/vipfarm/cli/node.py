@@ -1,5 +1,5 @@
 """Node commands: `vipfarm daemon`, and `start`, `stop`, `state`, `log`, which talk to the daemon
-of this network namespace over its control socket (`vipfarm.control`), or with `vipfarm --node
+of this network namespace over its control socket (`vipfarm.node.control`), or with `vipfarm --node
 HOST` to that node's HTTP API (`vipfarm.cli.remote`)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.table import Table
 from vipfarm.api.models import MAX_LINES, ActionResult, LogPage, LogQuery, NodeStatus, StopRequest
 from vipfarm.cli.remote import FARM, JSON, api_client, call, print_json, target_of
 from vipfarm.config import ConfigError, load_config, local_addresses
-from vipfarm.control import ControlError
+from vipfarm.node.control import ControlError
 
 FOLLOW_POLL_S = 0.5
 
@@ -29,8 +29,8 @@ def daemon(
     log_dir: Path | None = typer.Option(None, "--log-dir", help="module.log and app.log go here"),
 ) -> None:
     """Run the node daemon in the foreground (systemd Type=notify)."""
-    from vipfarm.daemon import Daemon, DaemonError, default_dirs
     from vipfarm.datapath import DatapathError
+    from vipfarm.node.daemon import Daemon, DaemonError, default_dirs
 
     if os.geteuid() != 0:
         typer.echo("error: the daemon changes the kernel's data path: run it as root", err=True)

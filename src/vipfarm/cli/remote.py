@@ -30,10 +30,10 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from vipfarm import control
 from vipfarm.api.models import ConfigInfo, DeployRequest, DeployResult
 from vipfarm.config import ConfigError, parse_config
-from vipfarm.control import ControlError
+from vipfarm.node import control
+from vipfarm.node.control import ControlError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Two rounds over every node, each bounded by the nodes' own timeouts (vipfarm.api.client).
@@ -103,7 +103,7 @@ def target_of(ctx: typer.Context) -> Target | None:
 def api_client(target: Target, timeout: float = 30.0) -> Iterator[Any]:
     """An `ApiClient` of the target; its errors become exit codes (see the module docstring)."""
     from vipfarm.api.client import ApiClient, ApiError, read_token
-    from vipfarm.api.deploy import Unreachable
+    from vipfarm.node.deploy import Unreachable
 
     try:
         token = read_token(target.token_file)

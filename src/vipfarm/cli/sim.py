@@ -1,4 +1,4 @@
-"""`vipfarm sim`: run the real membership cores over a simulated network (see vipfarm.sim).
+"""`vipfarm sim`: the real membership cores over a simulated network (vipfarm.membership.sim).
 
 Prints one JSON object with `--json` (the metrics of the issue: ownership, convergence,
 movement, balance, false failovers, heartbeat traffic), otherwise a short human summary. Bad
@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from vipfarm.sim import SCENARIOS, SimConfig, simulate
+from vipfarm.membership.sim import SCENARIOS, SimConfig, simulate
 
 
 def _range(text: str) -> tuple[float, float]:

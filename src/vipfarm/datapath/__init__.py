@@ -7,7 +7,7 @@
 * `service` - the asyncio-facing composition; `runner` - the stand-alone static runner.
 """
 
-from vipfarm.datapath.core import Datapath
+from vipfarm.datapath.datapath import Datapath
 from vipfarm.datapath.kernel import DatapathError, Kernel, LinuxKernel
 
 __all__ = ["Datapath", "DatapathError", "Kernel", "LinuxKernel"]

@@ -2,7 +2,7 @@
 
 `Kernel` lists every kernel operation the data path needs; `LinuxKernel` does them with
 libnftables (JSON API for the ruleset, its text syntax for leases), pyroute2 (addresses,
-unicast MAC filter) and /proc/sys; `vipfarm.datapath.fake.FakeKernel` keeps the same state in
+unicast MAC filter) and /proc/sys; `tests.fakes.kernel.FakeKernel` keeps the same state in
 memory for unit tests. Every method acts on the network namespace of the calling process.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from vipfarm.datapath import ruleset
-from vipfarm.model import IPAddress
+from vipfarm.datapath.spec import IPAddress
 
 
 class DatapathError(Exception):

@@ -37,7 +37,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from vipfarm.model import Affinity, DatapathSpec, IPAddress, Proto, Rule
+from vipfarm.datapath.spec import Affinity, DatapathSpec, IPAddress, Proto, Rule
 
 Json = dict[str, Any]
 

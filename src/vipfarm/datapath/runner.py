@@ -15,8 +15,8 @@ import signal
 from pathlib import Path
 
 from vipfarm.datapath.service import DatapathService
+from vipfarm.datapath.spec import NodeDatapathSpec
 from vipfarm.log import event
-from vipfarm.model import NodeDatapathSpec
 
 log = logging.getLogger("vipfarm.datapath.runner")
 

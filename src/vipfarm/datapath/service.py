@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vipfarm.datapath.arp import ETH_P_ARP, ArpResponder
-from vipfarm.datapath.core import Datapath
+from vipfarm.datapath.datapath import Datapath
 from vipfarm.datapath.kernel import Kernel, LinuxKernel
 from vipfarm.datapath.ndp import ETH_P_IPV6, NdpResponder, ns_filter
 from vipfarm.datapath.packet import PacketService
-from vipfarm.model import DatapathSpec
+from vipfarm.datapath.spec import DatapathSpec
 
 
 class DatapathService:

@@ -18,8 +18,8 @@ import sys
 from enum import StrEnum
 from pathlib import Path
 
+from vipfarm.datapath.spec import IPAddress
 from vipfarm.lab.topology import ECHO_PORT, HTTP_PORT, LabError
-from vipfarm.model import IPAddress
 
 NGINX = Path("/usr/sbin/nginx")
 

@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 
 from pydantic import ValidationError
 
+from vipfarm.datapath.spec import Affinity, DatapathSpec, Proto, Rule
 from vipfarm.lab.topology import (
     BUCKETS,
     ECHO_PORT,
@@ -25,7 +26,6 @@ from vipfarm.lab.topology import (
     LabError,
     node_name,
 )
-from vipfarm.model import Affinity, DatapathSpec, Proto, Rule
 
 
 def even_split(nodes: int, buckets: int = BUCKETS) -> dict[str, list[int]]:

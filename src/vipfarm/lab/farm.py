@@ -13,9 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from vipfarm.datapath.spec import Rule
 from vipfarm.lab.apps import AppKind, nginx_argv
 from vipfarm.lab.topology import BUCKETS, HTTP_PORT, LAN_IF, node_hb, node_lan4
-from vipfarm.model import Rule
 
 NODE_MACRO = "${node}"
 

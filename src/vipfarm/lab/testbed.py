@@ -34,9 +34,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from vipfarm import control
-from vipfarm.control import ControlError
 from vipfarm.datapath.ruleset import OWNED_SET, parse_owned, table_name
+from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
 from vipfarm.lab.apps import (
     AppKind,
     builtin_argv,
@@ -65,7 +64,8 @@ from vipfarm.lab.topology import (
     node_name,
 )
 from vipfarm.log import event
-from vipfarm.model import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
+from vipfarm.node import control
+from vipfarm.node.control import ControlError
 
 log = logging.getLogger("vipfarm.lab")
 

@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from vipfarm.protocol import bits_of
+from vipfarm.membership.wire import bits_of
 
 Members = tuple[tuple[str, int], ...]
 """UP nodes as (name, weight), sorted by name; weight-0 nodes take no buckets."""

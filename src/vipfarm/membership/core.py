@@ -61,7 +61,7 @@ from vipfarm.log import event as log_event
 from vipfarm.membership import events as ev
 from vipfarm.membership.assignment import Members, Planner
 from vipfarm.membership.states import Trigger, next_state
-from vipfarm.protocol import (
+from vipfarm.membership.wire import (
     MAX_ACKS,
     MAX_NAME_BYTES,
     Ack,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vipfarm.protocol import NodeState
+from vipfarm.membership.wire import NodeState
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Final
 
-from vipfarm.protocol import NodeState
+from vipfarm.membership.wire import NodeState
 
 
 class Trigger(StrEnum):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from vipfarm.model import Affinity, IPAddress, Rule
+from vipfarm.datapath.spec import Affinity, IPAddress, Rule
 
 _M = 0xFFFFFFFF
 JHASH_INITVAL = 0xDEADBEEF

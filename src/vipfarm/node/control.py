@@ -26,7 +26,7 @@ from typing import Any
 
 from vipfarm.log import event
 
-log = logging.getLogger("vipfarm.control")
+log = logging.getLogger("vipfarm.node.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 

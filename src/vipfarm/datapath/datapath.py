@@ -20,8 +20,8 @@ from pathlib import Path
 
 from vipfarm.datapath import ruleset
 from vipfarm.datapath.kernel import DatapathError, Kernel
+from vipfarm.datapath.spec import DatapathSpec, IPAddress
 from vipfarm.log import event
-from vipfarm.model import DatapathSpec, IPAddress
 
 log = logging.getLogger("vipfarm.datapath")
 

@@ -54,8 +54,8 @@ from vipfarm.api.models import (
     PrepareRequest,
 )
 from vipfarm.config import ConfigError, FarmConfig, parse_config
-from vipfarm.control import ControlError
-from vipfarm.model import IPAddress
+from vipfarm.datapath.spec import IPAddress
+from vipfarm.node.control import ControlError
 
 PREPARE_TTL_S = 30.0
 HEADER_PREFIX = "# vipfarm config version "

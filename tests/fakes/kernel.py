@@ -12,7 +12,7 @@ from typing import Any
 
 from vipfarm.datapath import ruleset
 from vipfarm.datapath.kernel import DatapathError
-from vipfarm.model import IPAddress
+from vipfarm.datapath.spec import IPAddress
 
 
 class FakeKernel:

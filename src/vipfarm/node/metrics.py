@@ -29,8 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vipfarm.datapath import ruleset
-from vipfarm.model import Rule
-from vipfarm.protocol import NodeState
+from vipfarm.datapath.spec import Rule
+from vipfarm.membership.wire import NodeState
 
 SCRIPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

@@ -26,7 +26,7 @@ running and the kernel leases to expire, which is the fail-safe.
 Remote control: the daemon is the `NodeService` of `vipfarm.api.app`. The same methods (`status`,
 `start`, `stop`, `deploy`, ...) serve the local control socket (through `_local`, which validates
 the arguments into the same request models) and, when the configuration has an `[api]` section,
-the HTTP API, which uvicorn serves on this loop. Configuration deployment (`vipfarm.api.deploy`)
+the HTTP API, which uvicorn serves on this loop. Configuration deployment (`vipfarm.node.deploy`)
 prepares and commits here; after a commit the live part is applied in place (rules and VIPs
 through `DatapathService.update`, which keeps the leases, the weight through the core) and the
 file is rewritten with its new version. When a peer comes up (`PeerUp`), its state is asked over
@@ -52,10 +52,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from vipfarm import sdnotify
-from vipfarm.api import deploy as dep
-from vipfarm.api import snapshot as snap_mod
-from vipfarm.api.logfiles import read_page
+from vipfarm.api.logs import read_page
 from vipfarm.api.models import (
     AbortRequest,
     Ack,
@@ -75,15 +72,18 @@ from vipfarm.api.models import (
     StopRequest,
 )
 from vipfarm.config import ConfigError, FarmConfig, NodeSection, local_addresses, parse_config
-from vipfarm.control import ControlError, ControlServer, Handler
 from vipfarm.datapath.kernel import Kernel
 from vipfarm.datapath.service import DatapathService
+from vipfarm.datapath.spec import IPAddress
 from vipfarm.log import event
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
-from vipfarm.metrics import FlowCounters, Metrics, NodeFacts
-from vipfarm.model import IPAddress
-from vipfarm.protocol import NodeState
+from vipfarm.membership.wire import NodeState
+from vipfarm.node import deploy as dep
+from vipfarm.node import sdnotify
+from vipfarm.node import support as snap_mod
+from vipfarm.node.control import ControlError, ControlServer, Handler
+from vipfarm.node.metrics import FlowCounters, Metrics, NodeFacts
 from vipfarm.supervisor import (
     AppSupervisor,
     Exhausted,
@@ -95,7 +95,7 @@ from vipfarm.supervisor import (
     setup_node_logs,
 )
 
-log = logging.getLogger("vipfarm.daemon")
+log = logging.getLogger("vipfarm.node.daemon")
 
 DRAIN_POLL_S = 0.2
 PEER_STATE_TIMEOUT_S = 2.0
@@ -678,7 +678,7 @@ class Daemon:
             text=self.config_text,
         )
 
-    # ---- configuration deployment (vipfarm.api.deploy)
+    # ---- configuration deployment (vipfarm.node.deploy)
 
     def _validate(self, text: str) -> tuple[FarmConfig, list[str]]:
         """Blocking (reads files and netlink): run it in a worker thread."""
@@ -885,7 +885,7 @@ class Daemon:
 
 
 class _LocalParticipant:
-    """The coordinating node itself, called directly (`vipfarm.api.deploy.Participant`)."""
+    """The coordinating node itself, called directly (`vipfarm.node.deploy.Participant`)."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.name = daemon.node.name

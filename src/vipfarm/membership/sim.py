@@ -44,7 +44,7 @@ from typing import Any
 from vipfarm.membership import events as ev
 from vipfarm.membership.assignment import Members, balanced, min_moves, moved
 from vipfarm.membership.core import Membership, MembershipConfig
-from vipfarm.protocol import Codec, NodeState, bits_of, mask_of
+from vipfarm.membership.wire import Codec, NodeState, bits_of, mask_of
 
 SCENARIOS = ("crash", "join", "drain", "partition", "flap", "rolling")
 RES = 1e-4  # seconds per slot

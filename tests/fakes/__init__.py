@@ -1,0 +1,1 @@
+"""In-memory fakes for unit tests (not shipped in the package)."""
