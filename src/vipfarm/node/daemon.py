@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +73,6 @@ from vipfarm.api.models import (
 from vipfarm.config import ConfigError, FarmConfig, NodeSection, local_addresses, parse_config
 from vipfarm.datapath.kernel import Kernel
 from vipfarm.datapath.service import DatapathService
-from vipfarm.datapath.spec import IPAddress
 from vipfarm.log import event
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
@@ -83,6 +81,7 @@ from vipfarm.node import deploy as dep
 from vipfarm.node import sdnotify
 from vipfarm.node import support as snap_mod
 from vipfarm.node.control import ControlError, ControlServer, Handler
+from vipfarm.node.host import busy_connections, link_up, next_incarnation
 from vipfarm.node.metrics import FlowCounters, Metrics, NodeFacts
 from vipfarm.supervisor import (
     AppSupervisor,
@@ -99,64 +98,6 @@ log = logging.getLogger("vipfarm.node.daemon")
 
 DRAIN_POLL_S = 0.2
 PEER_STATE_TIMEOUT_S = 2.0
-# TCP states in /proc/net/tcp that still carry a client's data: ESTABLISHED, FIN_WAIT1/2,
-# CLOSE_WAIT, CLOSING, LAST_ACK (not TIME_WAIT: nothing left to serve).
-_BUSY_TCP_STATES = {"01", "04", "05", "08", "0B", "09"}
-
-
-def _proc_addr(hexaddr: str) -> IPAddress:
-    raw = bytes.fromhex(hexaddr)
-    # /proc prints each 32-bit word of the address in host (little-endian) order.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return ipaddress.ip_address(words)
-
-
-def busy_connections(vips: Iterable[IPAddress], proc_net: Path = Path("/proc/net")) -> int:
-    """TCP connections of this network namespace whose local address is a VIP and that are
-    still open (the drain waits for these)."""
-    wanted = set(vips)
-    count = 0
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = (proc_net / name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 4 or fields[3] not in _BUSY_TCP_STATES:
-                continue
-            local = fields[1].split(":")[0]
-            if _proc_addr(local) in wanted:
-                count += 1
-    return count
-
-
-def link_up(ifname: str) -> bool:
-    """Whether an interface can carry traffic, by its operational state ("unknown", which
-    drivers without carrier reporting show, counts as up)."""
-    try:
-        state = Path(f"/sys/class/net/{ifname}/operstate").read_text().strip()
-    except OSError:
-        return False
-    return state not in ("down", "lowerlayerdown", "notpresent", "dormant")
-
-
-def next_incarnation(path: Path) -> int:
-    """A number larger than any earlier start's: the wall clock in ms, but never below the last
-    one + 1 (kept in `path`), so a clock stepped back across a restart cannot make peers take
-    the new daemon for a replay of the old one."""
-    try:
-        last = int(path.read_text())
-    except (OSError, ValueError):
-        last = 0
-    value = max(time.time_ns() // 1_000_000, last + 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(value))
-    tmp.replace(path)
-    return value
-
-
 class DaemonError(Exception):
     """The daemon cannot run; the text says why and what to do."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vipfarm.node.daemon import _proc_addr, next_incarnation
+from vipfarm.node.host import _proc_addr, next_incarnation
 
 
 def test_incarnation_grows_even_when_the_clock_steps_back(tmp_path: Path) -> None:
