@@ -16,7 +16,7 @@ import pytest
 
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
-from vipfarm.membership.wire import Codec, NodeState
+from vipfarm.membership.wire import Codec, Drop, NodeState
 
 KEY = b"test-farm-key-0123456789abcdef-0123"
 INTERVAL, LEASE, DEAD_AFTER, DELAY = 0.125, 0.25, 0.5, 1 / 64
@@ -239,7 +239,7 @@ def test_no_acquire_before_the_release_is_confirmed() -> None:
     h.run_until(3.0)
     assert released(h, "a")
     assert acquired(h, "b") == []
-    assert h.cores["b"].snapshot(3.0)["wanted"]  # still waiting
+    assert h.cores["b"].snapshot(3.0).wanted  # still waiting
 
 
 def test_peer_declared_dead_exactly_dead_after_its_last_heartbeat() -> None:
@@ -263,19 +263,21 @@ def test_replays_duplicates_strangers_and_own_datagrams_are_counted() -> None:
     b.join(0.0)
     first = b.datagrams_to_send(0.0)[0][1]
     second = b.datagrams_to_send(0.125)[0][1]
-    assert a.receive_datagram(second, "lan", 0.2)
-    assert not a.receive_datagram(second, "lan", 0.2)
-    assert not a.receive_datagram(first, "lan", 0.2)
-    assert not a.receive_datagram(a.datagrams_to_send(0.2)[0][1], "lan", 0.2)
-    assert not a.receive_datagram(second, "wifi", 0.2)
+    assert a.receive_datagram(second, "lan", 0.2) is True
+    assert a.receive_datagram(second, "lan", 0.2) is Drop.DUPLICATE
+    assert a.receive_datagram(first, "lan", 0.2) is Drop.REPLAY
+    assert a.receive_datagram(a.datagrams_to_send(0.2)[0][1], "lan", 0.2) is Drop.OWN
+    assert a.receive_datagram(second, "wifi", 0.2) is Drop.UNKNOWN_NETWORK
     stranger = Membership(config("zed", ["zed"]), 1, codec=h.codec)
-    assert not a.receive_datagram(stranger.datagrams_to_send(0.2)[0][1], "lan", 0.2)
-    assert not a.receive_datagram(b"garbage", "lan", 0.2)
+    assert (
+        a.receive_datagram(stranger.datagrams_to_send(0.2)[0][1], "lan", 0.2) is Drop.UNKNOWN_NODE
+    )
+    assert a.receive_datagram(b"garbage", "lan", 0.2) is Drop.MALFORMED
     old = Membership(config("b", ["a", "b"]), 1, codec=h.codec)
     b2 = Membership(config("b", ["a", "b"]), 2, codec=h.codec)
     assert a.receive_datagram(b2.datagrams_to_send(0.3)[0][1], "lan", 0.3)
     old._seq = 99
-    assert not a.receive_datagram(old.datagrams_to_send(0.3)[0][1], "lan", 0.3)
+    assert a.receive_datagram(old.datagrams_to_send(0.3)[0][1], "lan", 0.3) is Drop.REPLAY
     assert a.drops == {
         "duplicate": 1,
         "replay": 2,
@@ -391,7 +393,7 @@ def test_crash_of_one_of_three_needs_the_survivors_acknowledgements() -> None:
     assert [t for t, _ in h.events("b", ev.PeerDown)] == [t_dead]
     # Each waits for the other's acknowledgement: b never heard a's claim, a never hears b.
     assert acquired(h, "a")[1:] == acquired(h, "b")[1:] == []
-    assert h.cores["a"].snapshot(t_dead)["wanted"] and h.cores["b"].snapshot(t_dead)["wanted"]
+    assert h.cores["a"].snapshot(t_dead).wanted and h.cores["b"].snapshot(t_dead).wanted
     unblock = h.now
     h.blocked.clear()
     h.run_until(unblock + 0.5)
@@ -428,7 +430,7 @@ def test_lossy_link_is_not_a_failover_when_another_peer_vouches() -> None:
     h.blocked.add(("b", "a"))  # a stops hearing b directly; c still hears b
     h.run_until(5.0)
     assert h.events("a", ev.PeerDown) == []
-    assert h.cores["a"].snapshot(5.0)["nodes"][1]["alive"] is True
+    assert h.cores["a"].snapshot(5.0).nodes[1].alive is True
     h.crash("b")
     h.run_until(7.0)
     [(t_dead, _)] = h.events("a", ev.PeerDown)
@@ -453,8 +455,10 @@ def test_second_network_lost_is_a_warning_not_a_failover() -> None:
     h.run_until(3.5)
     [(_, back)] = h.events("a", ev.NetworkRestored)
     assert (back.name, back.network) == ("b", "hb2")
-    ages = h.cores["a"].snapshot(3.5)["nodes"][1]["heartbeat_age_ms"]
-    assert set(ages) == {"lan", "hb2"} and max(ages.values()) < 1000 * INTERVAL
+    ages = h.cores["a"].snapshot(3.5).nodes[1].heartbeat_age_ms
+    assert set(ages) == {"lan", "hb2"} and all(
+        a is not None and a < 1000 * INTERVAL for a in ages.values()
+    )
 
 
 def test_snapshot_reports_every_node() -> None:
@@ -463,21 +467,21 @@ def test_snapshot_reports_every_node() -> None:
     h.start("b", 0.0)
     h.run_until(2.0)
     snap = h.cores["a"].snapshot(2.0)
-    assert snap["members"] == [["a", 1], ["b", 1]]
-    rows = {n["name"]: n for n in snap["nodes"]}
-    assert rows["a"]["state"] == "UP" and rows["a"]["share"] == 50.0
-    assert rows["b"]["alive"] and rows["b"]["share"] == 50.0
-    assert rows["c"] == {
-        "name": "c",
-        "self": False,
-        "state": None,
-        "alive": False,
-        "share": 0.0,
-        "incarnation": None,
-        "weight": 1,
-        "heartbeat_age_ms": {"lan": None},
-    }
-    assert len(snap["owned"]) == 8
+    assert snap.members == (("a", 1), ("b", 1))
+    rows = {n.name: n for n in snap.nodes}
+    assert rows["a"].state == "UP" and rows["a"].share == 50.0
+    assert rows["b"].alive and rows["b"].share == 50.0
+    assert rows["c"] == ev.NodeView(
+        name="c",
+        is_self=False,
+        state=None,
+        alive=False,
+        share=0.0,
+        incarnation=None,
+        weight=1,
+        heartbeat_age_ms={"lan": None},
+    )
+    assert len(snap.owned) == 8
 
 
 def test_timer_may_be_early_once_a_peer_is_heard_again_but_is_never_late() -> None:

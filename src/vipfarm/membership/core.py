@@ -55,7 +55,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from vipfarm.log import event as log_event
 from vipfarm.membership import events as ev
@@ -273,39 +273,35 @@ class Membership:
         self._timer_dirty = True
 
     # ----------------------------------------------------------------- daemon-facing API
-    def receive_datagram(self, data: bytes, network: str, now: float) -> bool:
-        """Process one received datagram. Bad ones are counted in `drops` and ignored.
+    def receive_datagram(self, data: bytes, network: str, now: float) -> bool | Drop:
+        """Process one received datagram. Bad ones are counted in `drops`, ignored and
+        returned as their `Drop` reason (truthy: test with `is False`/`isinstance`).
 
-        Returns True when the datagram changed more than a peer's liveness, i.e. when events or
-        an earlier timer may be pending; an event loop may skip `next_event`/`get_timer` on
+        Otherwise returns True when the datagram changed more than a peer's liveness, i.e. when
+        events or an earlier timer may be pending; a driver may skip `next_event`/`get_timer` on
         False (the timer can then only have moved later).
         """
         hb = self._cached(data) or self._decode(data)
         if not isinstance(hb, Heartbeat):
-            self._count(hb)
-            return False
+            return self._count(hb)
         peer = self._peers.get(hb.node_id)
         if peer is None:
-            self._count(Drop.OWN if hb.node_id == self._id else Drop.UNKNOWN_NODE)
-            return False
+            return self._count(Drop.OWN if hb.node_id == self._id else Drop.UNKNOWN_NODE)
         ni = self._nets.get(network)
         if ni is None:
-            self._count(Drop.UNKNOWN_NETWORK)
-            return False
+            return self._count(Drop.UNKNOWN_NETWORK)
         seq = hb.seq
         multi = self._multi
         if hb.incarnation != peer.incarnation:
             if hb.incarnation < peer.incarnation:
-                self._count(Drop.REPLAY)
-                return False
+                return self._count(Drop.REPLAY)
             self._new_incarnation(peer, hb)
         else:
             # With one network, the latest sequence number applied is that network's latest
             # (net_seq is kept only with several; this saves a list access per heartbeat).
             last = peer.net_seq[ni] if multi else peer.seq
             if seq <= last:
-                self._count(Drop.DUPLICATE if seq == last else Drop.REPLAY)
-                return False
+                return self._count(Drop.DUPLICATE if seq == last else Drop.REPLAY)
         peer.heard = now
         alive = peer.alive  # nothing below changes it before _bury/_revive
         if alive:
@@ -522,37 +518,37 @@ class Membership:
     def members(self) -> Members:
         return self._view[0] if self._view else ()
 
-    def snapshot(self, now: float) -> dict[str, Any]:
-        """JSON-ready state of the farm as this node sees it (for `vipfarm state --json`)."""
+    def snapshot(self, now: float) -> ev.Snapshot:
+        """The farm as this node sees it (for `vipfarm state`, the metrics and the console)."""
         b = self.config.buckets
 
         def share(mask: int) -> float:
             return round(100.0 * mask.bit_count() / b, 2)
 
-        nodes: list[dict[str, Any]] = [
-            {
-                "name": self.name,
-                "self": True,
-                "state": self.state.name,
-                "alive": True,
-                "share": share(self._held | self._requested),
-                "incarnation": self.incarnation,
-                "weight": self.weight,
-                "heartbeat_age_ms": {},
-            }
+        nodes = [
+            ev.NodeView(
+                name=self.name,
+                is_self=True,
+                state=self.state.name,
+                alive=True,
+                share=share(self._held | self._requested),
+                incarnation=self.incarnation,
+                weight=self.weight,
+                heartbeat_age_ms={},
+            )
         ]
         for p in self._peer_list:
             hb = p.hb
             nodes.append(
-                {
-                    "name": p.name,
-                    "self": False,
-                    "state": hb.state.name if hb else None,
-                    "alive": p.alive,
-                    "share": share(hb.owned) if hb and p.alive else 0.0,
-                    "incarnation": p.incarnation or None,
-                    "weight": hb.weight if hb else self.config.nodes[p.name],
-                    "heartbeat_age_ms": {
+                ev.NodeView(
+                    name=p.name,
+                    is_self=False,
+                    state=hb.state.name if hb else None,
+                    alive=p.alive,
+                    share=share(hb.owned) if hb and p.alive else 0.0,
+                    incarnation=p.incarnation or None,
+                    weight=hb.weight if hb else self.config.nodes[p.name],
+                    heartbeat_age_ms={
                         net: (
                             round((now - (p.net_heard[i] if self._multi else p.heard)) * 1e3, 1)
                             if p.hb
@@ -560,24 +556,25 @@ class Membership:
                         )
                         for net, i in self._nets.items()
                     },
-                }
+                )
             )
-        nodes.sort(key=lambda n: n["name"])
-        return {
-            "farm": self.config.farm,
-            "node": self.name,
-            "state": self.state.name,
-            "members": [list(m) for m in self.members],
-            "owned": bits_of(self._held | self._requested),
-            "wanted": bits_of(self._want),
-            "split_brain": self._split,
-            "drops": dict(self.drops),
-            "nodes": nodes,
-        }
+        nodes.sort(key=lambda n: n.name)
+        return ev.Snapshot(
+            farm=self.config.farm,
+            node=self.name,
+            state=self.state.name,
+            members=tuple(self.members),
+            owned=tuple(bits_of(self._held | self._requested)),
+            wanted=tuple(bits_of(self._want)),
+            split_brain=self._split,
+            drops={str(k): v for k, v in self.drops.items()},
+            nodes=tuple(nodes),
+        )
 
     # ----------------------------------------------------------------- internals
-    def _count(self, reason: Drop) -> None:
+    def _count(self, reason: Drop) -> Drop:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+        return reason
 
     def _emit(self, e: ev.Event) -> None:
         self._events.append(e)

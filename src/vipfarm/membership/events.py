@@ -1,4 +1,4 @@
-"""Events the membership core hands to the daemon (`Membership.next_event()`).
+"""Events the membership core hands to its driver (`Membership.next_event()`), and its snapshot.
 
 Plain frozen dataclasses. The daemon acts on `BucketsChanged` (apply to the kernel, then call
 `confirm_owned`) and `Drained` (let connections finish, stop the application, call `stopped`);
@@ -105,3 +105,32 @@ Event = (
     | SplitBrainHealed
     | LeaseLost
 )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """One node of the farm as the core sees it (`Snapshot.nodes`)."""
+
+    name: str
+    is_self: bool
+    state: str | None  # the latest heartbeat's state; None if never heard
+    alive: bool
+    share: float  # % of the buckets it owns (0 for a dead peer)
+    incarnation: int | None
+    weight: int
+    heartbeat_age_ms: dict[str, float | None]  # per heartbeat network; None if never heard
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The farm as this node's core sees it (`Membership.snapshot`): for state and metrics."""
+
+    farm: str
+    node: str
+    state: str
+    members: tuple[tuple[str, int], ...]
+    owned: tuple[int, ...]
+    wanted: tuple[int, ...]
+    split_brain: bool
+    drops: dict[str, int]
+    nodes: tuple[NodeView, ...]

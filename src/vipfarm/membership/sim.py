@@ -368,7 +368,7 @@ class Simulator:
         (loss silenced the link for dead_after) is behind a partition as far as the protocol can
         tell, exactly like a peer it declared dead, until it hears it (PeerUp)."""
         assert node.core is not None
-        heard = {n["name"] for n in node.core.snapshot(now)["nodes"] if n["alive"]}
+        heard = {n.name for n in node.core.snapshot(now).nodes if n.alive}
         for m in self.nodes:
             if m is not node and m.core is not None and m.name not in heard:
                 self.believed_dead.add((node.index, m.index))
@@ -569,7 +569,7 @@ class Simulator:
                     if node.wake == k:
                         node.wake = 2**62
                         self._wake(node, k, now)
-                elif core.receive_datagram(payload, net, now):
+                elif core.receive_datagram(payload, net, now) is True:
                     self._events(node, now)
                     if core.get_timer() < node.wake * RES:
                         self._schedule(node, k)

@@ -98,6 +98,8 @@ log = logging.getLogger("vipfarm.node.daemon")
 
 DRAIN_POLL_S = 0.2
 PEER_STATE_TIMEOUT_S = 2.0
+
+
 class DaemonError(Exception):
     """The daemon cannot run; the text says why and what to do."""
 
@@ -517,27 +519,27 @@ class Daemon:
         own_share = round(100.0 * len(self.kernel_owned) / b, 2)
         farm = [
             FarmNode(
-                node=n["name"],
+                node=n.name,
                 # A node nobody hears is out of the farm, whatever it last said.
-                state=(n["state"] or "STOP") if n["alive"] else "STOP",
-                share=own_share if n["self"] else n["share"],
-                alive=n["alive"],
-                incarnation=n["incarnation"],
-                weight=n["weight"],
-                heartbeat_age_ms=n["heartbeat_age_ms"],
-                config_version=self.config_version if n["self"] else None,
+                state=(n.state or "STOP") if n.alive else "STOP",
+                share=own_share if n.is_self else n.share,
+                alive=n.alive,
+                incarnation=n.incarnation,
+                weight=n.weight,
+                heartbeat_age_ms=n.heartbeat_age_ms,
+                config_version=self.config_version if n.is_self else None,
             )
-            for n in snap["nodes"]
+            for n in snap.nodes
         ]
         return NodeStatus(
             farm_name=self.config.farm.name,
             node=self.node.name,
-            state=snap["state"],
+            state=snap.state,
             share=own_share,
             app=self.supervisor.state.value,
             owned=sorted(self.kernel_owned),
-            split_brain=snap["split_brain"],
-            drops={str(k): v for k, v in snap["drops"].items()},
+            split_brain=snap.split_brain,
+            drops=dict(snap.drops),
             counters=dict(self.counters),
             config_version=self.config_version,
             config_digest=self.config_digest,
@@ -812,8 +814,8 @@ class Daemon:
                 buckets_owned=len(self.kernel_owned),
                 buckets=self.config.farm.buckets,
                 config_version=self.config_version,
-                split_brain=bool(snap["split_brain"]),
-                peers_alive={n["name"]: n["alive"] for n in snap["nodes"] if not n["self"]},
+                split_brain=snap.split_brain,
+                peers_alive={n.name: n.alive for n in snap.nodes if not n.is_self},
                 hb_sent=self.hb_sent,
                 hb_received=self.hb_received,
                 hb_rejected=self.hb_rejected,

@@ -70,5 +70,3 @@ def next_incarnation(path: Path) -> int:
     tmp.write_text(str(value))
     tmp.replace(path)
     return value
-
-
