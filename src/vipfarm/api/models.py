@@ -61,6 +61,17 @@ class FarmNode(_Model):
     )
 
 
+class NodeProcesses(_Model):
+    """The two processes of a node (`vipfarm.node`): who answers, and whether the pulse did."""
+
+    manager_pid: int
+    pulse_pid: int | None = Field(description="None until the pulse answered once")
+    pulse_answered: bool = Field(
+        description="the pulse answered this request; if not, state and farm are its last answer"
+    )
+    pulse_priority: str | None = Field(default=None, description="rr:N, nice:N or normal")
+
+
 class NodeStatus(_Model):
     """A node's own state and its view of the farm."""
 
@@ -76,6 +87,9 @@ class NodeStatus(_Model):
     config_version: int
     config_digest: str
     farm: list[FarmNode]
+    processes: NodeProcesses | None = Field(
+        default=None, description="the node's pulse and manager processes"
+    )
 
 
 class StopRequest(_Request):

@@ -17,7 +17,6 @@ from rich.table import Table
 from vipfarm.api.models import MAX_LINES, ActionResult, LogPage, LogQuery, NodeStatus, StopRequest
 from vipfarm.cli.remote import FARM, JSON, api_client, call, print_json, target_of
 from vipfarm.config import ConfigError, load_config, local_addresses
-from vipfarm.node.control import ControlError
 
 FOLLOW_POLL_S = 0.5
 
@@ -28,8 +27,8 @@ def daemon(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="runtime state directory"),
     log_dir: Path | None = typer.Option(None, "--log-dir", help="module.log and app.log go here"),
 ) -> None:
-    """Run the node daemon in the foreground (systemd Type=notify)."""
-    from vipfarm.datapath import DatapathError
+    """Run the node daemon in the foreground (systemd Type=notify): it starts the node's pulse
+    and manager processes and restarts whichever dies."""
     from vipfarm.node.daemon import Daemon, DaemonError, default_dirs
 
     if os.geteuid() != 0:
@@ -42,16 +41,12 @@ def daemon(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     default_run, default_log = default_dirs(cfg.farm.name, me.name)
+    d = Daemon(
+        config.resolve(), me.name, run_dir=run_dir or default_run, log_dir=log_dir or default_log
+    )
     try:
-        d = Daemon(
-            cfg,
-            me,
-            run_dir=run_dir or default_run,
-            log_dir=log_dir or default_log,
-            config_path=config.resolve(),
-        )
         asyncio.run(d.run())
-    except (DaemonError, DatapathError, ControlError, ValueError) as e:
+    except (DaemonError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 

@@ -7,7 +7,12 @@ keeps one definition of each.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ipaddress
+import signal
+import socket
+import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,3 +75,16 @@ def next_incarnation(path: Path) -> int:
     tmp.write_text(str(value))
     tmp.replace(path)
     return value
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the daemon that started it dies: a `kill -9` of the daemon
+    must leave the leases to run out, not a pulse renewing them for nobody."""
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])

@@ -1,0 +1,516 @@
+"""The pulse: the process of a node that nothing of the management plane can stall.
+
+Theory of operation
+-------------------
+The pulse owns what must run on time: the heartbeat sockets, the membership core (through the
+shared `vipfarm.membership.driver.Driver`, the same code path the simulator runs), the kernel
+data path (nftables ruleset, bucket leases, VIP addresses, ARP/NDP responders) and the lease
+renewals. Nothing else runs on its loop: the API, the console, deployments, checkers and log
+streams live in the manager process (`vipfarm.node.manager`), which talks to the pulse over the
+local channel (`vipfarm.node.channel`). The pulse imports nothing of the API stack and raises
+its own scheduling priority (SCHED_RR, or a lower nice value where real-time is refused).
+
+* `BucketsChanged` -> the kernel (one nftables transaction), read back, confirmed to the core:
+  peers only ever hear of buckets the kernel holds. Heartbeats renew the leases just before they
+  go out; if the pulse dies or hangs, the leases run out (lease < dead_after) before any peer
+  takes the buckets over.
+* The application's health comes from the manager (`Health`), repeated every
+  `channel.KEEPALIVE_S`. A manager that says nothing for `manager_timeout` (hung, stopped) or
+  whose connection closes (dead) makes the application count as unhealthy: the node goes to
+  WAIT and gives its buckets away cleanly, through the usual release-before-acquire. When the
+  manager speaks again, health returns with its next `Health`.
+* A LAN link that is down also counts as unhealthy, and for dead_after + 2 intervals after it
+  is back (see `_check_link`).
+* The pulse joins the farm when the manager says `Join` (the manager holds the desired state
+  and says it whole on every connection), so a pulse restarted by the daemon rejoins by itself
+  and a node an operator stopped stays stopped.
+* Events (the core's and the pulse's own) go to the manager, which writes the module log; while
+  no manager is connected they are printed, kept (bounded) and replayed on the next connection.
+* SIGTERM or `Shutdown`: leave (if still in the farm) and wait, bounded, for the buckets to be
+  given away, then say goodbye, remove the data path and exit.
+
+Start-up order keeps every intermediate state safe: the data path comes first with no bucket
+(the VIP exists but this node accepts no new flow), then the heartbeat sockets, the channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+from vipfarm.datapath.kernel import Kernel
+from vipfarm.datapath.service import DatapathService
+from vipfarm.datapath.spec import DatapathSpec
+from vipfarm.log import event, kv, setup
+from vipfarm.membership import events as ev
+from vipfarm.membership.core import Membership, MembershipConfig
+from vipfarm.membership.driver import Driver
+from vipfarm.membership.wire import NodeState
+from vipfarm.node import channel as ch
+from vipfarm.node.host import die_with_parent, link_up, next_incarnation, peer_uid
+
+log = logging.getLogger("vipfarm.pulse")
+
+MANAGER_TIMEOUT_S = 1.5
+SHUTDOWN_DRAIN_FACTOR = 4  # a shutdown waits at most this many dead_after for the release
+BACKLOG = 1000  # events kept while no manager is connected
+RT_PRIORITY = 10  # SCHED_RR priority: above every normal task, below the kernel's own threads
+NICE = -15
+
+
+class PulseError(Exception):
+    """The pulse cannot run; the text says why and what to do."""
+
+
+def raise_priority() -> str:
+    """SCHED_RR if allowed, else the lowest nice value allowed; says which it got."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(RT_PRIORITY))
+        return f"rr:{RT_PRIORITY}"
+    except (OSError, AttributeError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, NICE)
+        return f"nice:{NICE}"
+    except OSError:
+        return "normal"
+
+
+class _HeartbeatProtocol(asyncio.DatagramProtocol):
+    def __init__(self, pulse: Pulse, network: str) -> None:
+        self.pulse = pulse
+        self.network = network
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.pulse.on_datagram(data, self.network)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for a peer that is down come back here: count, never raise.
+        self.pulse.counters["heartbeat_send_errors"] += 1
+
+
+@dataclasses.dataclass
+class PulseSettings:
+    """What the pulse takes from the farm configuration (built by `from_config`)."""
+
+    membership: MembershipConfig
+    spec: DatapathSpec
+    listen: dict[str, tuple[str, int]]  # network -> (own address, port)
+    peers: dict[str, list[tuple[str, int]]]  # network -> every peer's (address, port)
+
+
+def settings_from_config(path: Path, node: str) -> PulseSettings:
+    from vipfarm.config import load_config
+
+    cfg = load_config(path)
+    me = cfg.node(node)
+    t = cfg.timing
+    return PulseSettings(
+        membership=MembershipConfig(
+            farm=cfg.farm.name,
+            node=me.name,
+            key=cfg.key(),
+            nodes={n.name: n.weight for n in cfg.nodes},
+            networks=tuple(n.name for n in cfg.networks),
+            buckets=cfg.farm.buckets,
+            interval=t.interval_ms / 1000,
+            dead_after=t.dead_after_ms / 1000,
+            lease=t.lease_ms / 1000,
+        ),
+        spec=cfg.datapath_spec(me),
+        listen={n.name: (str(me.address[n.name]), n.port) for n in cfg.networks},
+        peers={
+            net.name: [(str(n.address[net.name]), net.port) for n in cfg.nodes if n.name != node]
+            for net in cfg.networks
+        },
+    )
+
+
+class Pulse:
+    def __init__(self, settings: PulseSettings, *, run_dir: Path, kernel: Kernel | None = None):
+        self.settings = settings
+        self.run_dir = run_dir
+        self.name = settings.membership.node
+        self.datapath = DatapathService(settings.spec, run_dir / "datapath", kernel)
+        self.incarnation = next_incarnation(run_dir / "incarnation")
+        self.core = Membership(settings.membership, self.incarnation)
+        self.driver = Driver(self.core, self)
+        self.counters: Counter[str] = Counter(heartbeat_send_errors=0, datapath_errors=0)
+        self.hb_sent: Counter[str] = Counter()
+        self.hb_received: Counter[str] = Counter()
+        self.hb_rejected: Counter[tuple[str, str]] = Counter()
+        self.core_events: Counter[str] = Counter()
+        self.kernel_owned: frozenset[int] = frozenset()
+        self.priority = "normal"
+        self._transports: dict[str, asyncio.DatagramTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._exit = asyncio.Event()
+        self._stopping = False
+        # The manager: its connection, when it last said anything, what it said of the app.
+        self._manager: asyncio.StreamWriter | None = None
+        self._manager_pid: int | None = None
+        self._manager_heard = -math.inf
+        self._app_ok = False
+        self._backlog: deque[ch.Event] = deque(maxlen=BACKLOG)
+        self._link_ok = True
+        self._link_up_since: float | None = -math.inf  # up "forever": the core listens first
+        self._server: asyncio.AbstractServer | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    async def run(self) -> None:
+        self.priority = raise_priority()
+        await self.datapath.start(())
+        try:
+            await self._open_sockets()
+            await self._listen()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._request_stop)
+            self._emit(
+                "pulse_started",
+                node=self.name,
+                incarnation=self.incarnation,
+                pid=os.getpid(),
+                priority=self.priority,
+            )
+            self.driver.poke(time.monotonic())
+            await self._exit.wait()
+            await self._leave_for_good()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._server is not None:
+                self._server.close()
+            for tr in self._transports.values():
+                tr.close()
+            self.datapath.stop()
+            self._emit("pulse_stopped", node=self.name)
+            await self._flush_manager()
+
+    def _request_stop(self) -> None:
+        self._exit.set()
+
+    async def _leave_for_good(self) -> None:
+        """Give every bucket away (bounded), then say goodbye."""
+        core = self.core
+        if core.state is not NodeState.STOP:
+            core.leave(time.monotonic())
+            self.driver.poke(time.monotonic())
+            deadline = time.monotonic() + SHUTDOWN_DRAIN_FACTOR * core.config.dead_after
+            while core.state is NodeState.DRAINING and time.monotonic() < deadline:
+                await asyncio.sleep(core.config.interval / 4)
+            core.stopped(time.monotonic())
+            self.driver.poke(time.monotonic())
+        self.driver.shutdown(time.monotonic())
+
+    async def _open_sockets(self) -> None:
+        loop = asyncio.get_running_loop()
+        for net, (addr, port) in self.settings.listen.items():
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda net=net: _HeartbeatProtocol(self, net),  # type: ignore[misc]
+                    local_addr=(addr, port),
+                    family=family,
+                )
+            except OSError as e:
+                raise PulseError(
+                    f"cannot listen for heartbeats on {addr} port {port} (network {net}): "
+                    f"{e.strerror}; is the address configured on this host?"
+                ) from e
+            self._transports[net] = transport
+
+    # ------------------------------------------------------------------ the driver's I/O
+    def send(self, network: str, payload: bytes) -> None:
+        tr = self._transports.get(network)
+        if tr is None:
+            return
+        for peer in self.settings.peers[network]:
+            try:
+                tr.sendto(payload, peer)
+                self.hb_sent[network] += 1
+            except OSError:
+                self.counters["heartbeat_send_errors"] += 1
+
+    def renew_leases(self, now: float) -> None:
+        try:
+            self.kernel_owned = self.datapath.refresh()
+        except Exception as e:  # the kernel refused: leases run out, which is the safe side
+            self.counters["datapath_errors"] += 1
+            self._emit("lease_renew_failed", logging.ERROR, error=e)
+
+    def apply_buckets(self, owned: frozenset[int], now: float) -> frozenset[int]:
+        before = self.kernel_owned
+        try:
+            self.kernel_owned = self.datapath.set_owned(owned)
+        except Exception as exc:
+            self.counters["datapath_errors"] += 1
+            self._emit("datapath_failed", logging.ERROR, error=exc)
+            self.kernel_owned = self.datapath.datapath.read_owned()
+        self._emit(
+            "buckets_changed",
+            released=len(before - self.kernel_owned),
+            acquired=len(self.kernel_owned - before),
+            owned=len(self.kernel_owned),
+        )
+        return self.kernel_owned
+
+    def on_event(self, e: ev.Event, now: float) -> None:
+        self.core_events[type(e).__name__] += 1
+        if isinstance(e, ev.StateChanged):
+            self._emit("state_changed", old=e.old.name, new=e.new.name)
+        elif isinstance(e, ev.Drained):
+            self._emit("buckets_given_away")
+        elif isinstance(e, ev.PeerDown):
+            self._emit("peer_down", logging.WARNING, peer=e.name)
+        elif isinstance(e, ev.PeerUp):
+            self._emit("peer_up", peer=e.name, restarted=e.restarted)
+        elif isinstance(e, ev.NetworkLost):
+            self._emit("network_lost", logging.WARNING, peer=e.name, network=e.network)
+        elif isinstance(e, ev.NetworkRestored):
+            self._emit("network_restored", peer=e.name, network=e.network)
+        elif isinstance(e, ev.ViewChanged):
+            members = ",".join(f"{n}:{w}" for n, w in e.members)
+            self._emit("view_changed", members=members, anchored=e.anchored)
+        elif isinstance(e, ev.SplitBrainDetected):
+            self._emit(
+                "split_brain_detected",
+                logging.ERROR,
+                buckets=len(e.buckets),
+                nodes=",".join(e.nodes),
+            )
+        elif isinstance(e, ev.SplitBrainHealed):
+            self._emit("split_brain_healed")
+        elif isinstance(e, ev.LeaseLost):
+            self._emit("lease_lost", logging.ERROR, silent_s=round(e.silent_s, 3))
+
+    def wake_at(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when == math.inf:
+            return
+        loop = asyncio.get_running_loop()
+        if when == -math.inf:
+            self._timer = loop.call_soon(self._fire)  # type: ignore[assignment]
+        else:
+            self._timer = loop.call_at(when, self._fire)
+
+    # ------------------------------------------------------------------ inputs
+    def on_datagram(self, data: bytes, network: str) -> None:
+        self.hb_received[network] += 1
+        drop = self.driver.datagram(data, network, time.monotonic())
+        if drop is not None:
+            self.hb_rejected[(network, str(drop))] += 1
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        self._check_health(now)
+        self.driver.timer(now)
+
+    def _check_health(self, now: float) -> None:
+        """The application counts healthy while the manager says so, has said anything within
+        the manager timeout, and the LAN link is up (see `_check_link`)."""
+        self._check_link(now)
+        fresh = self._manager is not None and now - self._manager_heard <= MANAGER_TIMEOUT_S
+        if self._app_ok and not fresh:
+            self._emit(
+                "manager_silent", logging.WARNING, silent_s=round(now - self._manager_heard, 3)
+            )
+            self._app_ok = False  # until the manager says it again
+        healthy = self._app_ok and self._link_ok
+        if healthy != self.core.app_healthy:
+            self.core.set_app_healthy(healthy, now)
+
+    def _check_link(self, now: float) -> None:
+        """A node whose LAN link is down can serve nobody, and would otherwise believe every
+        peer dead and claim every bucket, then accept the same new flows as its peers for a
+        moment when the link returns. So it counts as unhealthy (WAIT: it holds nothing) while
+        the link is down, and stays so for dead_after + 2 intervals after the link is back:
+        long enough to hear every live peer again (peers it declared dead while it heard
+        nobody), so that it rejoins through the normal release-before-acquire instead of
+        claiming buckets whose owners it merely could not hear (found by `vipfarm chaos`)."""
+        iface = self.datapath.spec.interface
+        up = link_up(iface)
+        if not up:
+            self._link_up_since = None
+        elif self._link_up_since is None:
+            self._link_up_since = now
+        cfg = self.core.config
+        settle_s = cfg.dead_after + 2 * cfg.interval
+        ok = up and self._link_up_since is not None and now - self._link_up_since >= settle_s
+        if ok != self._link_ok:
+            self._link_ok = ok
+            if ok:
+                self._emit("lan_link_up", interface=iface, settled_s=round(settle_s, 3))
+            else:
+                self._emit("lan_link_down", logging.ERROR, interface=iface)
+
+    # ------------------------------------------------------------------ the channel
+    async def _listen(self) -> None:
+        path = self.run_dir / ch.SOCKET_NAME
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(path), limit=ch.MAX_FRAME + 4
+            )
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is None or peer_uid(sock) not in (0, os.getuid()):
+            writer.close()
+            return
+        try:
+            hello = await asyncio.wait_for(ch.read(reader), timeout=5.0)
+            if not isinstance(hello, ch.Hello) or hello.role != "manager":
+                raise ch.ChannelError("the first message must be the manager's hello")
+        except (ch.ChannelError, asyncio.IncompleteReadError, TimeoutError, OSError) as e:
+            self.counters["channel_refused"] += 1
+            self._emit("channel_refused", logging.WARNING, error=e)
+            writer.close()
+            return
+        if self._manager is not None:  # a new manager replaces the old one
+            self._manager.close()
+        self._manager, self._manager_pid = writer, hello.pid
+        self._manager_heard = time.monotonic()
+        writer.write(ch.encode(ch.Hello(role="pulse", pid=os.getpid())))
+        self._emit("manager_connected", pid=hello.pid)
+        await self._flush_manager()
+        try:
+            while True:
+                msg = await ch.read(reader)
+                self._manager_heard = time.monotonic()
+                self._handle(msg, writer)
+        except (ch.ChannelError, asyncio.IncompleteReadError, ConnectionError) as e:
+            if self._manager is writer:
+                self._emit("manager_lost", logging.WARNING, pid=hello.pid, error=e)
+        finally:
+            if self._manager is writer:
+                self._manager = None
+                self._app_ok = False
+                self._check_health(time.monotonic())
+                self.driver.poke(time.monotonic())
+            writer.close()
+
+    def _handle(self, msg: ch.Message, writer: asyncio.StreamWriter) -> None:
+        now = time.monotonic()
+        core = self.core
+        if isinstance(msg, ch.Health):
+            self._app_ok = msg.healthy
+            self._check_health(now)
+        elif isinstance(msg, ch.Join):
+            if core.state in (NodeState.STOP, NodeState.DRAINING, NodeState.STOPPING):
+                core.join(now)
+        elif isinstance(msg, ch.Leave):
+            if core.state not in (NodeState.STOP, NodeState.DRAINING, NodeState.STOPPING):
+                core.leave(now)
+        elif isinstance(msg, ch.Stopped):
+            core.stopped(now)
+        elif isinstance(msg, ch.ApplyConfig):
+            writer.write(ch.encode(self._apply_config(msg, now)))
+        elif isinstance(msg, ch.Query):
+            writer.write(ch.encode(ch.Reply(id=msg.id, ok=True, data=self.state(now))))
+        elif isinstance(msg, ch.Shutdown):
+            self._exit.set()
+        self.driver.poke(now)
+
+    def _apply_config(self, msg: ch.ApplyConfig, now: float) -> ch.Reply:
+        try:
+            spec = DatapathSpec.model_validate(msg.spec)
+        except ValueError as e:
+            return ch.Reply(id=msg.id, ok=False, error=f"bad data path: {e}")
+        if spec != self.datapath.spec:
+            old = self.datapath.spec
+            try:
+                self.kernel_owned = self.datapath.update(spec)
+            except Exception as e:
+                self.counters["datapath_errors"] += 1
+                self._emit("datapath_update_failed", logging.ERROR, error=e)
+                with contextlib.suppress(Exception):
+                    self.kernel_owned = self.datapath.update(old)
+                return ch.Reply(id=msg.id, ok=False, error=f"the kernel refused the new rules: {e}")
+        if msg.weight != self.core.weight:
+            self.core.set_weight(msg.weight, now)
+        return ch.Reply(id=msg.id, ok=True, data={"owned": sorted(self.kernel_owned)})
+
+    def state(self, now: float) -> dict[str, Any]:
+        """What the manager reports: the core's snapshot and what the kernel holds, read back."""
+        return {
+            "pid": os.getpid(),
+            "incarnation": self.incarnation,
+            "priority": self.priority,
+            "snapshot": dataclasses.asdict(self.core.snapshot(now)),
+            "kernel_owned": sorted(self.kernel_owned),
+            "app_healthy": self.core.app_healthy,
+            "link_ok": self._link_ok,
+            "counters": dict(self.counters),
+            "hb_sent": dict(self.hb_sent),
+            "hb_received": dict(self.hb_received),
+            "hb_rejected": [[n, r, c] for (n, r), c in self.hb_rejected.items()],
+            "core_events": dict(self.core_events),
+        }
+
+    def _emit(self, name: str, level: int = logging.INFO, /, **fields: Any) -> None:
+        """An event for the module log: to the manager, or printed and kept until one comes."""
+        msg = ch.Event(name=name, level=level, fields={k: _plain(v) for k, v in fields.items()})
+        if self._manager is not None and not self._manager.is_closing():
+            self._manager.write(ch.encode(msg))
+            return
+        event(log, name, level, **fields)
+        if len(self._backlog) == self._backlog.maxlen:
+            self.counters["events_dropped"] += 1
+        self._backlog.append(msg.model_copy(update={"fields": {**msg.fields, "at": time.time()}}))
+
+    async def _flush_manager(self) -> None:
+        w = self._manager
+        if w is None:
+            return
+        while self._backlog:
+            w.write(ch.encode(self._backlog.popleft()))
+        with contextlib.suppress(ConnectionError):
+            await w.drain()
+
+
+def _plain(v: Any) -> Any:
+    return v if isinstance(v, bool | int | float | str) or v is None else str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vipfarm-pulse", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--run-dir", type=Path, required=True)
+    args = p.parse_args(argv)
+    die_with_parent()
+    setup()
+    try:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        pulse = Pulse(settings_from_config(args.config, args.node), run_dir=args.run_dir)
+        asyncio.run(pulse.run())
+    except Exception as e:  # start-up failures: one clear line for the daemon to pass on
+        print(f"error: {e}", file=sys.stderr)
+        print(kv("pulse_failed", error=type(e).__name__), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
