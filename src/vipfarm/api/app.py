@@ -62,6 +62,61 @@ from vipfarm.node.control import ControlError
 from vipfarm.node.deploy import DeployError
 
 PREFIX = "/api/v1"
+# The largest request body taken: a farm configuration of thousands of rules is well below it.
+MAX_BODY = 4 * 1024 * 1024
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes is answered 413 before it is read (by its
+    Content-Length) or as soon as it passes the limit (chunked), so no request can make the
+    manager hold or parse more than that."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await self._refuse(send)
+                return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        resp = _error(413, f"the request body is over {self.limit} bytes: send less")
+        await resp({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
 
 
 class NodeService(Protocol):
@@ -97,6 +152,7 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "no bearer token",
         403: "wrong token",
         409: "not possible now (the text says why)",
+        413: "the request body is over the limit",
         422: "invalid input",
     }
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
@@ -132,6 +188,7 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         docs_url=None,
         redoc_url=None,
     )
+    app.add_middleware(BodyLimit)
     auth = Depends(bearer_check(token))
     api = APIRouter(prefix=PREFIX, dependencies=[auth], responses=_responses(400, 401, 403, 422))
 

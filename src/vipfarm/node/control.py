@@ -29,6 +29,8 @@ from vipfarm.log import event
 log = logging.getLogger("vipfarm.node.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# One request line at most: a deployment carries the whole configuration file.
+MAX_LINE = 8 * 1024 * 1024
 
 
 class ControlError(Exception):
@@ -72,7 +74,7 @@ class ControlServer:
                 f"another vipfarm daemon of farm {self.farm!r} already runs in this network "
                 f"namespace ({e.strerror}): stop it first (vipfarm stop --force)"
             ) from e
-        self._server = await asyncio.start_unix_server(self._client, sock=sock)
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
 
     async def close(self) -> None:
         if self._server is not None:
