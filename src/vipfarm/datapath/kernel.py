@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,14 +67,20 @@ class LinuxKernel:
                 "the nftables Python binding is missing: install the project's dependencies "
                 "(pip install pip-nftables) and the nftables package (apt-get install nftables)"
             ) from e
+        # Two contexts: a large ruleset update may run in a worker thread (libnftables releases
+        # the GIL) while the lease path keeps renewing the owned set from the pulse's loop.
         try:
             self._nft = nftables.Nftables()
+            self._lease_nft = nftables.Nftables()
         except OSError as e:  # libnftables.so.1 not found
             raise DatapathError(
                 f"libnftables cannot be loaded ({e}): apt-get install nftables"
             ) from e
-        self._nft.set_json_output(True)
-        self._nft.set_handle_output(False)
+        for ctx in (self._nft, self._lease_nft):
+            ctx.set_json_output(True)
+            ctx.set_handle_output(False)
+        self._apply_lock = threading.Lock()
+        self._lease_lock = threading.Lock()
         # pyroute2 0.9's synchronous IPRoute runs its own event loop and refuses to work in a
         # thread where one is already running (the daemon's), so it lives in a thread of its own.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -95,16 +102,19 @@ class LinuxKernel:
             raise DatapathError(f"nftables refused to {what}: {msg}")
 
     def nft_apply(self, batch: list[dict[str, Any]]) -> None:
-        rc, _out, err = self._nft.json_cmd({"nftables": batch})
+        with self._apply_lock:
+            rc, _out, err = self._nft.json_cmd({"nftables": batch})
         self._check(rc, err, "apply the ruleset")
 
     def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
-        rc, _out, err = self._nft.cmd(ruleset.owned_text(farm, buckets, lease_s))
+        with self._lease_lock:
+            rc, _out, err = self._lease_nft.cmd(ruleset.owned_text(farm, buckets, lease_s))
         self._check(rc, err, "update the owned buckets")
 
     def nft_read_owned(self, farm: str) -> frozenset[int] | None:
         t = ruleset.table_name(farm)
-        rc, out, err = self._nft.cmd(f"list set inet {t} {ruleset.OWNED_SET}")
+        with self._lease_lock:
+            rc, out, err = self._lease_nft.cmd(f"list set inet {t} {ruleset.OWNED_SET}")
         if rc != 0:
             if "No such file or directory" in err or "does not exist" in err:
                 return None

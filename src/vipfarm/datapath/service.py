@@ -6,6 +6,7 @@ announces the VMACs (gratuitous ARP, unsolicited NA) on start and after every ch
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,6 +79,14 @@ class DatapathService:
 
     def update(self, spec: DatapathSpec) -> frozenset[int]:
         result = self.datapath.update(spec)
+        self._start_responders(spec)
+        return result
+
+    async def update_in_thread(self, spec: DatapathSpec) -> frozenset[int]:
+        """`update` with the kernel work in a worker thread, so that the caller's loop goes on
+        (renewing leases: the kernel layer keeps a separate context for them); the responders
+        restart on the loop, which owns their sockets."""
+        result = await asyncio.to_thread(self.datapath.update, spec)
         self._start_responders(spec)
         return result
 

@@ -47,6 +47,7 @@ import socket
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,8 @@ class Pulse:
         self._link_ok = True
         self._link_up_since: float | None = -math.inf  # up "forever": the core listens first
         self._server: asyncio.AbstractServer | None = None
+        self._apply_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ life cycle
     async def run(self) -> None:
@@ -425,31 +428,51 @@ class Pulse:
         elif isinstance(msg, ch.Stopped):
             core.stopped(now)
         elif isinstance(msg, ch.ApplyConfig):
-            writer.write(ch.encode(self._apply_config(msg, now)))
+            self._spawn(self._apply_config(msg, writer))
         elif isinstance(msg, ch.Query):
             writer.write(ch.encode(ch.Reply(id=msg.id, ok=True, data=self.state(now))))
         elif isinstance(msg, ch.Shutdown):
             self._exit.set()
         self.driver.poke(now)
 
-    def _apply_config(self, msg: ch.ApplyConfig, now: float) -> ch.Reply:
+    async def _apply_config(self, msg: ch.ApplyConfig, writer: asyncio.StreamWriter) -> None:
+        async with self._apply_lock:
+            reply = await self._apply_spec(msg)
+        if reply.ok and msg.weight != self.core.weight:
+            self.core.set_weight(msg.weight, time.monotonic())
+            self.driver.poke(time.monotonic())
+        if not writer.is_closing():
+            writer.write(ch.encode(reply))
+
+    async def _apply_spec(self, msg: ch.ApplyConfig) -> ch.Reply:
+        """A new ruleset in a worker thread: thousands of rules take the kernel seconds, and
+        the heartbeats and lease renewals must go on meanwhile (the leases survive the update:
+        the owned set is kept, not recreated)."""
         try:
             spec = DatapathSpec.model_validate(msg.spec)
         except ValueError as e:
             return ch.Reply(id=msg.id, ok=False, error=f"bad data path: {e}")
-        if spec != self.datapath.spec:
-            old = self.datapath.spec
-            try:
-                self.kernel_owned = self.datapath.update(spec)
-            except Exception as e:
-                self.counters["datapath_errors"] += 1
-                self._emit("datapath_update_failed", logging.ERROR, error=e)
-                with contextlib.suppress(Exception):
-                    self.kernel_owned = self.datapath.update(old)
-                return ch.Reply(id=msg.id, ok=False, error=f"the kernel refused the new rules: {e}")
-        if msg.weight != self.core.weight:
-            self.core.set_weight(msg.weight, now)
+        if spec == self.datapath.spec:
+            return ch.Reply(id=msg.id, ok=True, data={"owned": sorted(self.kernel_owned)})
+        old = self.datapath.spec
+        t0 = time.monotonic()
+        try:
+            self.kernel_owned = await self.datapath.update_in_thread(spec)
+        except Exception as e:
+            self.counters["datapath_errors"] += 1
+            self._emit("datapath_update_failed", logging.ERROR, error=e)
+            with contextlib.suppress(Exception):
+                self.kernel_owned = await self.datapath.update_in_thread(old)
+            return ch.Reply(id=msg.id, ok=False, error=f"the kernel refused the new rules: {e}")
+        self._emit(
+            "datapath_updated", rules=len(spec.rules), took_s=round(time.monotonic() - t0, 3)
+        )
         return ch.Reply(id=msg.id, ok=True, data={"owned": sorted(self.kernel_owned)})
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def state(self, now: float) -> dict[str, Any]:
         """What the manager reports: the core's snapshot and what the kernel holds, read back."""
