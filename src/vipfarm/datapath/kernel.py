@@ -102,8 +102,12 @@ class LinuxKernel:
             raise DatapathError(f"nftables refused to {what}: {msg}")
 
     def nft_apply(self, batch: list[dict[str, Any]]) -> None:
+        # One json.dumps of a large batch holds the GIL for its whole run (300 ms for 3,000
+        # rules); a dumps per command lets the pulse's loop run between them when this runs in
+        # a worker thread. With JSON output on, libnftables parses the buffer as JSON.
+        text = '{"nftables":[' + ",".join(json.dumps(c) for c in batch) + "]}"
         with self._apply_lock:
-            rc, _out, err = self._nft.json_cmd({"nftables": batch})
+            rc, _out, err = self._nft.cmd(text)
         self._check(rc, err, "apply the ruleset")
 
     def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:

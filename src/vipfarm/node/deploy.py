@@ -156,6 +156,26 @@ def classify(old: FarmConfig, new: FarmConfig) -> tuple[list[str], list[str]]:
     return [k for k in keys if is_live(k)], [k for k in keys if not is_live(k)]
 
 
+MAX_CHANGES_LISTED = 12
+
+
+def summarize(keys: list[str]) -> list[str]:
+    """Changed keys as people read them: every key when there are few, else `rule[3]` once for
+    all its fields, and at most `MAX_CHANGES_LISTED` entries (a deployment of thousands of rules
+    is one line, not 15,000)."""
+    if len(keys) <= MAX_CHANGES_LISTED:
+        return keys
+    out: list[str] = []
+    for k in keys:
+        head = k.split(".", 1)[0]
+        item = head if "[" in head else k
+        if item not in out:
+            out.append(item)
+    if len(out) > MAX_CHANGES_LISTED:
+        out = [*out[: MAX_CHANGES_LISTED - 1], f"and {len(out) - MAX_CHANGES_LISTED + 1} more"]
+    return out
+
+
 def validate_for_node(
     text: str,
     *,
@@ -192,7 +212,7 @@ def validate_for_node(
     missing = [f"{net}={addr}" for net, addr in me.address.items() if addr not in here]
     if missing:
         raise Refused(f"node {node}'s addresses {', '.join(missing)} are not on this host")
-    return new, live
+    return new, summarize(live)
 
 
 # --------------------------------------------------------------------------- participant side

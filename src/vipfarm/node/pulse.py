@@ -449,7 +449,8 @@ class Pulse:
         the heartbeats and lease renewals must go on meanwhile (the leases survive the update:
         the owned set is kept, not recreated)."""
         try:
-            spec = DatapathSpec.model_validate(msg.spec)
+            # Validating thousands of rules takes a while too: not on the pulse's loop.
+            spec = await asyncio.to_thread(DatapathSpec.model_validate, msg.spec)
         except ValueError as e:
             return ch.Reply(id=msg.id, ok=False, error=f"bad data path: {e}")
         if spec == self.datapath.spec:
