@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class Datapath:
         self.kernel = kernel
         self.state_dir = state_dir
         self._owned: frozenset[int] = frozenset()
+        # A renewal may run in another thread than a change of ownership: each writes the owned
+        # set whole, so the later one must also be the one that read the latest `_owned`, or a
+        # renewal could put back a bucket just released.
+        self._owned_lock = threading.Lock()
         self._vips_added: list[IPAddress] = []
         self._macs_added: list[str] = []
 
@@ -158,13 +163,16 @@ class Datapath:
             raise DatapathError(
                 f"bucket(s) {bad[:5]} out of range: buckets are 0..{self.spec.buckets - 1}"
             )
-        self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s)
-        self._owned = wanted
+        with self._owned_lock:
+            self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s)
+            self._owned = wanted
         return self.read_owned()
 
     def refresh(self) -> frozenset[int]:
-        """Renew the lease of every owned bucket."""
-        return self.set_owned(self._owned)
+        """Renew the lease of every owned bucket (safe from another thread than `set_owned`)."""
+        with self._owned_lock:
+            self.kernel.nft_set_owned(self.spec.farm, self._owned, self.spec.lease_s)
+        return self.read_owned()
 
     def read_owned(self) -> frozenset[int]:
         got = self.kernel.nft_read_owned(self.spec.farm)

@@ -60,11 +60,17 @@ class Health(_Msg):
 
 
 class Join(_Msg):
+    """Be in the farm; with an `id`, the reply carries the state right after the command."""
+
     type: Literal["join"] = "join"
+    id: int | None = None
 
 
 class Leave(_Msg):
+    """Drain; with an `id`, the reply carries the state right after the command."""
+
     type: Literal["leave"] = "leave"
+    id: int | None = None
 
 
 class Stopped(_Msg):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import signal
@@ -128,7 +127,7 @@ class PulseLink:
         return True
 
     async def request(
-        self, make: Callable[[int], ch.Query | ch.ApplyConfig], timeout: float
+        self, make: Callable[[int], ch.Query | ch.ApplyConfig | ch.Join | ch.Leave], timeout: float
     ) -> ch.Reply:
         if not self.connected:
             raise PulseUnavailable("the pulse is not running (the daemon restarts it)")
@@ -517,9 +516,8 @@ class Manager:
             self._force = False
             self._in_farm = True
             self._mark_stopped(False)
-            self._need_pulse(ch.Join())
             event(self.module_log, "drain_cancelled", state=state)
-            return ActionResult(node=self.node.name, state=await self._state_now())
+            return ActionResult(node=self.node.name, state=await self._tell(ch.Join))
         if state != "STOP":
             raise ControlError(
                 f"node {self.node.name} is {state}, not STOP: nothing to start"
@@ -532,8 +530,7 @@ class Manager:
         await self.supervisor.start()
         self._in_farm = True
         self._mark_stopped(False)
-        self._need_pulse(ch.Join())
-        return ActionResult(node=self.node.name, state=await self._state_now())
+        return ActionResult(node=self.node.name, state=await self._tell(ch.Join))
 
     async def stop(self, req: StopRequest) -> ActionResult:
         state = self._state()
@@ -543,19 +540,20 @@ class Manager:
             self._force = True
         self._in_farm = False
         self._mark_stopped(True)
-        if state != "DRAINING":
-            self._need_pulse(ch.Leave())
-        return ActionResult(node=self.node.name, state=await self._state_now(), force=req.force)
+        return ActionResult(node=self.node.name, state=await self._tell(ch.Leave), force=req.force)
 
-    def _need_pulse(self, msg: ch.Join | ch.Leave) -> None:
-        # The desired state is recorded already; a pulse that connects later is told it then.
-        if not self.pulse.send(msg):
-            event(self.module_log, "pulse_not_connected", logging.WARNING, told=msg.type)
-
-    async def _state_now(self) -> str:
-        with contextlib.suppress(PulseUnavailable):
-            await self._query()
-        return self._state()
+    async def _tell(self, kind: type[ch.Join] | type[ch.Leave]) -> str:
+        """Join or leave now; the state right after. The desired state is recorded already,
+        so a pulse that is not connected is told when it connects."""
+        try:
+            reply = await self.pulse.request(lambda i: kind(id=i), PULSE_QUERY_TIMEOUT_S)
+        except PulseUnavailable:
+            event(self.module_log, "pulse_not_connected", logging.WARNING, told=kind.__name__)
+            return self._state()
+        state = str(reply.data["state"])
+        if self._pulse_state is not None:
+            self._pulse_state["snapshot"]["state"] = state
+        return state
 
     def log_path(self, log: LogName) -> Path:
         return self.log_dir / f"{log}.log"

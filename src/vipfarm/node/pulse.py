@@ -48,6 +48,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,8 @@ class Pulse:
         self._link_up_since: float | None = -math.inf  # up "forever": the core listens first
         self._server: asyncio.AbstractServer | None = None
         self._apply_lock = asyncio.Lock()
+        self._lease_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
+        self._renewing: Future[frozenset[int]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ life cycle
@@ -198,6 +201,7 @@ class Pulse:
                 self._server.close()
             for tr in self._transports.values():
                 tr.close()
+            self._lease_pool.shutdown(wait=True)
             self.datapath.stop()
             self._emit("pulse_stopped", node=self.name)
             await self._flush_manager()
@@ -248,8 +252,20 @@ class Pulse:
                 self.counters["heartbeat_send_errors"] += 1
 
     def renew_leases(self, now: float) -> None:
+        """Hand the renewal to the lease thread and send the heartbeats at once: a renewal that
+        waits in the kernel (behind a large ruleset update) must not hold the heartbeats back.
+        A renewal that is late or fails only shortens this node's own ownership, the safe side;
+        the core notices a node that stopped sending, and the kernel read-back what it holds."""
+        if self._renewing is not None and not self._renewing.done():
+            self.counters["lease_renew_busy"] += 1
+            return
+        self._renewing = self._lease_pool.submit(self.datapath.refresh)
+        loop = asyncio.get_running_loop()
+        self._renewing.add_done_callback(lambda fut: loop.call_soon_threadsafe(self._renewed, fut))
+
+    def _renewed(self, fut: Future[frozenset[int]]) -> None:
         try:
-            self.kernel_owned = self.datapath.refresh()
+            self.kernel_owned = fut.result()
         except Exception as e:  # the kernel refused: leases run out, which is the safe side
             self.counters["datapath_errors"] += 1
             self._emit("lease_renew_failed", logging.ERROR, error=e)
@@ -419,12 +435,15 @@ class Pulse:
         if isinstance(msg, ch.Health):
             self._app_ok = msg.healthy
             self._check_health(now)
-        elif isinstance(msg, ch.Join):
-            if core.state in (NodeState.STOP, NodeState.DRAINING, NodeState.STOPPING):
+        elif isinstance(msg, ch.Join | ch.Leave):
+            draining = core.state in (NodeState.STOP, NodeState.DRAINING, NodeState.STOPPING)
+            if isinstance(msg, ch.Join) and draining:
                 core.join(now)
-        elif isinstance(msg, ch.Leave):
-            if core.state not in (NodeState.STOP, NodeState.DRAINING, NodeState.STOPPING):
+            elif isinstance(msg, ch.Leave) and not draining:
                 core.leave(now)
+            if msg.id is not None:
+                state = {"state": core.state.name}
+                writer.write(ch.encode(ch.Reply(id=msg.id, ok=True, data=state)))
         elif isinstance(msg, ch.Stopped):
             core.stopped(now)
         elif isinstance(msg, ch.ApplyConfig):
