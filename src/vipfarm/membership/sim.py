@@ -111,7 +111,8 @@ class SimConfig:
 
 @dataclass(slots=True, eq=False)
 class _Node:
-    """One simulated daemon: the `Io` of its core's `Driver` (None while the daemon is down)."""
+    """One simulated daemon: the `Io` of its core's `Driver` (None while the daemon is down).
+    Nodes compare by identity: field by field would compare the simulators they hold."""
 
     sim: Simulator
     index: int
