@@ -20,7 +20,9 @@ The driver's rules, in the order they apply:
 * `BucketsChanged` goes to the kernel (`Io.apply_buckets`) and what the kernel reports holding is
   confirmed to the core at once, so the next heartbeat announces the kernel's real state.
 * After a local command (join, leave, health, weight...) the caller calls `poke`, which applies
-  events, sends what became due and re-arms.
+  events, sends what became due and re-arms. A daemon that exits after `stopped` calls
+  `shutdown` instead: it applies the events too, but sends only the goodbye (a last heartbeat
+  just before it would say nothing new, and could arrive after the goodbye).
 
 `Io.wake_at(when)` asks for one call of `timer` at or after `when`; each call replaces the
 previous request. The driver only asks when the wake-up moved earlier, or after a wake-up.
@@ -56,14 +58,19 @@ class Io(Protocol):
 
 
 class Driver:
+    # The simulator calls `datagram` 26 million times per 64-node run: slots and the bound
+    # receive method spare it two dictionary lookups per reception.
+    __slots__ = ("_armed", "_receive", "core", "io")
+
     def __init__(self, core: Membership, io: Io) -> None:
         self.core = core
         self.io = io
-        self._armed = math.inf
+        self._armed = math.inf  # the time last passed to Io.wake_at, +inf after a wake-up
+        self._receive = core.receive_datagram
 
     def datagram(self, data: bytes, network: str, now: float) -> Drop | None:
         """One received datagram; a rejected one is returned as its reason."""
-        result = self.core.receive_datagram(data, network, now)
+        result = self._receive(data, network, now)
         if result is False:
             return None
         if isinstance(result, Drop):
@@ -91,7 +98,9 @@ class Driver:
             self._rearm_if_earlier()
 
     def shutdown(self, now: float) -> None:
-        """Say goodbye (only sent by a node in STOP that holds nothing: see `core.shutdown`)."""
+        """Apply pending events and say goodbye (only sent by a node in STOP that holds
+        nothing: see `core.shutdown`). Nothing is re-armed: the daemon exits."""
+        self._events(now)
         for network, payload in self.core.shutdown(now):
             self.io.send(network, payload)
 

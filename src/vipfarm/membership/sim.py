@@ -1,11 +1,16 @@
 """Farm simulator: the real membership cores over a simulated network and a virtual clock.
 
-Each simulated node is a `Membership` core plus a tiny simulated daemon: it applies
-`BucketsChanged` to a simulated kernel set at once and confirms it, refreshes the kernel lease
-whenever it sends heartbeats (so a crashed daemon's buckets stay "owned" until the lease runs
-out, exactly like nftables element timeouts), and handles drains. The network delivers every
-heartbeat to every reachable peer with independent loss, uniform delay, optional duplication
-and optional extra delay that reorders datagrams.
+Each simulated node is a `Membership` core driven by `Driver` (`vipfarm.membership.driver`),
+the one driver of the core, which the node's pulse process runs with real sockets: the simulator
+measures exactly what runs in production, the same timers, early sends and order of events.
+The node (`_Node`) is only the driver's `Io`: a simulated kernel set that takes every
+`BucketsChanged` at once, a kernel lease refreshed whenever heartbeats go out (so a crashed
+daemon's buckets stay "owned" until the lease runs out, exactly like nftables element timeouts),
+a broadcast into the simulated network, and wake-ups on the timing wheel. Scenario steps call
+the core's local commands and then `poke`, as the daemon does; a drained daemon calls `stopped`
+and exits through `shutdown`. The network delivers every heartbeat to every reachable peer with
+independent loss, uniform delay, optional duplication and optional extra delay that reorders
+datagrams.
 
 Theory of operation:
 
@@ -17,9 +22,15 @@ Theory of operation:
 - The cost is per reception, so everything on that path is lean: the network's random draws
   are made in bulk (`_Draws`: no Python-level draw per delivery without duplication or
   reordering), ring entries are flat tuples, the cyclic garbage collector waits for the end of
-  the run, and the core's receive path is short (see membership.core).
-- Every core asks for its next wake-up with `get_timer()`; a stale wake-up (the core since
-  asked for an earlier one) is skipped when its slot comes.
+  the run, a reception is one `Driver.datagram` call that ends at the core's answer when only a
+  peer's liveness changed, and the core's receive path is short (see membership.core).
+- The driver asks for wake-ups (`Io.wake_at`). The node files one in the first slot at or after
+  the time asked that is still to be walked (the current slot while its scenario actions run,
+  the next one while its deliveries are walked); a request it replaced stays in the ring and is
+  skipped as stale when its slot comes.
+- Events reach the metrics through `Io.on_event`. Convergence is checked once per driver call
+  whose events could have ended one (a flag set in `on_event`, looked at when the call returns),
+  not once per event.
 - Metrics follow the issue: double ownership is checked whenever a kernel gains a bucket, and
   counted only while the live nodes are connected: no partition is active and no node believes a
   live, reachable peer dead (heavy loss can silence a link for dead_after, which is a partition
@@ -44,6 +55,7 @@ from typing import Any
 from vipfarm.membership import events as ev
 from vipfarm.membership.assignment import Members, balanced, min_moves, moved
 from vipfarm.membership.core import Membership, MembershipConfig
+from vipfarm.membership.driver import Driver
 from vipfarm.membership.wire import Codec, NodeState, bits_of, mask_of
 
 SCENARIOS = ("crash", "join", "drain", "partition", "flap", "rolling")
@@ -97,18 +109,50 @@ class SimConfig:
             raise ValueError(f"period {self.period} s is too short: use at least 4 x dead_after")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Node:
+    """One simulated daemon: the `Io` of its core's `Driver` (None while the daemon is down).
+    Nodes compare by identity: field by field would compare the simulators they hold."""
+
+    sim: Simulator
     index: int
     name: str
     weight: int
-    core: Membership | None = None
+    driver: Driver | None = None
     incarnation: int = 0
     kernel: int = 0
     lease_until: float = -math.inf
     wake: int = 2**62  # slot of the pending wake-up
     group: int = 0
     joining: bool = False  # becomes a convergence event when it turns UP
+
+    @property
+    def core(self) -> Membership | None:
+        driver = self.driver
+        return None if driver is None else driver.core
+
+    # -- Io
+    def send(self, network: str, payload: bytes) -> None:
+        self.sim._broadcast(self, payload, network)
+
+    def renew_leases(self, now: float) -> None:
+        self.lease_until = now + self.sim.cfg.lease
+
+    def apply_buckets(self, owned: frozenset[int], now: float) -> frozenset[int]:
+        self.sim._set_kernel(self, mask_of(owned), now)
+        return owned  # a simulated kernel always does what it is told
+
+    def on_event(self, event: ev.Event, now: float) -> None:
+        self.sim._on_event(self, event, now)
+
+    def wake_at(self, when: float) -> None:
+        """A wake-up in the first slot at or after `when` that is still to be walked; a request
+        it replaces stays in the ring, stale, and is skipped when its slot comes."""
+        sim = self.sim
+        k = sim.soonest if when == -math.inf else max(sim.soonest, math.ceil(when * _INV - 1e-6))
+        if k != self.wake:
+            self.wake = k
+            sim.ring[k & (_RING - 1)].append((self, None, ""))
 
 
 @dataclass
@@ -196,7 +240,7 @@ class Simulator:
         self.script = script
         self.rnd = random.Random(cfg.seed)
         weights = cfg.weights or [1] * cfg.nodes
-        self.nodes = [_Node(i, f"node{i + 1:02d}", w) for i, w in enumerate(weights)]
+        self.nodes = [_Node(self, i, f"node{i + 1:02d}", w) for i, w in enumerate(weights)]
         self.by_name = {n.name: n for n in self.nodes}
         self.networks = tuple(["lan", "hb2", "hb3"][: cfg.networks])
         self.mcfg = {
@@ -216,6 +260,13 @@ class Simulator:
         self.codec = Codec("sim", _KEY, cfg.buckets)
         # Slot lists of (node, payload, network) deliveries, or (node, None, "") for a wake-up.
         self.ring: list[list[tuple[_Node, bytes | None, str]]] = [[] for _ in range(_RING)]
+        self.k = 0  # the slot being walked: sends leave from it
+        # The first slot still to be walked: the current one while its actions run (its
+        # deliveries come after them), the next one once its deliveries are being walked.
+        self.soonest = 1
+        # Set by an event that may end a convergence; checked once the driver call returns, so
+        # that a batch of events costs one check.
+        self.relevant = False
         self.actions: list[tuple[float, int, Callable[[float], None]]] = []
         self._action_seq = 0
         self.targets: list[list[_Node]] = []
@@ -253,30 +304,20 @@ class Simulator:
         self._action_seq += 1
         heapq.heappush(self.actions, (t, self._action_seq, fn))
 
-    def _schedule(self, node: _Node, k_now: int) -> None:
-        core = node.core
-        if core is None:
-            return
-        t = core.get_timer()
-        k = k_now + 1 if t == -math.inf else max(k_now + 1, math.ceil(t * _INV - 1e-6))
-        if k < node.wake:
-            node.wake = k
-            self.ring[k & (_RING - 1)].append((node, None, ""))
-
     # ---------------------------------------------------------------- node lifecycle
     def start(self, node: _Node, now: float) -> None:
         """Start a daemon: fresh core, empty kernel, join and report the app healthy."""
         node.incarnation += 1
         node.kernel = 0  # the daemon flushes the kernel set at start
         self.believed_dead = {(a, b) for a, b in self.believed_dead if a != node.index}
-        node.core = Membership(self.mcfg[node.name], node.incarnation, codec=self.codec)
+        core = Membership(self.mcfg[node.name], node.incarnation, codec=self.codec)
+        node.driver = Driver(core, node)
         node.wake = 2**62
         node.joining = True
         self._retarget()
-        node.core.join(now)
-        node.core.set_app_healthy(True, now)
-        self._events(node, now)
-        self._schedule(node, self._k(now))
+        core.join(now)
+        core.set_app_healthy(True, now)
+        self._poke(node, now)
 
     def crash(self, node: _Node, now: float) -> None:
         """The daemon dies; its kernel keeps the buckets until the lease runs out."""
@@ -285,7 +326,7 @@ class Simulator:
             # its lease still runs, which is the split brain outliving the partition.
             self.blind_until = max(self.blind_until, node.lease_until)
         self._unserve(node, node.kernel, now)
-        node.core = None
+        node.driver = None
         node.wake = 2**62
         self._retarget()
         self._pend("crash", now, node.name)
@@ -326,42 +367,49 @@ class Simulator:
                 self.unowned_since[b] = now
 
     # ---------------------------------------------------------------- events of one core
-    def _events(self, node: _Node, now: float) -> None:
-        core = node.core
-        relevant = False
-        while core is not None and (e := core.next_event()) is not None:
-            if isinstance(e, ev.BucketsChanged):
-                self._set_kernel(node, mask_of(e.owned), now)
-                core.confirm_owned(e.owned, now)
-                relevant = True
-            elif isinstance(e, ev.PeerDown):
-                peer = self.by_name[e.name]
-                self.believed_dead.add((node.index, peer.index))
-                if self._reachable(node, peer):
-                    self.m.false_failovers += 1
-                elif peer.lease_until - self.cfg.lease > now - self.cfg.dead_after:
-                    # It did send within dead_after, but nothing got through before it died
-                    # (or the partition): its lease may still run, exactly as in a partition.
-                    self.blind_until = max(self.blind_until, peer.lease_until)
-                relevant = True
-            elif isinstance(e, ev.PeerUp):
-                self.believed_dead.discard((node.index, self.by_name[e.name].index))
-                relevant = True
-            elif isinstance(e, ev.StateChanged):
-                relevant = True
-                if e.old is NodeState.STARTING:
-                    self._unheard(node, now)
-                if e.new is NodeState.UP and node.joining:
-                    node.joining = False
-                    self._pend("join", now, node.name)
-            elif isinstance(e, ev.Drained):
-                self.at(now + 0.1, partial(self._stopped, node))
-            elif isinstance(e, ev.SplitBrainDetected):
-                self.m.split_brain_events += 1
-            elif isinstance(e, ev.ViewChanged):
-                relevant = True
-        if relevant and self.pending:
-            self._check_converged(now)
+    def _poke(self, node: _Node, now: float) -> None:
+        """After a local command on the node's core."""
+        assert node.driver is not None
+        node.driver.poke(now)
+        self._after(now)
+
+    def _after(self, now: float) -> None:
+        """After a driver call: a batch of events that may have ended a convergence."""
+        if self.relevant:
+            self.relevant = False
+            if self.pending:
+                self._check_converged(now)
+
+    def _on_event(self, node: _Node, e: ev.Event, now: float) -> None:
+        """The metrics of one event (the driver already applied BucketsChanged)."""
+        if isinstance(e, ev.BucketsChanged):
+            self.relevant = True
+        elif isinstance(e, ev.PeerDown):
+            peer = self.by_name[e.name]
+            self.believed_dead.add((node.index, peer.index))
+            if self._reachable(node, peer):
+                self.m.false_failovers += 1
+            elif peer.lease_until - self.cfg.lease > now - self.cfg.dead_after:
+                # It did send within dead_after, but nothing got through before it died
+                # (or the partition): its lease may still run, exactly as in a partition.
+                self.blind_until = max(self.blind_until, peer.lease_until)
+            self.relevant = True
+        elif isinstance(e, ev.PeerUp):
+            self.believed_dead.discard((node.index, self.by_name[e.name].index))
+            self.relevant = True
+        elif isinstance(e, ev.StateChanged):
+            self.relevant = True
+            if e.old is NodeState.STARTING:
+                self._unheard(node, now)
+            if e.new is NodeState.UP and node.joining:
+                node.joining = False
+                self._pend("join", now, node.name)
+        elif isinstance(e, ev.Drained):
+            self.at(now + 0.1, partial(self._stopped, node))
+        elif isinstance(e, ev.SplitBrainDetected):
+            self.m.split_brain_events += 1
+        elif isinstance(e, ev.ViewChanged):
+            self.relevant = True
 
     def _unheard(self, node: _Node, now: float) -> None:
         """The node's listening period is over. A live, reachable peer it has not heard at all
@@ -374,14 +422,13 @@ class Simulator:
                 self.believed_dead.add((node.index, m.index))
 
     def _stopped(self, node: _Node, now: float) -> None:
-        if node.core is not None and node.core.state is NodeState.STOPPING:
-            node.core.stopped(now)
-            self._events(node, now)
-            # The daemon says goodbye and exits after STOP.
-            for net, payload in node.core.shutdown(now):
-                self._broadcast(node, payload, net, self._k(now))
+        driver = node.driver
+        if driver is not None and driver.core.state is NodeState.STOPPING:
+            driver.core.stopped(now)
+            driver.shutdown(now)  # the daemon says goodbye and exits after STOP
+            self._after(now)
             self._unserve(node, node.kernel, now)
-            node.core = None
+            node.driver = None
             node.wake = 2**62
             self._retarget()
 
@@ -480,24 +527,12 @@ class Simulator:
         self.m.balance = max(self.m.balance, worst)
 
     # ---------------------------------------------------------------- the main loop
-    def _wake(self, node: _Node, k: int, now: float) -> None:
-        core = node.core
-        assert core is not None
-        core.handle_timer(now)
-        out = core.datagrams_to_send(now)
-        if out:
-            node.lease_until = now + self.cfg.lease
-            for net, payload in out:
-                self._broadcast(node, payload, net, k)
-        self._events(node, now)
-        self._schedule(node, k)
-
-    def _broadcast(self, node: _Node, payload: bytes, net: str, k: int) -> None:
+    def _broadcast(self, node: _Node, payload: bytes, net: str) -> None:
         targets = self.targets[node.index]
         m, cfg = self.m, self.cfg
         m.bytes_sent += len(payload) * (len(self.nodes) - 1)
         if cfg.duplicate or cfg.reorder:
-            self._broadcast_each(targets, payload, net, k)
+            self._broadcast_each(targets, payload, net)
             return
         # The common case, with the random draws made in bulk (see _Draws): this loop runs
         # once per delivery, 26 million times in 64 nodes x 10 minutes.
@@ -509,16 +544,16 @@ class Simulator:
                 for i in reversed(lost):
                     del targets[i]
         m.deliveries += len(targets)
-        ring, wrap, base = self.ring, _RING - 1, k + self.dmin
+        ring, wrap, base = self.ring, _RING - 1, self.k + self.dmin
         for r, d in zip(targets, draws.delays(len(targets)), strict=True):
             ring[(base + d) & wrap].append((r, payload, net))
 
-    def _broadcast_each(self, targets: list[_Node], payload: bytes, net: str, k: int) -> None:
+    def _broadcast_each(self, targets: list[_Node], payload: bytes, net: str) -> None:
         """Delivery with duplication or reordering: the draws of one delivery at a time."""
         cfg = self.cfg
         rnd = self.draws.rnd.random
         loss, dup, reorder = cfg.loss, cfg.duplicate, cfg.reorder
-        base, span = k + self.dmin, self.dspan
+        base, span = self.k + self.dmin, self.dspan
         ring, wrap = self.ring, _RING - 1
         late = int(2 * cfg.interval * _INV)
         for r in targets:
@@ -552,27 +587,31 @@ class Simulator:
         mask = _RING - 1
         next_action = self._k(actions[0][0]) if actions else end_k + 1
         for k in range(end_k + 1):
-            while k >= next_action:
-                t, _, fn = heapq.heappop(actions)
-                fn(t)
-                next_action = self._k(actions[0][0]) if actions else end_k + 1
+            if k >= next_action:
+                self.k = self.soonest = k
+                while k >= next_action:
+                    t, _, fn = heapq.heappop(actions)
+                    fn(t)
+                    next_action = self._k(actions[0][0]) if actions else end_k + 1
             items = ring[k & mask]
             if not items:
                 continue
             ring[k & mask] = []
+            self.k, self.soonest = k, k + 1
             now = k * RES
             for node, payload, net in items:
-                core = node.core
-                if core is None:
+                driver = node.driver
+                if driver is None:
                     continue
-                if payload is None:
-                    if node.wake == k:
-                        node.wake = 2**62
-                        self._wake(node, k, now)
-                elif core.receive_datagram(payload, net, now) is True:
-                    self._events(node, now)
-                    if core.get_timer() < node.wake * RES:
-                        self._schedule(node, k)
+                if payload is not None:
+                    driver.datagram(payload, net, now)
+                elif node.wake == k:
+                    node.wake = 2**62
+                    driver.timer(now)
+                else:
+                    continue  # a stale wake-up: the node asked for another slot since
+                if self.relevant:
+                    self._after(now)
         return self._result(time.perf_counter() - wall)
 
     # ---------------------------------------------------------------- scenarios
@@ -613,8 +652,7 @@ class Simulator:
             self._drain(node, now)
         elif kind in ("healthy", "unhealthy") and node.core is not None:
             node.core.set_app_healthy(kind == "healthy", now)
-            self._events(node, now)
-            self._schedule(node, self._k(now))
+            self._poke(node, now)
         elif kind == "partition":
             for n in self.nodes:
                 n.group = 0 if n.index <= arg % len(self.nodes) else 1
@@ -650,8 +688,7 @@ class Simulator:
             return
         self._pend("drain", now, node.name)
         node.core.leave(now)
-        self._events(node, now)
-        self._schedule(node, self._k(now))
+        self._poke(node, now)
 
     def _step_join(self, now: float) -> None:
         down = [n for n in self.nodes if n.core is None]
@@ -706,8 +743,7 @@ class Simulator:
             return
         self._pend("flap", now, node.name)
         node.core.set_app_healthy(not node.core.app_healthy, now)
-        self._events(node, now)
-        self._schedule(node, self._k(now))
+        self._poke(node, now)
 
     def _step_rolling(self, now: float) -> None:
         live = self._live()
