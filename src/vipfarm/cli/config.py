@@ -9,12 +9,17 @@ addresses of the local interfaces.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from vipfarm.config import ConfigError, FarmConfig, NodeSection, load_config, local_addresses
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vipfarm.config import FarmConfig, NodeSection
+
+# The parser and rich are imported by `check`: the whole CLI's help (and `config deploy`, which
+# shares this group) should not pay for them.
 
 app = typer.Typer(help="Farm configuration files.", no_args_is_help=True)
 
@@ -22,7 +27,7 @@ EXIT_INVALID = 2
 
 
 @app.callback()
-def _group() -> None:
+def group() -> None:
     """Farm configuration files."""
 
 
@@ -34,6 +39,10 @@ def check(
     ),
 ) -> None:
     """Validate FILE: print a summary and exit 0, or every problem and exit 2."""
+    from rich.console import Console
+
+    from vipfarm.config import ConfigError, load_config
+
     out, err = Console(), Console(stderr=True)
     try:
         cfg = load_config(file)
@@ -47,6 +56,8 @@ def check(
 
 
 def _this_node(cfg: FarmConfig, name: str | None) -> NodeSection | None:
+    from vipfarm.config import ConfigError, local_addresses
+
     if name is not None:
         return cfg.find_self(name)
     try:
@@ -56,6 +67,8 @@ def _this_node(cfg: FarmConfig, name: str | None) -> NodeSection | None:
 
 
 def _summary(out: Console, file: Path, cfg: FarmConfig, me: NodeSection | None) -> None:
+    from rich.table import Table
+
     t = cfg.timing
     out.print(
         f"[green]{file}: valid[/] - farm [bold]{cfg.farm.name}[/], {len(cfg.nodes)} nodes, "

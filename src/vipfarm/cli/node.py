@@ -4,19 +4,21 @@ HOST` to that node's HTTP API (`vipfarm.cli.remote`)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from vipfarm.api.models import MAX_LINES, ActionResult, LogPage, LogQuery, NodeStatus, StopRequest
 from vipfarm.cli.remote import FARM, JSON, api_client, call, print_json, target_of
-from vipfarm.config import ConfigError, load_config, local_addresses
+
+if TYPE_CHECKING:
+    from vipfarm.api.models import LogPage, LogQuery
+
+# Imports inside the commands: `vipfarm state` must not pay for the daemon (data path, nftables,
+# supervisor), `--json` not for rich, and `vipfarm --help` for none of it.
 
 FOLLOW_POLL_S = 0.5
 
@@ -29,6 +31,9 @@ def daemon(
 ) -> None:
     """Run the node daemon in the foreground (systemd Type=notify): it starts the node's pulse
     and manager processes and restarts whichever dies."""
+    import asyncio
+
+    from vipfarm.config import ConfigError, load_config, local_addresses
     from vipfarm.node.daemon import Daemon, DaemonError, default_dirs
 
     if os.geteuid() != 0:
@@ -53,6 +58,8 @@ def daemon(
 
 def start(ctx: typer.Context, as_json: bool = JSON, farm: str | None = FARM) -> None:
     """Bring the node (back) into the farm and start its application."""
+    from vipfarm.api.models import ActionResult
+
     result = call(ctx, farm, "start", ActionResult, method="POST")
     if as_json:
         print_json(result)
@@ -69,6 +76,8 @@ def stop(
     farm: str | None = FARM,
 ) -> None:
     """Drain the node: give away its buckets, let connections finish, stop the application."""
+    from vipfarm.api.models import ActionResult, StopRequest
+
     result = call(ctx, farm, "stop", ActionResult, method="POST", body=StopRequest(force=force))
     if as_json:
         print_json(result)
@@ -78,10 +87,15 @@ def stop(
 
 def state(ctx: typer.Context, as_json: bool = JSON, farm: str | None = FARM) -> None:
     """The node's state and the whole farm as it sees it, with every node's config version."""
+    from vipfarm.api.models import NodeStatus
+
     st = call(ctx, farm, "farm", NodeStatus)
     if as_json:
         print_json(st)
         return
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     console.print(
         f"farm [bold]{st.farm_name}[/], node [bold]{st.node}[/]: {st.state} "
@@ -116,6 +130,8 @@ def log(
     farm: str | None = FARM,
 ) -> None:
     """Print the node's module log (events), or with --app the application log."""
+    from vipfarm.api.models import MAX_LINES, LogQuery
+
     name = "app" if app_log else "module"
 
     def page(offset: int | None) -> LogPage:
@@ -145,6 +161,8 @@ def log(
 
 
 def _page(ctx: typer.Context, farm: str | None, query: LogQuery) -> LogPage:
+    from vipfarm.api.models import LogPage
+
     target = target_of(ctx)
     if target is None:
         return call(ctx, farm, "log_page", LogPage, body=query)

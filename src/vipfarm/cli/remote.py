@@ -17,28 +17,28 @@ from __future__ import annotations
 import base64
 import json
 import os
-import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
-from pydantic import BaseModel
-from rich.console import Console
-from rich.table import Table
 
-from vipfarm.api.models import ConfigInfo, DeployRequest, DeployResult
-from vipfarm.config import ConfigError, parse_config
-from vipfarm.node import control
-from vipfarm.node.control import ControlError
+if TYPE_CHECKING:
+    import ssl
+
+    from pydantic import BaseModel
+
+# Every build of the CLI imports this module (the root options), so it imports only typer up
+# front: the API models, rich, ssl, the configuration parser, the control socket and the HTTP
+# client are imported by the commands that use them (see vipfarm.cli).
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Two rounds over every node, each bounded by the nodes' own timeouts (vipfarm.api.client).
 DEPLOY_TIMEOUT_S = 120.0
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound="BaseModel")
 
 FARM = typer.Option(None, "--farm", help="farm name (default: the only farm running here)")
 JSON = typer.Option(False, "--json", help="machine-readable output")
@@ -84,6 +84,8 @@ def root_options(
     if node is None:
         ctx.obj = None
         return
+    import ssl
+
     from vipfarm.api.client import DEFAULT_TOKEN_FILE, base_url, tls_verify
 
     try:
@@ -126,6 +128,9 @@ def local_call(
     farm: str | None, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0
 ) -> Any:
     """One request to this host's daemon; its errors become exit codes."""
+    from vipfarm.node import control
+    from vipfarm.node.control import ControlError
+
     try:
         name = control.resolve_farm(farm)
     except ControlError as e:
@@ -159,11 +164,14 @@ def call(
 
 
 def print_json(model: BaseModel | dict[str, Any]) -> None:
-    data = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
+    data = model if isinstance(model, dict) else model.model_dump(mode="json")
     typer.echo(json.dumps(data, indent=2))
 
 
 def _print_verdicts(nodes: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("node", "outcome", "message", box=None)
     for v in nodes:
         table.add_row(v.node, v.outcome, v.message, style=None)
@@ -181,6 +189,9 @@ def deploy(
     farm: str | None = FARM,
 ) -> None:
     """Validate FILE, send it to every node, and apply it everywhere only when all accept."""
+    from vipfarm.api.models import ConfigInfo, DeployRequest, DeployResult
+    from vipfarm.config import ConfigError, parse_config
+
     try:
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -219,6 +230,8 @@ def config_get(
     farm: str | None = FARM,
 ) -> None:
     """Print the node's running configuration (its first line carries the version)."""
+    from vipfarm.api.models import ConfigInfo
+
     info = call(ctx, farm, "config", ConfigInfo)
     if as_json:
         print_json(info)
