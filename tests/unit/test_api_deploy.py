@@ -17,7 +17,8 @@ from vipfarm.api.models import (
     PrepareReply,
     PrepareRequest,
 )
-from vipfarm.config import FarmConfig, parse_config
+from vipfarm.config.loading import parse_config
+from vipfarm.config.schema import FarmConfig
 from vipfarm.node import deploy as dep
 
 FARM = """

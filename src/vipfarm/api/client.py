@@ -28,7 +28,7 @@ from vipfarm.api.models import (
     PrepareReply,
     PrepareRequest,
 )
-from vipfarm.config import key_bytes
+from vipfarm.config.schema import key_bytes
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.node.deploy import Refused, Unreachable
 

@@ -14,7 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vipfarm.config import ConfigError, FarmConfig, NodeSection, load_config, local_addresses
+from vipfarm.config.loading import load_config
+from vipfarm.config.problems import ConfigError
+from vipfarm.config.schema import FarmConfig, NodeSection
+from vipfarm.node.host import local_addresses
 
 app = typer.Typer(help="Farm configuration files.", no_args_is_help=True)
 

@@ -16,8 +16,10 @@ from rich.table import Table
 
 from vipfarm.api.models import MAX_LINES, ActionResult, LogPage, LogQuery, NodeStatus, StopRequest
 from vipfarm.cli.remote import FARM, JSON, api_client, call, print_json, target_of
-from vipfarm.config import ConfigError, load_config, local_addresses
+from vipfarm.config.loading import load_config
+from vipfarm.config.problems import ConfigError
 from vipfarm.node.control import ControlError
+from vipfarm.node.host import local_addresses
 
 FOLLOW_POLL_S = 0.5
 

@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vipfarm.api.models import ConfigInfo, DeployRequest, DeployResult
-from vipfarm.config import ConfigError, parse_config
+from vipfarm.config.loading import parse_config
+from vipfarm.config.problems import ConfigError
 from vipfarm.node import control
 from vipfarm.node.control import ControlError
 

@@ -70,7 +70,9 @@ from vipfarm.api.models import (
     PrepareRequest,
     StopRequest,
 )
-from vipfarm.config import ConfigError, FarmConfig, NodeSection, local_addresses, parse_config
+from vipfarm.config.loading import parse_config
+from vipfarm.config.problems import ConfigError
+from vipfarm.config.schema import FarmConfig, NodeSection
 from vipfarm.datapath.kernel import Kernel
 from vipfarm.datapath.service import DatapathService
 from vipfarm.log import event
@@ -81,7 +83,7 @@ from vipfarm.node import deploy as dep
 from vipfarm.node import sdnotify
 from vipfarm.node import support as snap_mod
 from vipfarm.node.control import ControlError, ControlServer, Handler
-from vipfarm.node.host import busy_connections, link_up, next_incarnation
+from vipfarm.node.host import busy_connections, link_up, local_addresses, next_incarnation
 from vipfarm.node.metrics import FlowCounters, Metrics, NodeFacts
 from vipfarm.supervisor import (
     AppSupervisor,
@@ -98,6 +100,8 @@ log = logging.getLogger("vipfarm.node.daemon")
 
 DRAIN_POLL_S = 0.2
 PEER_STATE_TIMEOUT_S = 2.0
+
+
 class DaemonError(Exception):
     """The daemon cannot run; the text says why and what to do."""
 

@@ -53,7 +53,9 @@ from vipfarm.api.models import (
     PrepareReply,
     PrepareRequest,
 )
-from vipfarm.config import ConfigError, FarmConfig, parse_config
+from vipfarm.config.loading import parse_config
+from vipfarm.config.problems import ConfigError
+from vipfarm.config.schema import FarmConfig
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.node.control import ControlError
 

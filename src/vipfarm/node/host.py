@@ -1,8 +1,8 @@
 """Every read of the host this node runs on: /proc, /sys and the files a node keeps.
 
 The pulse and the manager ask the host the same few questions (is the LAN link up, which
-connections to a VIP are still open, which incarnation comes next); answering them in one place
-keeps one definition of each.
+connections to a VIP are still open, which incarnation comes next, which addresses are local);
+answering them in one place keeps one definition of each.
 """
 
 from __future__ import annotations
@@ -72,3 +72,19 @@ def next_incarnation(path: Path) -> int:
     return value
 
 
+def local_addresses() -> set[IPAddress]:
+    """Every address configured on this host's interfaces (read-only netlink dump).
+
+    Raises OSError when netlink cannot be read."""
+    from pyroute2 import IPRoute, NetlinkError
+
+    out: set[IPAddress] = set()
+    try:
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr():
+                addr = msg.get_attr("IFA_ADDRESS")
+                if addr:
+                    out.add(ipaddress.ip_address(addr.split("%")[0]))
+    except NetlinkError as exc:
+        raise OSError(f"cannot list local addresses: {exc}") from None
+    return out

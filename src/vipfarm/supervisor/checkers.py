@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vipfarm.config import (
+from vipfarm.supervisor.scripts import ScriptRunner, pid_alive
+from vipfarm.supervisor.spec import (
     CheckerSpec,
     CommandCheck,
     HttpCheck,
@@ -36,7 +37,6 @@ from vipfarm.config import (
     ProcessCheck,
     TcpCheck,
 )
-from vipfarm.supervisor.scripts import ScriptRunner, pid_alive
 
 HTTP_BODY_LIMIT = 64 * 1024
 
