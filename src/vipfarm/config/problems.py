@@ -27,6 +27,8 @@ from typing import Annotated, Any, NoReturn
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from vipfarm.errors import VipfarmError
+
 __all__ = [
     "ConfigError",
     "Loc",
@@ -52,7 +54,7 @@ class Problem:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class ConfigError(Exception):
+class ConfigError(VipfarmError):
     """Every problem of one configuration file; `str()` lists them one per line."""
 
     def __init__(self, source: str, problems: Sequence[Problem]) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vipfarm.errors import VipfarmError
 from vipfarm.log import event
 
 log = logging.getLogger("vipfarm.node.control")
@@ -31,7 +32,7 @@ log = logging.getLogger("vipfarm.node.control")
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-class ControlError(Exception):
+class ControlError(VipfarmError):
     """A request failed; the text goes back to the caller as is."""
 
 

@@ -75,6 +75,7 @@ from vipfarm.config.problems import ConfigError
 from vipfarm.config.schema import FarmConfig, NodeSection
 from vipfarm.datapath.kernel import Kernel
 from vipfarm.datapath.service import DatapathService
+from vipfarm.errors import VipfarmError
 from vipfarm.log import event
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
@@ -102,7 +103,7 @@ DRAIN_POLL_S = 0.2
 PEER_STATE_TIMEOUT_S = 2.0
 
 
-class DaemonError(Exception):
+class DaemonError(VipfarmError):
     """The daemon cannot run; the text says why and what to do."""
 
 

@@ -57,6 +57,7 @@ from vipfarm.config.loading import parse_config
 from vipfarm.config.problems import ConfigError
 from vipfarm.config.schema import FarmConfig
 from vipfarm.datapath.spec import IPAddress
+from vipfarm.errors import VipfarmError
 from vipfarm.node.control import ControlError
 
 PREPARE_TTL_S = 30.0
@@ -76,11 +77,11 @@ class DeployError(ControlError):
         self.nodes = list(nodes)
 
 
-class Refused(Exception):
+class Refused(VipfarmError):
     """A node will not take this configuration; the text says why and what to do."""
 
 
-class Unreachable(Exception):
+class Unreachable(VipfarmError):
     """A node's API did not answer."""
 
 
