@@ -73,15 +73,6 @@ def test_version_line_round_trip_and_digest_ignores_it() -> None:
     assert again.count("# vipfarm config version") == 1
 
 
-def test_write_atomically_keeps_the_mode(tmp_path: Path) -> None:
-    path = tmp_path / "farm.toml"
-    path.write_text("old")
-    path.chmod(0o640)
-    dep.write_atomically(path, "new")
-    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640
-    assert [p.name for p in tmp_path.iterdir()] == ["farm.toml"]  # no temporary left
-
-
 def test_rules_weights_and_drain_are_live_everything_else_needs_a_restart(
     farm_dir: Path,
 ) -> None:

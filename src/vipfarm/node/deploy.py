@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import secrets
 import time
@@ -58,6 +57,7 @@ from vipfarm.config.problems import ConfigError
 from vipfarm.config.schema import FarmConfig
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.errors import VipfarmError
+from vipfarm.files import write_atomic
 from vipfarm.node.control import ControlError
 
 PREPARE_TTL_S = 30.0
@@ -108,18 +108,9 @@ def digest(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` so that a reader (or a crash) sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o644)
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+# The daemon, being rewritten elsewhere, still calls the old name; new callers use
+# vipfarm.files.write_atomic. Remove this line once the daemon does too.
+write_atomically = write_atomic
 
 
 # --------------------------------------------------------------------------- what changed

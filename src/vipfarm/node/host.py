@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vipfarm.datapath.spec import IPAddress
+from vipfarm.files import write_atomic
 
 # TCP states in /proc/net/tcp that still carry a client's data: ESTABLISHED, FIN_WAIT1/2,
 # CLOSE_WAIT, CLOSING, LAST_ACK (not TIME_WAIT: nothing left to serve).
@@ -66,9 +67,7 @@ def next_incarnation(path: Path) -> int:
         last = 0
     value = max(time.time_ns() // 1_000_000, last + 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(value))
-    tmp.replace(path)
+    write_atomic(path, str(value))
     return value
 
 
