@@ -35,6 +35,7 @@ from vipfarm.config.loading import parse_config
 from vipfarm.config.problems import ConfigError
 from vipfarm.node import control
 from vipfarm.node.control import ControlError
+from vipfarm.node.host import farms_here
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Two rounds over every node, each bounded by the nodes' own timeouts (vipfarm.api.client).
@@ -130,7 +131,7 @@ def local_call(
     try:
         name = control.resolve_farm(farm)
     except ControlError as e:
-        fail(str(e), EXIT_UNREACHABLE if not control.farms_here() else EXIT_USAGE)
+        fail(str(e), EXIT_UNREACHABLE if not farms_here() else EXIT_USAGE)
     try:
         return control.call(name, cmd, args, timeout=timeout)
     except ControlError as e:

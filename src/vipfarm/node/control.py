@@ -26,6 +26,7 @@ from typing import Any
 
 from vipfarm.errors import VipfarmError
 from vipfarm.log import event
+from vipfarm.node.host import CONTROL_PREFIX, farms_here
 
 log = logging.getLogger("vipfarm.node.control")
 
@@ -37,23 +38,7 @@ class ControlError(VipfarmError):
 
 
 def address(farm: str) -> str:
-    return f"\0vipfarm/{farm}"
-
-
-def farms_here() -> list[str]:
-    """Farms with a daemon in this network namespace (their abstract sockets, from /proc)."""
-    out: list[str] = []
-    try:
-        with open("/proc/net/unix") as f:
-            for line in f:
-                path = line.split()[-1] if len(line.split()) >= 8 else ""
-                if path.startswith("@vipfarm/"):
-                    name = path.removeprefix("@vipfarm/")
-                    if name not in out:
-                        out.append(name)
-    except OSError:
-        pass
-    return sorted(out)
+    return f"\0{CONTROL_PREFIX}{farm}"
 
 
 @dataclass

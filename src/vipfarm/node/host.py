@@ -12,39 +12,54 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
+
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.files import write_atomic
 
-# TCP states in /proc/net/tcp that still carry a client's data: ESTABLISHED, FIN_WAIT1/2,
-# CLOSE_WAIT, CLOSING, LAST_ACK (not TIME_WAIT: nothing left to serve).
-_BUSY_TCP_STATES = {"01", "04", "05", "08", "0B", "09"}
+# TCP states that still carry a client's data (not TIME_WAIT: nothing left to serve).
+_BUSY_TCP_STATES = frozenset(
+    {
+        psutil.CONN_ESTABLISHED,
+        psutil.CONN_FIN_WAIT1,
+        psutil.CONN_FIN_WAIT2,
+        psutil.CONN_CLOSE_WAIT,
+        psutil.CONN_CLOSING,
+        psutil.CONN_LAST_ACK,
+    }
+)
+
+# The abstract Unix socket names of daemons' control sockets (see vipfarm.node.control).
+CONTROL_PREFIX = "vipfarm/"
 
 
-def _proc_addr(hexaddr: str) -> IPAddress:
-    raw = bytes.fromhex(hexaddr)
-    # /proc prints each 32-bit word of the address in host (little-endian) order.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return ipaddress.ip_address(words)
-
-
-def busy_connections(vips: Iterable[IPAddress], proc_net: Path = Path("/proc/net")) -> int:
+def busy_connections(vips: Iterable[IPAddress]) -> int:
     """TCP connections of this network namespace whose local address is a VIP and that are
     still open (the drain waits for these)."""
     wanted = set(vips)
     count = 0
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = (proc_net / name).read_text().splitlines()[1:]
-        except OSError:
+    # psutil reads /proc/net/tcp and tcp6, which show the sockets of the reader's namespace.
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status not in _BUSY_TCP_STATES or not conn.laddr:
             continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 4 or fields[3] not in _BUSY_TCP_STATES:
-                continue
-            local = fields[1].split(":")[0]
-            if _proc_addr(local) in wanted:
-                count += 1
+        local = ipaddress.ip_address(conn.laddr.ip)
+        # An IPv4 client of a dual-stack (::) listener shows as ::ffff:a.b.c.d.
+        if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped is not None:
+            local = local.ipv4_mapped
+        if local in wanted:
+            count += 1
     return count
+
+
+def farms_here() -> list[str]:
+    """Farms with a daemon in this network namespace (their abstract control sockets)."""
+    names: set[str] = set()
+    for conn in psutil.net_connections(kind="unix"):
+        # /proc/net/unix, and so psutil, writes an abstract name with a leading "@".
+        path = conn.laddr if isinstance(conn.laddr, str) else ""
+        if path.startswith("@" + CONTROL_PREFIX):
+            names.add(path.removeprefix("@" + CONTROL_PREFIX))
+    return sorted(names)
 
 
 def link_up(ifname: str) -> bool:
