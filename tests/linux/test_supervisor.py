@@ -21,16 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vipfarm.config import (
-    AppSpec,
-    CommandCheck,
-    HttpCheck,
-    LinkCheck,
-    ProcessCheck,
-    RestartSpec,
-    TcpCheck,
-    parse_config,
-)
+from vipfarm.config.loading import parse_config
 from vipfarm.supervisor import (
     AppState,
     AppSupervisor,
@@ -47,6 +38,15 @@ from vipfarm.supervisor import (
     pid_alive,
     run_check,
     setup_node_logs,
+)
+from vipfarm.supervisor.spec import (
+    AppSpec,
+    CommandCheck,
+    HttpCheck,
+    LinkCheck,
+    ProcessCheck,
+    RestartSpec,
+    TcpCheck,
 )
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,18 +15,12 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from vipfarm.cli import config as config_cli
-from vipfarm.config import (
-    CHECKER_TYPES,
-    CommandCheck,
-    ConfigError,
-    FarmConfig,
-    HttpCheck,
-    TcpCheck,
-    load_config,
-    parse_config,
-    substitute,
-)
+from vipfarm.config.loading import load_config, parse_config
+from vipfarm.config.modules import substitute
+from vipfarm.config.problems import ConfigError
+from vipfarm.config.schema import FarmConfig
 from vipfarm.datapath.spec import Affinity
+from vipfarm.supervisor.spec import CHECKER_TYPES, CommandCheck, HttpCheck, TcpCheck
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,11 +1,20 @@
-"""Pure helpers of the daemon."""
+"""The daemon's host reads: incarnation, open VIP connections, farms with a daemon here."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
+import uuid
 from pathlib import Path
+from typing import NamedTuple
 
-from vipfarm.node.host import _proc_addr, next_incarnation
+import psutil
+import pytest
+
+from vipfarm.datapath.spec import IPAddress
+from vipfarm.node import control
+from vipfarm.node.host import busy_connections, farms_here, next_incarnation
 
 
 def test_incarnation_grows_even_when_the_clock_steps_back(tmp_path: Path) -> None:
@@ -19,7 +28,61 @@ def test_incarnation_grows_even_when_the_clock_steps_back(tmp_path: Path) -> Non
     assert next_incarnation(path) >= first
 
 
-def test_proc_net_addresses_are_decoded() -> None:
-    assert str(_proc_addr("646433C6")) == "198.51.100.100"  # /proc: little-endian words
-    assert str(_proc_addr("0100007F")) == "127.0.0.1"
-    assert str(_proc_addr("B80D0120000000000000000000000000")) == "2001:db8::"
+def ip(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
+
+
+class Addr(NamedTuple):
+    ip: str
+    port: int
+
+
+class Conn(NamedTuple):
+    """The fields of psutil's connection tuple that busy_connections reads."""
+
+    laddr: Addr
+    status: str
+
+
+def tcp(local: str, status: str) -> Conn:
+    return Conn(Addr(local, 80), status)
+
+
+def test_only_open_connections_to_a_vip_are_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    busy = ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "CLOSING", "LAST_ACK"]
+    idle = ["LISTEN", "SYN_SENT", "SYN_RECV", "TIME_WAIT", "CLOSE", "NONE"]
+    conns = [tcp("198.51.100.100", s) for s in busy + idle]
+    conns += [
+        tcp("198.51.100.7", "ESTABLISHED"),  # not a VIP
+        tcp("2001:db8::100", "ESTABLISHED"),
+        tcp("::ffff:198.51.100.100", "CLOSE_WAIT"),  # an IPv4 client of a :: listener
+    ]
+    monkeypatch.setattr(psutil, "net_connections", lambda kind: conns if kind == "tcp" else [])
+    assert busy_connections([ip("198.51.100.100")]) == len(busy) + 1
+    assert busy_connections([ip("198.51.100.100"), ip("2001:db8::100")]) == len(busy) + 2
+    assert busy_connections([ip("203.0.113.1")]) == 0
+
+
+def test_a_real_connection_counts_until_it_is_closed() -> None:
+    vip = ip("127.0.0.77")  # all of 127/8 is local: an address nothing else here uses
+    with socket.create_server(("127.0.0.77", 0)) as srv:
+        client = socket.create_connection(srv.getsockname(), source_address=("127.0.0.78", 0))
+        served, _ = srv.accept()
+        assert busy_connections([vip]) == 1  # the served side; the listener does not count
+        client.close()
+        assert busy_connections([vip]) == 1  # CLOSE_WAIT: the server still has to answer
+        served.close()
+        deadline = time.monotonic() + 5
+        while busy_connections([vip]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert busy_connections([vip]) == 0
+
+
+def test_farms_here_lists_the_abstract_control_sockets() -> None:
+    farm = "t" + uuid.uuid4().hex[:8]
+    assert farm not in farms_here()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(control.address(farm))
+        s.listen()
+        assert farm in farms_here()
+    assert farm not in farms_here()

@@ -57,7 +57,7 @@ from vipfarm.api.models import (
     StopRequest,
     StreamQuery,
 )
-from vipfarm.config import ConfigError
+from vipfarm.config.problems import ConfigError
 from vipfarm.node.control import ControlError
 from vipfarm.node.deploy import DeployError
 

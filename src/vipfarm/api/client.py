@@ -28,8 +28,9 @@ from vipfarm.api.models import (
     PrepareReply,
     PrepareRequest,
 )
-from vipfarm.config import key_bytes
+from vipfarm.config.schema import key_bytes
 from vipfarm.datapath.spec import IPAddress
+from vipfarm.errors import VipfarmError
 from vipfarm.node.deploy import Refused, Unreachable
 
 DEFAULT_PORT = 9010
@@ -40,7 +41,7 @@ PEER_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
 M = TypeVar("M", bound=BaseModel)
 
 
-class ApiError(Exception):
+class ApiError(VipfarmError):
     """The node answered with an error."""
 
     def __init__(self, status: int, body: ErrorBody) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 from vipfarm.bench import switch
 from vipfarm.bench.cpu import lab_cpu_s, lab_tasks, snapshot
 from vipfarm.bench.wrk import DONE_LUA, Mode, WrkError, WrkResult, parse_wrk, wrk_argv
+from vipfarm.errors import VipfarmError
 from vipfarm.lab import testbed
 from vipfarm.lab.apps import AppKind
 from vipfarm.lab.testbed import Lab
@@ -45,7 +46,7 @@ RESERVED = frozenset(
 )
 
 
-class BenchError(Exception):
+class BenchError(VipfarmError):
     """The bench cannot run or went wrong; the text says what and how to fix it."""
 
 

@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 
+from vipfarm.errors import VipfarmError
+
 MARKER = "VIPFARM_WRK "
 
 # done() runs once after every thread has finished; `latency` holds every request's latency in
@@ -55,7 +57,7 @@ class WrkResult:
         return self.requests / self.duration_s if self.duration_s > 0 else 0.0
 
 
-class WrkError(Exception):
+class WrkError(VipfarmError):
     """wrk did not run to its summary; the text holds wrk's own words."""
 
 

@@ -16,7 +16,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from vipfarm.config import FarmConfig, NodeSection
+    from vipfarm.config.schema import FarmConfig, NodeSection
 
 # The parser and rich are imported by `check`: the whole CLI's help (and `config deploy`, which
 # shares this group) should not pay for them.
@@ -41,7 +41,8 @@ def check(
     """Validate FILE: print a summary and exit 0, or every problem and exit 2."""
     from rich.console import Console
 
-    from vipfarm.config import ConfigError, load_config
+    from vipfarm.config.loading import load_config
+    from vipfarm.config.problems import ConfigError
 
     out, err = Console(), Console(stderr=True)
     try:
@@ -56,7 +57,8 @@ def check(
 
 
 def _this_node(cfg: FarmConfig, name: str | None) -> NodeSection | None:
-    from vipfarm.config import ConfigError, local_addresses
+    from vipfarm.config.problems import ConfigError
+    from vipfarm.node.host import local_addresses
 
     if name is not None:
         return cfg.find_self(name)

@@ -33,8 +33,10 @@ def daemon(
     and manager processes and restarts whichever dies."""
     import asyncio
 
-    from vipfarm.config import ConfigError, load_config, local_addresses
+    from vipfarm.config.loading import load_config
+    from vipfarm.config.problems import ConfigError
     from vipfarm.node.daemon import Daemon, DaemonError, default_dirs
+    from vipfarm.node.host import local_addresses
 
     if os.geteuid() != 0:
         typer.echo("error: the daemon changes the kernel's data path: run it as root", err=True)

@@ -130,11 +130,12 @@ def local_call(
     """One request to this host's daemon; its errors become exit codes."""
     from vipfarm.node import control
     from vipfarm.node.control import ControlError
+    from vipfarm.node.host import farms_here
 
     try:
         name = control.resolve_farm(farm)
     except ControlError as e:
-        fail(str(e), EXIT_UNREACHABLE if not control.farms_here() else EXIT_USAGE)
+        fail(str(e), EXIT_UNREACHABLE if not farms_here() else EXIT_USAGE)
     try:
         return control.call(name, cmd, args, timeout=timeout)
     except ControlError as e:
@@ -190,7 +191,8 @@ def deploy(
 ) -> None:
     """Validate FILE, send it to every node, and apply it everywhere only when all accept."""
     from vipfarm.api.models import ConfigInfo, DeployRequest, DeployResult
-    from vipfarm.config import ConfigError, parse_config
+    from vipfarm.config.loading import parse_config
+    from vipfarm.config.problems import ConfigError
 
     try:
         text = file.read_text()

@@ -22,6 +22,7 @@ from pathlib import Path
 from vipfarm.datapath import ruleset
 from vipfarm.datapath.kernel import DatapathError, Kernel
 from vipfarm.datapath.spec import DatapathSpec, IPAddress
+from vipfarm.files import write_atomic
 from vipfarm.log import event
 
 log = logging.getLogger("vipfarm.datapath")
@@ -192,9 +193,7 @@ class Datapath:
             if (value := self.kernel.read_sysctl(name)) is not None
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._sysctl_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved))
-        tmp.replace(self._sysctl_file)
+        write_atomic(self._sysctl_file, json.dumps(saved))
 
     def _restore_sysctls(self) -> None:
         try:

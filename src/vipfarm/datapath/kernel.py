@@ -18,9 +18,10 @@ from typing import Any, Protocol, TypeVar
 
 from vipfarm.datapath import ruleset
 from vipfarm.datapath.spec import IPAddress
+from vipfarm.errors import VipfarmError
 
 
-class DatapathError(Exception):
+class DatapathError(VipfarmError):
     """A data path operation failed; the message says what and how to fix it."""
 
 

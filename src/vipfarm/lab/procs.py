@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vipfarm.files import write_atomic
+
 
 @dataclass(frozen=True)
 class ProcRecord:
@@ -33,9 +35,7 @@ class ProcRecord:
     log: str
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> ProcRecord:

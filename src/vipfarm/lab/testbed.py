@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vipfarm.datapath.ruleset import OWNED_SET, parse_owned, table_name
 from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
+from vipfarm.files import write_atomic
 from vipfarm.lab.apps import (
     AppKind,
     builtin_argv,
@@ -323,11 +324,9 @@ class Lab:
         return NodeDatapathSpec.model_validate_json(text).owned
 
     def _write_spec(self, node: str, owned: Iterable[int]) -> None:
-        path = self._spec_path(node)
-        tmp = path.with_suffix(".tmp")
         spec = NodeDatapathSpec(datapath=self.spec, owned=sorted(owned))
-        tmp.write_text(spec.model_dump_json(indent=2))
-        tmp.replace(path)  # the runner re-reads on SIGHUP: never let it see half a file
+        # The runner re-reads on SIGHUP: never let it see half a file.
+        write_atomic(self._spec_path(node), spec.model_dump_json(indent=2))
 
     def kernel_owned(self, nodes: Iterable[str] | None = None) -> dict[str, list[int] | None]:
         """Buckets each node's kernel holds (None when there is no data path), in parallel.

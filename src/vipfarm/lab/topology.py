@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from vipfarm.errors import VipfarmError
+
 # Lab-wide constants: every other lab module takes them from here.
 STATE_ROOT = Path("/run/vipfarm-lab")
 VIP4 = ipaddress.IPv4Address("198.51.100.100")
@@ -41,7 +43,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 _SUFFIXES = r"(switch|router|node[0-9]+|client[0-9]+|remote[0-9]+|extra[0-9]+|haproxy)"
 
 
-class LabError(Exception):
+class LabError(VipfarmError):
     """A lab operation failed; the text says what and how to fix it."""
 
 

@@ -32,6 +32,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from vipfarm.errors import VipfarmError
+
 VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024
 KEEPALIVE_S = 0.25
@@ -39,7 +41,7 @@ SOCKET_NAME = "pulse.sock"  # in the node's run directory
 _LEN = struct.Struct("!I")
 
 
-class ChannelError(Exception):
+class ChannelError(VipfarmError):
     """The other side sent something this side cannot take; the connection is closed."""
 
 

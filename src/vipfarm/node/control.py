@@ -24,7 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vipfarm.errors import VipfarmError
 from vipfarm.log import event
+from vipfarm.node.host import CONTROL_PREFIX, farms_here
 
 log = logging.getLogger("vipfarm.node.control")
 
@@ -33,28 +35,12 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 MAX_LINE = 8 * 1024 * 1024
 
 
-class ControlError(Exception):
+class ControlError(VipfarmError):
     """A request failed; the text goes back to the caller as is."""
 
 
 def address(farm: str) -> str:
-    return f"\0vipfarm/{farm}"
-
-
-def farms_here() -> list[str]:
-    """Farms with a daemon in this network namespace (their abstract sockets, from /proc)."""
-    out: list[str] = []
-    try:
-        with open("/proc/net/unix") as f:
-            for line in f:
-                path = line.split()[-1] if len(line.split()) >= 8 else ""
-                if path.startswith("@vipfarm/"):
-                    name = path.removeprefix("@vipfarm/")
-                    if name not in out:
-                        out.append(name)
-    except OSError:
-        pass
-    return sorted(out)
+    return f"\0{CONTROL_PREFIX}{farm}"
 
 
 @dataclass

@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from vipfarm.errors import VipfarmError
 from vipfarm.log import event
 from vipfarm.node import channel as ch
 from vipfarm.node.manager import STOPPED_MARK
@@ -52,7 +53,7 @@ PULSE_STOP_TIMEOUT_S = 10.0
 ROLES = ("pulse", "manager")
 
 
-class DaemonError(Exception):
+class DaemonError(VipfarmError):
     """The daemon cannot run; the text says why and what to do."""
 
 

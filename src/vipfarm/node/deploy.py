@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import secrets
 import time
@@ -53,8 +52,11 @@ from vipfarm.api.models import (
     PrepareReply,
     PrepareRequest,
 )
-from vipfarm.config import ConfigError, FarmConfig, parse_config
+from vipfarm.config.loading import parse_config
+from vipfarm.config.problems import ConfigError
+from vipfarm.config.schema import FarmConfig
 from vipfarm.datapath.spec import IPAddress
+from vipfarm.errors import VipfarmError
 from vipfarm.node.control import ControlError
 
 PREPARE_TTL_S = 30.0
@@ -74,11 +76,11 @@ class DeployError(ControlError):
         self.nodes = list(nodes)
 
 
-class Refused(Exception):
+class Refused(VipfarmError):
     """A node will not take this configuration; the text says why and what to do."""
 
 
-class Unreachable(Exception):
+class Unreachable(VipfarmError):
     """A node's API did not answer."""
 
 
@@ -103,20 +105,6 @@ def with_version(body: str, version: int, origin: str) -> str:
 
 def digest(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` so that a reader (or a crash) sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o644)
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- what changed

@@ -1,8 +1,8 @@
 """Every read of the host this node runs on: /proc, /sys and the files a node keeps.
 
 The pulse and the manager ask the host the same few questions (is the LAN link up, which
-connections to a VIP are still open, which incarnation comes next); answering them in one place
-keeps one definition of each.
+connections to a VIP are still open, which incarnation comes next, which addresses are local);
+answering them in one place keeps one definition of each.
 """
 
 from __future__ import annotations
@@ -17,38 +17,54 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
+
 from vipfarm.datapath.spec import IPAddress
+from vipfarm.files import write_atomic
 
-# TCP states in /proc/net/tcp that still carry a client's data: ESTABLISHED, FIN_WAIT1/2,
-# CLOSE_WAIT, CLOSING, LAST_ACK (not TIME_WAIT: nothing left to serve).
-_BUSY_TCP_STATES = {"01", "04", "05", "08", "0B", "09"}
+# TCP states that still carry a client's data (not TIME_WAIT: nothing left to serve).
+_BUSY_TCP_STATES = frozenset(
+    {
+        psutil.CONN_ESTABLISHED,
+        psutil.CONN_FIN_WAIT1,
+        psutil.CONN_FIN_WAIT2,
+        psutil.CONN_CLOSE_WAIT,
+        psutil.CONN_CLOSING,
+        psutil.CONN_LAST_ACK,
+    }
+)
+
+# The abstract Unix socket names of daemons' control sockets (see vipfarm.node.control).
+CONTROL_PREFIX = "vipfarm/"
 
 
-def _proc_addr(hexaddr: str) -> IPAddress:
-    raw = bytes.fromhex(hexaddr)
-    # /proc prints each 32-bit word of the address in host (little-endian) order.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return ipaddress.ip_address(words)
-
-
-def busy_connections(vips: Iterable[IPAddress], proc_net: Path = Path("/proc/net")) -> int:
+def busy_connections(vips: Iterable[IPAddress]) -> int:
     """TCP connections of this network namespace whose local address is a VIP and that are
     still open (the drain waits for these)."""
     wanted = set(vips)
     count = 0
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = (proc_net / name).read_text().splitlines()[1:]
-        except OSError:
+    # psutil reads /proc/net/tcp and tcp6, which show the sockets of the reader's namespace.
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status not in _BUSY_TCP_STATES or not conn.laddr:
             continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 4 or fields[3] not in _BUSY_TCP_STATES:
-                continue
-            local = fields[1].split(":")[0]
-            if _proc_addr(local) in wanted:
-                count += 1
+        local = ipaddress.ip_address(conn.laddr.ip)
+        # An IPv4 client of a dual-stack (::) listener shows as ::ffff:a.b.c.d.
+        if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped is not None:
+            local = local.ipv4_mapped
+        if local in wanted:
+            count += 1
     return count
+
+
+def farms_here() -> list[str]:
+    """Farms with a daemon in this network namespace (their abstract control sockets)."""
+    names: set[str] = set()
+    for conn in psutil.net_connections(kind="unix"):
+        # /proc/net/unix, and so psutil, writes an abstract name with a leading "@".
+        path = conn.laddr if isinstance(conn.laddr, str) else ""
+        if path.startswith("@" + CONTROL_PREFIX):
+            names.add(path.removeprefix("@" + CONTROL_PREFIX))
+    return sorted(names)
 
 
 def link_up(ifname: str) -> bool:
@@ -71,9 +87,7 @@ def next_incarnation(path: Path) -> int:
         last = 0
     value = max(time.time_ns() // 1_000_000, last + 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(value))
-    tmp.replace(path)
+    write_atomic(path, str(value))
     return value
 
 
@@ -88,3 +102,21 @@ def die_with_parent() -> None:
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
+
+
+def local_addresses() -> set[IPAddress]:
+    """Every address configured on this host's interfaces (read-only netlink dump).
+
+    Raises OSError when netlink cannot be read."""
+    from pyroute2 import IPRoute, NetlinkError
+
+    out: set[IPAddress] = set()
+    try:
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr():
+                addr = msg.get_attr("IFA_ADDRESS")
+                if addr:
+                    out.add(ipaddress.ip_address(addr.split("%")[0]))
+    except NetlinkError as exc:
+        raise OSError(f"cannot list local addresses: {exc}") from None
+    return out

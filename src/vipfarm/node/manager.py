@@ -62,14 +62,18 @@ from vipfarm.api.models import (
     PrepareRequest,
     StopRequest,
 )
-from vipfarm.config import ConfigError, FarmConfig, load_config, local_addresses, parse_config
+from vipfarm.config.loading import load_config, parse_config
+from vipfarm.config.problems import ConfigError
+from vipfarm.config.schema import FarmConfig
+from vipfarm.errors import VipfarmError
+from vipfarm.files import write_atomic
 from vipfarm.log import event
 from vipfarm.membership.events import Snapshot
 from vipfarm.node import channel as ch
 from vipfarm.node import deploy as dep
 from vipfarm.node import sdnotify
 from vipfarm.node.control import ControlError, ControlServer, Handler
-from vipfarm.node.host import busy_connections, die_with_parent
+from vipfarm.node.host import busy_connections, die_with_parent, local_addresses
 from vipfarm.node.metrics import FlowCounters, Metrics, NodeFacts
 from vipfarm.supervisor import (
     AppSupervisor,
@@ -93,7 +97,7 @@ STOPPED_MARK = "stopped"  # in the run directory while an operator wants the nod
 _SNAPSHOT = TypeAdapter(Snapshot)
 
 
-class ManagerError(Exception):
+class ManagerError(VipfarmError):
     """The manager cannot run; the text says why and what to do."""
 
 
@@ -673,7 +677,7 @@ class Manager:
         await self._apply_live(new)
         text = dep.with_version(body, version, origin)
         try:
-            await asyncio.to_thread(dep.write_atomically, path, text)
+            await asyncio.to_thread(write_atomic, path, text)
         except OSError as e:
             await self._apply_live(old)
             raise ControlError(f"cannot write {path}: {e.strerror}") from None

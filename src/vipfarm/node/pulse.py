@@ -55,6 +55,7 @@ from typing import Any
 from vipfarm.datapath.kernel import Kernel
 from vipfarm.datapath.service import DatapathService
 from vipfarm.datapath.spec import DatapathSpec
+from vipfarm.errors import VipfarmError
 from vipfarm.log import event, kv, setup
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
@@ -72,7 +73,7 @@ RT_PRIORITY = 10  # SCHED_RR priority: above every normal task, below the kernel
 NICE = -15
 
 
-class PulseError(Exception):
+class PulseError(VipfarmError):
     """The pulse cannot run; the text says why and what to do."""
 
 
@@ -114,7 +115,7 @@ class PulseSettings:
 
 
 def settings_from_config(path: Path, node: str) -> PulseSettings:
-    from vipfarm.config import load_config
+    from vipfarm.config.loading import load_config
 
     cfg = load_config(path)
     me = cfg.node(node)

@@ -5,8 +5,8 @@ Theory of operation
 A checker is one probe of the application, run every `interval_s` and bounded by `timeout_s`:
 
 - `tcp`: a TCP connection to host:port opens.
-- `http`: `GET url` (HTTP/1.0 over asyncio streams, no dependency) answers `expect_status`, and
-  the first 64 KiB of the body contain `expect_body` when it is set.
+- `http`: `GET url` (httpx, no redirect followed, no proxy) answers `expect_status`, and the
+  first 64 KiB of the body contain `expect_body` when it is set.
 - `process`: a process with that name runs (its `comm`, or the basename of `argv[0]`, from
   /proc), or the PID in `pidfile` is alive. Zombies count as dead.
 - `command`: the command exits 0; it runs in its own process group, killed as a group on timeout.
@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from vipfarm.config import (
+import httpx
+
+from vipfarm.supervisor.scripts import ScriptRunner, pid_alive
+from vipfarm.supervisor.spec import (
     CheckerSpec,
     CommandCheck,
     HttpCheck,
@@ -36,7 +40,6 @@ from vipfarm.config import (
     ProcessCheck,
     TcpCheck,
 )
-from vipfarm.supervisor.scripts import ScriptRunner, pid_alive
 
 HTTP_BODY_LIMIT = 64 * 1024
 
@@ -75,38 +78,39 @@ async def _tcp(spec: TcpCheck) -> CheckResult:
     return CheckResult(True, "connected")
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Only http:// URLs are checked, but httpx builds a verifying TLS context (the CA bundle,
+    # some 50 ms of CPU) for every client it makes unless it is handed one: make it once.
+    return ssl.create_default_context()
+
+
 async def _http(spec: HttpCheck) -> CheckResult:
-    url = urlsplit(spec.url)
-    host = url.hostname or ""
-    port = url.port or 80
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    hostport = f"[{host}]" if ":" in host else host
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(
-            f"GET {path} HTTP/1.0\r\nHost: {hostport}:{port}\r\n"
-            "User-Agent: vipfarm-checker\r\nConnection: close\r\n\r\n".encode()
-        )
-        await writer.drain()
-        status_line = await reader.readline()
-        parts = status_line.split(maxsplit=2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            return CheckResult(False, f"not an HTTP response: {status_line[:80]!r}")
-        status = int(parts[1])
+    # trust_env=False: a proxy from the environment must not stand between the node and its
+    # own application.
+    async with (
+        httpx.AsyncClient(
+            timeout=spec.timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            verify=_tls_context(),
+            headers={"User-Agent": "vipfarm-checker"},
+        ) as client,
+        client.stream("GET", spec.url) as response,
+    ):
+        status = response.status_code
         if status != spec.expect_status:
             return CheckResult(False, f"status {status}, expected {spec.expect_status}")
         if spec.expect_body is None:
             return CheckResult(True, f"status {status}")
-        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-            pass  # headers
-        body = await reader.read(HTTP_BODY_LIMIT)
-        if spec.expect_body.encode() not in body:
+        body = b""
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= HTTP_BODY_LIMIT:
+                break
+        if spec.expect_body.encode() not in body[:HTTP_BODY_LIMIT]:
             return CheckResult(False, f"status {status}, body lacks {spec.expect_body!r}")
         return CheckResult(True, f"status {status}, body matches")
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 def _process_names(pid: str) -> tuple[str, str]:
@@ -173,9 +177,18 @@ async def run_check(spec: CheckerSpec, runner: ScriptRunner) -> CheckResult:
             if isinstance(spec, ProcessCheck):
                 return _process(spec)
             return _link(spec)
-    except TimeoutError:
+    except (TimeoutError, httpx.TimeoutException):
         return CheckResult(False, f"timed out after {spec.timeout_s:g}s")
-    except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+    except httpx.RemoteProtocolError as exc:
+        return CheckResult(False, f"not an HTTP response: {exc}")
+    except httpx.HTTPError as exc:
+        # httpx wraps the socket's error (connection refused, reset): report the socket's words,
+        # as the tcp checker does.
+        cause: BaseException = exc
+        while (inner := cause.__cause__ or cause.__context__) is not None:
+            cause = inner
+        return CheckResult(False, str(cause) or type(cause).__name__)
+    except (OSError, ValueError) as exc:
         return CheckResult(False, str(exc) or type(exc).__name__)
     except Exception as exc:  # a bug in a probe must read as a failed check, not kill the loop
         return CheckResult(False, f"checker error: {exc!r}")

@@ -40,10 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from vipfarm.config import AppSpec, CheckerSpec, RestartSpec
 from vipfarm.log import event
 from vipfarm.supervisor.checkers import CheckResult, RiseFall, run_check
 from vipfarm.supervisor.scripts import ScriptResult, ScriptRunner
+from vipfarm.supervisor.spec import AppSpec, CheckerSpec, RestartSpec
 
 EVENT_QUEUE_MAX = 1000
 

@@ -17,7 +17,8 @@ from vipfarm.api.models import (
     PrepareReply,
     PrepareRequest,
 )
-from vipfarm.config import FarmConfig, parse_config
+from vipfarm.config.loading import parse_config
+from vipfarm.config.schema import FarmConfig
 from vipfarm.node import deploy as dep
 
 FARM = """
@@ -70,15 +71,6 @@ def test_version_line_round_trip_and_digest_ignores_it() -> None:
     # a deployed copy deployed again keeps one version line, the new one
     again = dep.with_version(dep.split_version(text)[1], 8, "node2")
     assert again.count("# vipfarm config version") == 1
-
-
-def test_write_atomically_keeps_the_mode(tmp_path: Path) -> None:
-    path = tmp_path / "farm.toml"
-    path.write_text("old")
-    path.chmod(0o640)
-    dep.write_atomically(path, "new")
-    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640
-    assert [p.name for p in tmp_path.iterdir()] == ["farm.toml"]  # no temporary left
 
 
 def test_rules_weights_and_drain_are_live_everything_else_needs_a_restart(

@@ -47,7 +47,7 @@ from vipfarm.api.models import (
     PrepareRequest,
     StopRequest,
 )
-from vipfarm.config import parse_config
+from vipfarm.config.loading import parse_config
 from vipfarm.node import deploy as dep
 from vipfarm.node.control import ControlError
 from vipfarm.node.metrics import Metrics, NodeFacts
