@@ -10,6 +10,9 @@ import logging
 import sys
 from typing import Any
 
+# The module log's line format: written by the manager (rotating) and the daemon (watched).
+MODULE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
 
 def _fmt(value: Any) -> str:
     text = str(value)

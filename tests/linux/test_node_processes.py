@@ -180,7 +180,8 @@ def test_management_floods_never_stall_the_pulse(lab_factory: LabFactory) -> Non
     finally:
         watch.stop()
     assert watch.polls > 50
-    assert watch.lost == set(), f"node1's kernel lost buckets {sorted(watch.lost)}"
+    log = (lab.dir / "nodelogs" / "node1" / "module.log").read_text()
+    assert watch.lost == set(), f"node1's kernel lost {len(watch.lost)} buckets:\n{log[-4000:]}"
     assert watch.doubles == []
     assert peer_down_logged(lab, "node1") == []
 
@@ -243,7 +244,7 @@ def test_a_killed_pulse_is_restarted_and_the_node_rejoins(lab_factory: LabFactor
     assert log.count("pulse_exited") == log.count("pulse_restarted") == 1, log[-3000:]
 
 
-def test_vipfarm_state_answers_at_once_with_a_dead_peer(lab_factory: LabFactory) -> None:
+def test_vipfarm_state_shows_a_dead_peer_as_dead(lab_factory: LabFactory) -> None:
     lab = lab_factory(nodes=3, daemon=True, app="builtin")
     lab.kill("node3")
     wait_for(

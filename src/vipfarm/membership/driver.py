@@ -14,9 +14,10 @@ The driver's rules, in the order they apply:
   ends there (the timer can only have moved later). Otherwise the core's events are applied and
   the timer is re-armed if it moved earlier, which is how quick acknowledgements and announced
   releases go out at once instead of at the next interval.
-* When the timer fires: `handle_timer`, then the heartbeats that are due. Before heartbeats go
-  out the kernel leases are renewed (`Io.renew_leases`): peers only ever hear "alive" from a node
-  whose leases were just refreshed. Then events, then the timer is re-armed.
+* When the timer fires: `handle_timer`, then the heartbeats that are due. With every batch of
+  heartbeats the kernel leases are renewed (`Io.renew_leases`; the pulse hands it to a thread of
+  its own, so a slow kernel never holds a heartbeat back, and a late renewal only shortens this
+  node's own ownership). Then events, then the timer is re-armed.
 * `BucketsChanged` goes to the kernel (`Io.apply_buckets`) and what the kernel reports holding is
   confirmed to the core at once, so the next heartbeat announces the kernel's real state.
 * After a local command (join, leave, health, weight...) the caller calls `poke`, which applies

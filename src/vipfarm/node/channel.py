@@ -38,6 +38,7 @@ VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024
 KEEPALIVE_S = 0.25
 SOCKET_NAME = "pulse.sock"  # in the node's run directory
+STOPPED_MARK = "stopped"  # in the run directory while an operator wants the node out
 _LEN = struct.Struct("!I")
 
 

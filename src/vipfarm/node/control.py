@@ -19,14 +19,13 @@ import json
 import logging
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vipfarm.errors import VipfarmError
 from vipfarm.log import event
-from vipfarm.node.host import CONTROL_PREFIX, farms_here
+from vipfarm.node.host import CONTROL_PREFIX, farms_here, peer_uid
 
 log = logging.getLogger("vipfarm.node.control")
 
@@ -71,10 +70,7 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
-        uid = -1
-        if sock is not None:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
+        uid = peer_uid(sock) if sock is not None else -1
         try:
             while True:
                 line = await reader.readline()

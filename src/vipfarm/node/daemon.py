@@ -39,18 +39,14 @@ import time
 from pathlib import Path
 
 from vipfarm.errors import VipfarmError
-from vipfarm.log import event
+from vipfarm.log import MODULE_FORMAT, event
 from vipfarm.node import channel as ch
-from vipfarm.node.manager import STOPPED_MARK
-
-log = logging.getLogger("vipfarm.daemon")
 
 RESTART_MIN_S = 0.2
 RESTART_MAX_S = 5.0
 STABLE_S = 10.0  # a child that ran this long before dying is restarted at once again
 READY_TIMEOUT_S = 30.0
 PULSE_STOP_TIMEOUT_S = 10.0
-ROLES = ("pulse", "manager")
 
 
 class DaemonError(VipfarmError):
@@ -63,8 +59,7 @@ def default_dirs(farm: str, node: str) -> tuple[Path, Path]:
 
 
 class _Child:
-    def __init__(self, role: str, argv: list[str]) -> None:
-        self.role = role
+    def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
@@ -96,9 +91,8 @@ class Daemon:
         self.log_dir = log_dir
         common = ["--config", str(config_path), "--node", node, "--run-dir", str(run_dir)]
         self.children = {
-            "pulse": _Child("pulse", [sys.executable, "-m", "vipfarm.node.pulse", *common]),
+            "pulse": _Child([sys.executable, "-m", "vipfarm.node.pulse", *common]),
             "manager": _Child(
-                "manager",
                 [
                     sys.executable,
                     "-m",
@@ -118,7 +112,7 @@ class Daemon:
         # instead of writing on into the rotated copy.
         self.log_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.WatchedFileHandler(self.log_dir / "module.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(MODULE_FORMAT))
         self.module_log.addHandler(handler)
         self.module_log.setLevel(logging.INFO)
 
@@ -127,7 +121,7 @@ class Daemon:
         os.chmod(self.run_dir, 0o700)
         self._setup_log()
         # A daemon start means "in the farm"; only a stop asked of this daemon keeps it out.
-        (self.run_dir / STOPPED_MARK).unlink(missing_ok=True)
+        (self.run_dir / ch.STOPPED_MARK).unlink(missing_ok=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._terminate)

@@ -93,7 +93,6 @@ PEER_STATE_TIMEOUT_S = 2.0
 PULSE_QUERY_TIMEOUT_S = 0.5
 PULSE_APPLY_TIMEOUT_S = 10.0
 RECONNECT_S = 0.1
-STOPPED_MARK = "stopped"  # in the run directory while an operator wants the node out
 _SNAPSHOT = TypeAdapter(Snapshot)
 
 
@@ -117,7 +116,6 @@ class PulseLink:
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[ch.Reply]] = {}
         self._next_id = 0
-        self.pid: int | None = None
 
     @property
     def connected(self) -> bool:
@@ -162,7 +160,7 @@ class PulseLink:
                 hello = await asyncio.wait_for(ch.read(reader), timeout=5.0)
                 if not isinstance(hello, ch.Hello) or hello.role != "pulse":
                     raise ch.ChannelError("the first message must be the pulse's hello")
-                self._writer, self.pid = writer, hello.pid
+                self._writer = writer
                 self._on_connect()
                 while True:
                     msg = await ch.read(reader)
@@ -219,7 +217,7 @@ class Manager:
             run_dir / ch.SOCKET_NAME, self._on_pulse_connect, self._on_pulse_event
         )
         self._pulse_state: dict[str, Any] | None = None
-        self._in_farm = not (run_dir / STOPPED_MARK).exists()
+        self._in_farm = not (run_dir / ch.STOPPED_MARK).exists()
         self._app_ok = False
         self.control = ControlServer(
             config.farm.name,
@@ -354,8 +352,8 @@ class Manager:
 
     def _on_pulse_event(self, msg: ch.Event) -> None:
         event(self.module_log, msg.name, msg.level, **msg.fields)
-        if msg.name == "state_changed" and self._pulse_state is not None:
-            self._pulse_state["snapshot"]["state"] = msg.fields.get("new")
+        if msg.name == "state_changed":
+            self._note_state(str(msg.fields.get("new")))
         elif msg.name == "buckets_given_away":
             if self._drain_task is None or self._drain_task.done():
                 self._drain_task = asyncio.create_task(self._finish_drain())
@@ -372,6 +370,11 @@ class Manager:
             return self._pulse_state, False
         self._pulse_state = reply.data
         return reply.data, True
+
+    def _note_state(self, state: str) -> None:
+        """A state change heard between two queries: keep the last answer current."""
+        if self._pulse_state is not None:
+            self._pulse_state["snapshot"]["state"] = state
 
     def _state(self) -> str:
         if self._pulse_state is None:
@@ -503,7 +506,7 @@ class Manager:
         return st
 
     def _mark_stopped(self, stopped: bool) -> None:
-        mark = self.run_dir / STOPPED_MARK
+        mark = self.run_dir / ch.STOPPED_MARK
         if stopped:
             mark.touch()
         else:
@@ -555,8 +558,7 @@ class Manager:
             event(self.module_log, "pulse_not_connected", logging.WARNING, told=kind.__name__)
             return self._state()
         state = str(reply.data["state"])
-        if self._pulse_state is not None:
-            self._pulse_state["snapshot"]["state"] = state
+        self._note_state(state)
         return state
 
     def log_path(self, log: LogName) -> Path:

@@ -11,9 +11,9 @@ local channel (`vipfarm.node.channel`). The pulse imports nothing of the API sta
 its own scheduling priority (SCHED_RR, or a lower nice value where real-time is refused).
 
 * `BucketsChanged` -> the kernel (one nftables transaction), read back, confirmed to the core:
-  peers only ever hear of buckets the kernel holds. Heartbeats renew the leases just before they
-  go out; if the pulse dies or hangs, the leases run out (lease < dead_after) before any peer
-  takes the buckets over.
+  peers only ever hear of buckets the kernel holds. Every batch of heartbeats renews the leases
+  (in the lease thread); if the pulse dies or hangs, the leases run out (lease < dead_after)
+  before any peer takes the buckets over.
 * The application's health comes from the manager (`Health`), repeated every
   `channel.KEEPALIVE_S`. A manager that says nothing for `manager_timeout` (hung, stopped) or
   whose connection closes (dead) makes the application count as unhealthy: the node goes to
@@ -106,7 +106,7 @@ class _HeartbeatProtocol(asyncio.DatagramProtocol):
 
 @dataclasses.dataclass
 class PulseSettings:
-    """What the pulse takes from the farm configuration (built by `from_config`)."""
+    """What the pulse takes from the farm configuration (`settings_from_config`)."""
 
     membership: MembershipConfig
     spec: DatapathSpec
@@ -158,12 +158,10 @@ class Pulse:
         self.kernel_owned: frozenset[int] = frozenset()
         self.priority = "normal"
         self._transports: dict[str, asyncio.DatagramTransport] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._exit = asyncio.Event()
-        self._stopping = False
         # The manager: its connection, when it last said anything, what it said of the app.
         self._manager: asyncio.StreamWriter | None = None
-        self._manager_pid: int | None = None
         self._manager_heard = -math.inf
         self._app_ok = False
         self._backlog: deque[ch.Event] = deque(maxlen=BACKLOG)
@@ -184,7 +182,7 @@ class Pulse:
             await self._listen()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._request_stop)
+                loop.add_signal_handler(sig, self._exit.set)
             self._emit(
                 "pulse_started",
                 node=self.name,
@@ -206,9 +204,6 @@ class Pulse:
             self.datapath.stop()
             self._emit("pulse_stopped", node=self.name)
             await self._flush_manager()
-
-    def _request_stop(self) -> None:
-        self._exit.set()
 
     async def _leave_for_good(self) -> None:
         """Give every bucket away (bounded), then say goodbye."""
@@ -324,7 +319,7 @@ class Pulse:
             return
         loop = asyncio.get_running_loop()
         if when == -math.inf:
-            self._timer = loop.call_soon(self._fire)  # type: ignore[assignment]
+            self._timer = loop.call_soon(self._fire)
         else:
             self._timer = loop.call_at(when, self._fire)
 
@@ -409,7 +404,7 @@ class Pulse:
             return
         if self._manager is not None:  # a new manager replaces the old one
             self._manager.close()
-        self._manager, self._manager_pid = writer, hello.pid
+        self._manager = writer
         self._manager_heard = time.monotonic()
         writer.write(ch.encode(ch.Hello(role="pulse", pid=os.getpid())))
         self._emit("manager_connected", pid=hello.pid)
@@ -437,10 +432,10 @@ class Pulse:
             self._app_ok = msg.healthy
             self._check_health(now)
         elif isinstance(msg, ch.Join | ch.Leave):
-            draining = core.state in (NodeState.STOP, NodeState.DRAINING, NodeState.STOPPING)
-            if isinstance(msg, ch.Join) and draining:
+            out = core.state in (NodeState.STOP, NodeState.DRAINING, NodeState.STOPPING)
+            if isinstance(msg, ch.Join) and out:
                 core.join(now)
-            elif isinstance(msg, ch.Leave) and not draining:
+            elif isinstance(msg, ch.Leave) and not out:
                 core.leave(now)
             if msg.id is not None:
                 state = {"state": core.state.name}

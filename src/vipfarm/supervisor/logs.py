@@ -14,7 +14,7 @@ import logging
 import logging.handlers
 from pathlib import Path
 
-from vipfarm.log import kv, setup
+from vipfarm.log import MODULE_FORMAT, kv, setup
 
 MODULE_LOGGER = "vipfarm.module"
 APP_LOGGER = "vipfarm.app"
@@ -59,7 +59,7 @@ def setup_node_logs(
     setup(level)
     loggers = []
     for name, file, formatter in (
-        (MODULE_LOGGER, "module.log", logging.Formatter("%(asctime)s %(levelname)s %(message)s")),
+        (MODULE_LOGGER, "module.log", logging.Formatter(MODULE_FORMAT)),
         (APP_LOGGER, "app.log", _AppFileFormatter("%(asctime)s %(message)s")),
     ):
         logger = logging.getLogger(name)
