@@ -91,6 +91,16 @@ def raise_priority() -> str:
         return "normal"
 
 
+def normal_priority() -> None:
+    """For the worker threads of slow jobs (a large ruleset, its validation): the pulse runs
+    SCHED_RR, which its threads inherit, and a CPU-bound thread at the same real-time priority
+    would hold the loop's core for a whole 100 ms round-robin slice at a time (a 3,000-rule
+    update applied on every node at once cost lost leases that way). On Linux the call applies
+    to the calling thread only."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 class _HeartbeatProtocol(asyncio.DatagramProtocol):
     def __init__(self, pulse: Pulse, network: str) -> None:
         self.pulse = pulse
@@ -176,6 +186,11 @@ class Pulse:
     # ------------------------------------------------------------------ life cycle
     async def run(self) -> None:
         self.priority = raise_priority()
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="slow", initializer=normal_priority
+            )
+        )
         await self.datapath.start(())
         try:
             await self._open_sockets()
