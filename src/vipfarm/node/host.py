@@ -16,22 +16,19 @@ import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
-
-from vipfarm.datapath.spec import IPAddress
 from vipfarm.files import write_atomic
 
-# TCP states that still carry a client's data (not TIME_WAIT: nothing left to serve).
+if TYPE_CHECKING:
+    from vipfarm.datapath.spec import IPAddress
+
+# psutil is imported by the functions that use it: `vipfarm state` imports this module (through
+# the control socket) and must not pay for it.
+# TCP states that still carry a client's data (not TIME_WAIT: nothing left to serve), as psutil
+# names them (its CONN_* constants are these strings).
 _BUSY_TCP_STATES = frozenset(
-    {
-        psutil.CONN_ESTABLISHED,
-        psutil.CONN_FIN_WAIT1,
-        psutil.CONN_FIN_WAIT2,
-        psutil.CONN_CLOSE_WAIT,
-        psutil.CONN_CLOSING,
-        psutil.CONN_LAST_ACK,
-    }
+    {"ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "CLOSING", "LAST_ACK"}
 )
 
 # The abstract Unix socket names of daemons' control sockets (see vipfarm.node.control).
@@ -41,6 +38,8 @@ CONTROL_PREFIX = "vipfarm/"
 def busy_connections(vips: Iterable[IPAddress]) -> int:
     """TCP connections of this network namespace whose local address is a VIP and that are
     still open (the drain waits for these)."""
+    import psutil
+
     wanted = set(vips)
     count = 0
     # psutil reads /proc/net/tcp and tcp6, which show the sockets of the reader's namespace.
@@ -58,6 +57,8 @@ def busy_connections(vips: Iterable[IPAddress]) -> int:
 
 def farms_here() -> list[str]:
     """Farms with a daemon in this network namespace (their abstract control sockets)."""
+    import psutil
+
     names: set[str] = set()
     for conn in psutil.net_connections(kind="unix"):
         # /proc/net/unix, and so psutil, writes an abstract name with a leading "@".
