@@ -37,6 +37,10 @@ DEFAULT_PORT = 9010
 DEFAULT_TOKEN_FILE = Path("/etc/vipfarm/api.token")
 TOKEN_ENV = "VIPFARM_TOKEN_FILE"
 PEER_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
+# Shorter than the server's keep-alive (`vipfarm.api.server.KEEPALIVE_S`): a pooled connection
+# reused just as the server closes it fails the request with an empty ReadError (seen in CI as
+# "node1 unreachable" during a deployment).
+PEER_KEEPALIVE_S = 2.0
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -143,7 +147,7 @@ class ApiClient:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as e:
-            raise Unreachable(f"{self.url}: {e or type(e).__name__}") from None
+            raise Unreachable(f"{self.url}: {str(e) or type(e).__name__}") from None
         if resp.status_code >= 400:
             raise ApiError(resp.status_code, _error_body(resp))
         return resp
@@ -182,7 +186,7 @@ class ApiClient:
                     raise ApiError(resp.status_code, _error_body(resp))
                 yield from resp.iter_lines()
         except httpx.TransportError as e:
-            raise Unreachable(f"{self.url}: {e or type(e).__name__}") from None
+            raise Unreachable(f"{self.url}: {str(e) or type(e).__name__}") from None
 
 
 class PeerClient:
@@ -194,7 +198,12 @@ class PeerClient:
         self.port = port
         self.scheme = "https" if tls else "http"
         self._http = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=PEER_TIMEOUT
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=PEER_TIMEOUT,
+            # retries: a refused or timed-out connect only, never a request that was sent
+            transport=httpx.AsyncHTTPTransport(
+                verify=verify, retries=1, limits=httpx.Limits(keepalive_expiry=PEER_KEEPALIVE_S)
+            ),
         )
 
     def url(self, addr: IPAddress, path: str) -> str:
@@ -217,7 +226,7 @@ class PeerClient:
         try:
             resp = await self._http.request(method, self.url(addr, path), **kw)
         except httpx.TransportError as e:
-            raise Unreachable(f"{addr}: {e or type(e).__name__}") from None
+            raise Unreachable(f"{addr}: {str(e) or type(e).__name__}") from None
         if resp.status_code >= 500:
             raise Unreachable(f"{addr}: HTTP {resp.status_code}")
         if resp.status_code in (401, 403):

@@ -27,6 +27,7 @@ from vipfarm.log import event
 
 log = logging.getLogger("vipfarm.api")
 GRACE_S = 2.0
+KEEPALIVE_S = 5  # idle keep-alive connections close after this; peers reuse theirs for less
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -53,6 +54,7 @@ class ApiServer:
             lifespan="off",
             access_log=False,
             server_header=False,
+            timeout_keep_alive=KEEPALIVE_S,
             timeout_graceful_shutdown=int(GRACE_S),
             ssl_certfile=str(cert_file) if cert_file else None,
             ssl_keyfile=str(key_file) if key_file else None,
