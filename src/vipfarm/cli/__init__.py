@@ -85,6 +85,18 @@ def _bench(app: typer.Typer) -> None:
     app.command("bench")(bench.bench)
 
 
+def _init(app: typer.Typer) -> None:
+    from vipfarm.cli import init
+
+    app.command("init")(init.init)
+
+
+def _service(app: typer.Typer) -> None:
+    from vipfarm.cli import service
+
+    app.add_typer(service.app, name="service")
+
+
 def _demo(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
@@ -104,6 +116,8 @@ COMMANDS: dict[str, Callable[[typer.Typer], None]] = {
     "state": _node("state"),
     "log": _node("log"),
     "demo": _demo,
+    "init": _init,
+    "service": _service,
 }
 
 
