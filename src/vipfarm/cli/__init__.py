@@ -193,4 +193,10 @@ def __getattr__(name: str) -> typer.Typer:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:
+        # Before any app is built: what an operator (or a package check) asks first, at once.
+        from vipfarm import __version__
+
+        print(f"vipfarm {__version__}")
+        return
     build_app(command_name(sys.argv[1:]))()

@@ -33,6 +33,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from vipfarm.datapath.spec import IPAddress
     from vipfarm.install.farm import FarmPlan, FileSpec
 
 EXIT_INVALID = 2
@@ -82,7 +83,7 @@ def init(
     from vipfarm.install.farm import InitInputError
 
     out, err = Console(), Console(stderr=True)
-    interactive = not (farm or host or vip) and sys.stdin.isatty()
+    interactive = not (farm or host or vip) and _stdin_is_tty()
     try:
         if interactive:
             plan = _ask(out, module=module, tls=not no_tls)
@@ -97,6 +98,10 @@ def init(
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
     _write(out, err, plan, directory, node, etc)
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin.isatty()
 
 
 def _missing(flag: str, example: str) -> None:
@@ -130,7 +135,7 @@ def _from_flags(
         nodes.append(f.parse_node(text, nets, nodes))
     if not nodes:
         _missing("--host", "node1=198.51.100.11")
-    vips: list[f.IPAddress] = []
+    vips: list[IPAddress] = []
     for text in vip:
         vips.append(f.parse_vip(text, vips))
     if not vips:
@@ -226,7 +231,7 @@ def _ask(out: Console, *, module: str, tls: bool) -> FarmPlan:
         lambda t: f.parse_node(t, nets, nodes),
         f"node1={example}",
     )
-    vips: list[f.IPAddress] = []
+    vips: list[IPAddress] = []
     vips += _ask_many(out, "VIP", lambda t: f.parse_vip(t, vips), "198.51.100.100")
     rules = _ask_many(out, "Rule PROTO/PORTS[/AFFINITY]", f.parse_rule, "tcp/80")
     found = _modules_found()
