@@ -179,61 +179,65 @@ def _parse_module(text: str, found: list[str]) -> str:
 
 def _ask_one(out: Console, question: str, parse: Callable[[str], T], default: str | None) -> T:
     """Ask until `parse` accepts the answer; its refusal is shown as it is."""
+    from rich.markup import escape
     from rich.prompt import Prompt
 
     from vipfarm.install.farm import InitInputError
 
     while True:
-        answer = Prompt.ask(question, console=out, default=default)
+        answer = Prompt.ask(escape(question), console=out, default=default)
         try:
             return parse(answer or "")
         except InitInputError as exc:
-            out.print(f"[red]{exc.expected}[/]", highlight=False)
+            out.print(f"[red]{escape(exc.expected)}[/]", highlight=False)
 
 
-def _ask_many(out: Console, question: str, parse: Callable[[str], T], first: str | None) -> list[T]:
-    """Ask for values one by one; an empty answer ends the list (once it has one value)."""
+def _ask_many(
+    out: Console, question: str, parse: Callable[[str, list[T]], T], first: str | None
+) -> list[T]:
+    """Ask for values one by one, each parsed against the ones already given; an empty answer
+    ends the list once it has one value."""
+    from rich.markup import escape
     from rich.prompt import Prompt
 
     from vipfarm.install.farm import InitInputError
 
     values: list[T] = []
     while True:
-        default = first if not values else ""
-        hint = " (empty: done)" if values else ""
-        answer = Prompt.ask(f"{question}{hint}", console=out, default=default, show_default=True)
-        if not answer and values:
-            return values
+        if values:
+            answer = Prompt.ask(
+                escape(f"{question} (empty: done)"), console=out, default="", show_default=False
+            )
+            if not answer:
+                return values
+        else:
+            answer = Prompt.ask(escape(question), console=out, default=first)
         try:
-            values.append(parse(answer or ""))
+            values.append(parse(answer or "", values))
         except InitInputError as exc:
-            out.print(f"[red]{exc.expected}[/]", highlight=False)
+            out.print(f"[red]{escape(exc.expected)}[/]", highlight=False)
 
 
 def _ask(out: Console, *, module: str, tls: bool) -> FarmPlan:
-    from rich.prompt import Confirm
+    from rich.markup import escape
+    from rich.prompt import Confirm, Prompt
 
     from vipfarm.install import farm as f
 
     out.print("[bold]A new vipfarm farm.[/] Defaults are in brackets; Enter takes them.")
     name = _ask_one(out, "Farm name", f.parse_farm_name, "web")
-    nets: list[f.NetworkPlan] = []
-    nets += _ask_many(
-        out, "Heartbeat network NAME[:PORT]", lambda t: f.parse_network(t, nets), "lan"
-    )
-    nodes: list[f.NodePlan] = []
-    example = ",".join(
-        f"198.51.100.1{i}" if i == 0 else f"192.0.{i + 1}.11" for i in range(len(nets))
-    )
-    nodes += _ask_many(
+    nets = _ask_many(out, "Heartbeat network NAME[:PORT]", f.parse_network, "lan")
+    example = ",".join(["198.51.100.11", *(f"192.0.{i + 1}.11" for i in range(1, len(nets)))])
+    nodes = _ask_many(
         out,
         f"Node NAME=ADDR (one address per network: {', '.join(n.name for n in nets)})",
-        lambda t: f.parse_node(t, nets, nodes),
+        lambda t, given: f.parse_node(t, nets, given),
         f"node1={example}",
     )
-    vips: list[IPAddress] = []
-    vips += _ask_many(out, "VIP", lambda t: f.parse_vip(t, vips), "198.51.100.100")
-    rules = _ask_many(out, "Rule PROTO/PORTS[/AFFINITY]", f.parse_rule, "tcp/80")
+    vips = _ask_many(out, "VIP", f.parse_vip, "198.51.100.100")
+    rules = _ask_many(
+        out, "Rule PROTO/PORTS[/AFFINITY]", lambda t, _given: f.parse_rule(t), "tcp/80"
+    )
     found = _modules_found()
 
     def parse_module(text: str) -> str:
@@ -243,16 +247,14 @@ def _ask(out: Console, *, module: str, tls: bool) -> FarmPlan:
     macros: dict[str, str] = {}
     out.print("Macros of the module, NAME=VALUE (its README lists them; e.g. port=80).")
     while True:
-        from rich.prompt import Prompt
-
-        answer = Prompt.ask("Macro (empty: done)", console=out, default="")
+        answer = Prompt.ask("Macro (empty: done)", console=out, default="", show_default=False)
         if not answer:
             break
         try:
             k, v = f.parse_macro(answer)
             macros[k] = v
         except f.InitInputError as exc:
-            out.print(f"[red]{exc.expected}[/]", highlight=False)
+            out.print(f"[red]{escape(exc.expected)}[/]", highlight=False)
     iface = _ask_one(out, "LAN interface of every node", f.parse_interface, "eth0")
     api_port = _ask_one(out, "API port", lambda t: f.parse_port(t, "--api-port"), "9010")
     use_tls = Confirm.ask("HTTPS between nodes (a farm CA, a certificate per node)", default=tls)

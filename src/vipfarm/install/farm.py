@@ -169,7 +169,12 @@ def parse_network(text: str, existing: Sequence[NetworkPlan] = ()) -> NetworkPla
         )
     if any(n.name == name for n in existing):
         raise InitInputError(flag, text, f"a network name not given yet (have {_names(existing)})")
-    return NetworkPlan(name, parse_port(port, flag) if sep else DEFAULT_HB_PORT)
+    if not sep:
+        return NetworkPlan(name)
+    try:
+        return NetworkPlan(name, parse_port(port, flag))
+    except InitInputError as exc:
+        raise InitInputError(flag, text, f"NAME:PORT with {exc.expected}") from None
 
 
 def parse_node(
