@@ -177,7 +177,7 @@ def _parse_module(text: str, found: list[str]) -> str:
     return text
 
 
-def _ask_one(out: Console, question: str, parse: Callable[[str], T], default: str | None) -> T:
+def _ask_one(out: Console, question: str, parse: Callable[[str], T], default: str) -> T:
     """Ask until `parse` accepts the answer; its refusal is shown as it is."""
     from rich.markup import escape
     from rich.prompt import Prompt
@@ -193,7 +193,7 @@ def _ask_one(out: Console, question: str, parse: Callable[[str], T], default: st
 
 
 def _ask_many(
-    out: Console, question: str, parse: Callable[[str, list[T]], T], first: str | None
+    out: Console, question: str, parse: Callable[[str, list[T]], T], first: str
 ) -> list[T]:
     """Ask for values one by one, each parsed against the ones already given; an empty answer
     ends the list once it has one value."""
