@@ -105,7 +105,7 @@ def test_parse_node_checks_against_networks_and_nodes_given() -> None:
         "node2=198.51.100.12,2001:db8::12": "hb2 has IPv4 addresses",
     }
     for text, fix in cases.items():
-        with pytest.raises(f.InitInputError, match="^--host: bad value") as exc:
+        with pytest.raises(f.InitInputError, match=r"^--host: bad value") as exc:
             f.parse_node(text, nets, [n1])
         assert fix in str(exc.value), text
 
@@ -115,19 +115,19 @@ def test_parse_small_values() -> None:
     assert f.parse_network("lan") == LAN
     with pytest.raises(f.InitInputError, match="not given yet"):
         f.parse_network("lan", [LAN])
-    with pytest.raises(f.InitInputError, match="^--network: bad value 'lan:0'"):
+    with pytest.raises(f.InitInputError, match=r"^--network: bad value 'lan:0'"):
         f.parse_network("lan:0")
-    with pytest.raises(f.InitInputError, match="^--network: bad value 'Lan'"):
+    with pytest.raises(f.InitInputError, match=r"^--network: bad value 'Lan'"):
         f.parse_network("Lan")
     assert f.parse_farm_name("web") == "web"
-    with pytest.raises(f.InitInputError, match="^--farm: bad value 'Web farm'"):
+    with pytest.raises(f.InitInputError, match=r"^--farm: bad value 'Web farm'"):
         f.parse_farm_name("Web farm")
     with pytest.raises(f.InitInputError, match="a VIP not given yet"):
         f.parse_vip("198.51.100.100", [ADDR("198.51.100.100")])
-    with pytest.raises(f.InitInputError, match="^--vip: bad value '198.51.100.300'"):
+    with pytest.raises(f.InitInputError, match=r"^--vip: bad value '198.51.100.300'"):
         f.parse_vip("198.51.100.300")
     assert f.parse_macro("cmd=a=b c") == ("cmd", "a=b c")
-    with pytest.raises(f.InitInputError, match="^--macro: bad value '1x=2'"):
+    with pytest.raises(f.InitInputError, match=r"^--macro: bad value '1x=2'"):
         f.parse_macro("1x=2")
 
 
