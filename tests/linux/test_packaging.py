@@ -51,11 +51,17 @@ def run(argv: list[str | Path], cwd: Path, timeout: float = 180, check: bool = T
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtualenv outside the checkout holding the wheel and its dependencies."""
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("wheel")
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", base / "dist", REPO], base)
-    (wheel,) = (base / "dist").glob("vipfarm-*.whl")
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", base, REPO], base)
+    (built,) = base.glob("vipfarm-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv outside the checkout holding the wheel and its dependencies."""
+    base = tmp_path_factory.mktemp("venv")
     venv = base / "venv"
     run([sys.executable, "-m", "venv", venv], base)
     run([venv / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel], base)
@@ -181,10 +187,10 @@ def dpkg_installed(package: str) -> bool:
 
 
 @pytest.fixture
-def deb(tmp_path: Path) -> Iterator[Path]:
+def deb(wheel: Path, tmp_path: Path) -> Iterator[Path]:
     assert not dpkg_installed("vipfarm"), "vipfarm is installed on this machine: purge it first"
     out = tmp_path / "dist"
-    env = clean_env(OUT=str(out), PYTHON=sys.executable)
+    env = clean_env(OUT=str(out), PYTHON=sys.executable, WHEEL=str(wheel))
     proc = subprocess.run(
         [str(REPO / "packaging" / "deb" / "build")], cwd=tmp_path, env=env, capture_output=True,
         text=True, timeout=600,
