@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,6 +77,41 @@ def init_flags(farm: str) -> list[str]:
         *(a for h in hosts for a in ("--host", h)),
         "--vip", str(VIP4), "--rule", "tcp/80/client-ip-port",
     ]  # fmt: skip
+
+
+def install_doc_commands() -> list[list[str]]:
+    """The `vipfarm ...` commands of docs/INSTALL.md's shell blocks, continuations joined and
+    comments dropped, as argv lists."""
+    text = (REPO / "docs" / "INSTALL.md").read_text()
+    commands: list[list[str]] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv and argv[0] == "vipfarm":
+                commands.append(argv)
+    return commands
+
+
+def test_install_doc_init_and_check_run_as_written(installed: Path, tmp_path: Path) -> None:
+    # The farm of docs/INSTALL.md, written and checked by the installed vipfarm exactly as the
+    # document says (its commands that need real servers run in the lab test below).
+    cmds = {" ".join(argv[1:3]): argv for argv in install_doc_commands()}
+    for needed in ("init --farm", "config check", "service install", "--version"):
+        assert needed in cmds, f"docs/INSTALL.md has no `vipfarm {needed}`"
+    bin_ = installed / "bin" / "vipfarm"
+    farm_dir = tmp_path / "farm-web"
+    farm_dir.mkdir()
+    out = run([bin_, *cmds["init --farm"][1:]], farm_dir)
+    assert "valid - farm web, 2 nodes" in out
+    etc = farm_dir / "nodes" / "node1"  # what rsync places in node1's /etc/vipfarm
+    check = [a.replace("/etc/vipfarm", str(etc)) for a in cmds["config check"][1:]]
+    out = run([bin_, *check, "--node", "node1"], tmp_path)
+    assert "node1 (this host)" in out
+    # Not --enable: on a host that runs systemd, that would start a real vipfarm@web.
+    service = [a for a in cmds["service install"][1:] if a != "--enable"]
+    service += ["--config-dir", str(etc), "--unit-dir", str(tmp_path / "u")]
+    run([bin_, *service], tmp_path)
+    assert f"ExecStart={bin_} daemon" in (tmp_path / "u" / "vipfarm@.service").read_text()
 
 
 def test_wheel_in_a_fresh_venv_writes_and_checks_a_farm(installed: Path, tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def test_unit_text() -> None:
     assert d["ProtectSystem"] == "full" and d["ReadWritePaths"] == "/etc/vipfarm"
     assert "AF_PACKET" in d["RestrictAddressFamilies"]
     # What the pulse and the data path need is not restricted.
-    for key in ("RestrictRealtime", "ProtectKernelTunables", "NoNewPrivileges"):
+    for key in ("RestrictRealtime", "ProtectKernelTunables", "NoNewPrivileges", "ProtectClock"):
         assert key not in d
     assert not re.search(r"https?://", text)  # no made-up URLs
     assert d["Documentation"] == "man:vipfarm(1) man:vipfarm-daemon(1)"

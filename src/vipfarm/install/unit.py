@@ -22,8 +22,9 @@ needs, and says why for each; what it leaves open is stated too, so that nobody 
   runtime maps executable memory);
 - restricted: the rest of /usr, /boot and /etc read-only (ProtectSystem=full), no kernel module
   loading by the service itself (the kernel still autoloads nf_tables on first use), no kernel
-  log, clock or hostname changes, cgroups read-only, native system calls only, and sockets of
-  the families a farm uses (unix, IPv4, IPv6, netlink for nftables and addresses, packet).
+  log or hostname changes, cgroups read-only, native system calls only, and sockets of the
+  families a farm uses (unix, IPv4, IPv6, netlink for nftables and addresses, packet).
+  Not ProtectClock: it implies a device allow-list, and an application may need a device.
 """
 
 from __future__ import annotations
@@ -124,7 +125,6 @@ ReadWritePaths={config_dir}
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes
-ProtectClock=yes
 ProtectHostname=yes
 LockPersonality=yes
 SystemCallArchitectures=native
