@@ -276,10 +276,34 @@ def test_init_writes_a_bundle_that_config_check_accepts(tmp_path: Path) -> None:
 def test_init_refuses_bad_input_and_writes_nothing(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    res = CliRunner().invoke(build_app("init"), ["init", *args, "--no-tls", "--dir", str(tmp_path)])
+    target = tmp_path / "new"  # created by init, and removed again when it refuses
+    res = CliRunner().invoke(build_app("init"), ["init", *args, "--no-tls", "--dir", str(target)])
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_init_into_an_unwritable_place_says_so(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    res = CliRunner().invoke(
+        build_app("init"), ["init", *FLAGS, "--no-tls", "--dir", str(tmp_path / "file" / "sub")]
+    )
+    assert res.exit_code == 1 and "--dir: cannot write into" in res.output, res.output
+
+
+def test_farm_pki_errors_name_openssl(tmp_path: Path) -> None:
+    from vipfarm.install.pki import PkiError, make_farm_pki, san_of
+
+    assert san_of("n1", [ADDR("192.0.2.1"), ADDR("2001:db8::1")]) == (
+        "DNS:n1,IP:192.0.2.1,IP:2001:db8::1"
+    )
+    with pytest.raises(PkiError, match="openssl req failed"):
+        make_farm_pki("web", [("n1", [ADDR("192.0.2.1")])], openssl=str(tmp_path / "none"))
+    fake = tmp_path / "openssl"
+    fake.write_text("#!/bin/sh\necho refused >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(PkiError, match="openssl req -x509 failed: refused"):
+        make_farm_pki("web", [("n1", [ADDR("192.0.2.1")])], openssl=str(fake))
 
 
 def test_init_asks_when_no_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -306,8 +306,14 @@ def _write(
         token=f.encode_secret(secrets.token_bytes(32)),
         tls=tls,
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".vipfarm-init-", dir=directory))
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".vipfarm-init-", dir=directory))
+    except OSError as exc:
+        err.print(f"error: --dir: cannot write into {directory}: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    done = False
     try:
         for name, files in bundle.items():
             _write_files(stage / "nodes" / name, files)
@@ -332,8 +338,14 @@ def _write(
         for part in ("nodes", "ca"):
             if (stage / part).exists():
                 os.rename(stage / part, directory / part)
+        done = True
+    except OSError as exc:
+        err.print(f"error: --dir: cannot write into {directory}: {exc}", markup=False)
+        raise typer.Exit(1) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not done and created:
+            shutil.rmtree(directory, ignore_errors=True)  # nothing of ours is left behind
     out.print(
         f"[green]farm {plan.farm}[/]: {len(plan.nodes)} nodes written to {directory / 'nodes'}"
         + (f", CA in {directory / 'ca'} (keep its key off the nodes)" if pki else ""),

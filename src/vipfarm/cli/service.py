@@ -16,6 +16,7 @@ the systemctl steps are printed instead of run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -91,13 +92,19 @@ def install(
         )
         raise typer.Exit(EXIT_INVALID)
     unit = unit_dir / UNIT_NAME
-    unit_dir.mkdir(parents=True, exist_ok=True)
     tmp = unit.with_name(unit.name + ".tmp")
-    tmp.write_text(
-        render_unit(_command(), config_dir=config_dir, documentation=installed_man_pages())
-    )
-    tmp.chmod(0o644)
-    os.replace(tmp, unit)
+    try:
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(
+            render_unit(_command(), config_dir=config_dir, documentation=installed_man_pages())
+        )
+        tmp.chmod(0o644)
+        os.replace(tmp, unit)  # atomic: systemd never reads half a unit
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        typer.echo(f"error: cannot write {unit}: {exc} (as root?)", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"wrote {unit} (ExecStart: {' '.join(_command())})")
     steps = [("daemon-reload",)] + ([("enable", "--now", instance(farm))] if enable else [])
     if _systemd_running():
