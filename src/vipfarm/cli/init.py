@@ -77,7 +77,15 @@ def init(
         Path("/etc/vipfarm"), "--etc", help="the configuration directory --node installs into"
     ),
 ) -> None:
-    """Write a new farm: its file, key, API token and TLS certificates for every node."""
+    """Write a new farm: its file, key, API token and TLS certificates for every node.
+
+    Without --farm, --host and --vip it asks for each part of the farm. It writes
+    DIR/nodes/NODE/, the complete /etc/vipfarm of each node, and DIR/ca/, the farm CA (keep its
+    key off the nodes); each node's files are checked as `vipfarm config check` does before
+    anything is moved into place. Example: vipfarm init --farm web --network lan --network hb2
+    --host node1=198.51.100.11,192.0.2.11 --host node2=198.51.100.12,192.0.2.12
+    --vip 198.51.100.100 --rule tcp/80/client-ip-port
+    """
     from rich.console import Console
 
     from vipfarm.install.farm import InitInputError
