@@ -257,7 +257,7 @@ ports = "70000"
 
 def test_bad_config_is_refused_with_the_key_and_changes_nothing(lab_factory: LabFactory) -> None:
     lab = lab_factory(nodes=1, datapath=False, app="builtin")
-    good = Path(__file__).resolve().parents[2] / "examples" / "web.toml"
+    good = Path(__file__).resolve().parents[2] / "src" / "vipfarm" / "examples" / "web.toml"
     bad = lab.dir / "bad.toml"
     key = lab.dir / "web.key"
     key.touch(mode=0o600)

@@ -665,7 +665,11 @@ def test_apache_module_with_a_stand_in_ctl(logs: tuple[Any, Any, Path], tmp_path
 
 
 def test_module_scripts_parse() -> None:
-    scripts = [p for p in (REPO / "modules").glob("*/*") if p.suffix not in (".md", ".toml")]
+    scripts = [
+        p
+        for p in (REPO / "src" / "vipfarm" / "modules").glob("*/*")
+        if p.suffix not in (".md", ".toml")
+    ]
     assert len(scripts) >= 9
     for script in scripts:
         res = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)

@@ -259,7 +259,8 @@ def test_refused_deployment_is_409_naming_the_node(client: TestClient, tmp_path:
     key = tmp_path / "farm.key"
     key.write_text("k" * 40)
     key.chmod(0o600)
-    text = (Path(__file__).resolve().parents[2] / "examples" / "web.toml").read_text()
+    example = Path(__file__).resolve().parents[2] / "src" / "vipfarm" / "examples" / "web.toml"
+    text = example.read_text()
     text = text.replace('key_file = "web.key"', f'key_file = "{key}"')
     resp = client.put("/api/v1/config", json={"text": text}, headers=GOOD)
     assert resp.status_code == 409, resp.text

@@ -185,7 +185,7 @@ def test_substitute() -> None:
 
 
 def test_example_and_shipped_modules_load(tmp_path: Path) -> None:
-    shutil.copy(REPO / "examples" / "web.toml", tmp_path)
+    shutil.copy(REPO / "src" / "vipfarm" / "examples" / "web.toml", tmp_path)
     key = tmp_path / "web.key"
     key.write_bytes(os.urandom(16).hex().encode())
     key.chmod(0o600)
@@ -199,11 +199,11 @@ def test_example_and_shipped_modules_load(tmp_path: Path) -> None:
         if module == "generic":
             text = text.replace('port = "80"', 'start_cmd = "myapp --port 80"')
         app = parse_config(text, base_dir=tmp_path).app_spec("node1")
-        assert app.directory == REPO / "modules" / module
+        assert app.directory == REPO / "src" / "vipfarm" / "modules" / module
         for argv in (app.start, app.stop, app.force_stop or app.stop):
             assert os.access(argv[0], os.X_OK), argv
         assert app.checkers
-        assert (REPO / "modules" / module / "README.md").is_file()
+        assert (REPO / "src" / "vipfarm" / "modules" / module / "README.md").is_file()
 
 
 def test_find_self(farm_dir: Path) -> None:

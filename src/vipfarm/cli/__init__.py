@@ -85,6 +85,18 @@ def _bench(app: typer.Typer) -> None:
     app.command("bench")(bench.bench)
 
 
+def _init(app: typer.Typer) -> None:
+    from vipfarm.cli import init
+
+    app.command("init")(init.init)
+
+
+def _service(app: typer.Typer) -> None:
+    from vipfarm.cli import service
+
+    app.add_typer(service.app, name="service")
+
+
 def _demo(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
@@ -104,6 +116,8 @@ COMMANDS: dict[str, Callable[[typer.Typer], None]] = {
     "state": _node("state"),
     "log": _node("log"),
     "demo": _demo,
+    "init": _init,
+    "service": _service,
 }
 
 
@@ -179,4 +193,10 @@ def __getattr__(name: str) -> typer.Typer:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:
+        # Before any app is built: what an operator (or a package check) asks first, at once.
+        from vipfarm import __version__
+
+        print(f"vipfarm {__version__}")
+        return
     build_app(command_name(sys.argv[1:]))()

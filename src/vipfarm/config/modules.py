@@ -5,9 +5,9 @@ Theory of operation
 A module is a directory (`modules/<name>/`) holding `module.toml` (defaults: scripts, checkers,
 restart policy, macros) and its scripts. `[module] name = "x"` looks the module up in
 `<config dir>/modules`, then in `default_module_path()` (`$VIPFARM_MODULE_PATH`, /etc,
-/usr/local/share, /usr/share, and the `modules/` of a source checkout); `path = "dir"` names the
-directory itself. `ModuleSection` merges the `[module]` section over those defaults: tables
-merge key by key, everything else (including the list of checkers) replaces.
+/usr/local/share, /usr/share, and last the package's own `vipfarm/modules/`); `path = "dir"`
+names the directory itself. `ModuleSection` merges the `[module]` section over those defaults:
+tables merge key by key, everything else (including the list of checkers) replaces.
 
 `resolve_app` then substitutes `${name}` macros, for one node, in script arguments and checker
 fields, which yields the node's `vipfarm.supervisor.spec.AppSpec`. Built-in macros: `${vip}`
@@ -45,7 +45,20 @@ from vipfarm.supervisor.spec import (
     Seconds,
 )
 
-__all__ = ["ModuleSection", "default_module_path", "env_name", "resolve_app", "substitute"]
+__all__ = [
+    "PACKAGE_MODULES",
+    "ModuleSection",
+    "default_module_path",
+    "env_name",
+    "resolve_app",
+    "substitute",
+]
+
+
+# The modules shipped inside the package (package data: src/vipfarm/modules in a checkout,
+# site-packages/vipfarm/modules once installed): last, so that any copy an operator placed in a
+# directory above overrides them.
+PACKAGE_MODULES = Path(__file__).resolve().parents[1] / "modules"
 
 
 def default_module_path() -> list[Path]:
@@ -56,8 +69,7 @@ def default_module_path() -> list[Path]:
         Path("/etc/vipfarm/modules"),
         Path("/usr/local/share/vipfarm/modules"),
         Path("/usr/share/vipfarm/modules"),
-        # A source checkout: src/vipfarm/config/modules.py -> <repo>/modules.
-        Path(__file__).resolve().parents[3] / "modules",
+        PACKAGE_MODULES,
     ]
 
 
