@@ -225,7 +225,7 @@ def test_silent_half_sent_and_slow_connections_are_closed_by_their_deadlines() -
         body[1].write(
             b"PUT /api/v1/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + TOKEN
-            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"te"
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"te'
         )
         assert await read_until_closed(silent[0], 3) == b""  # no answer to no request
         assert (await read_until_closed(head[0], 3)).startswith(b"HTTP/1.1 408 ")

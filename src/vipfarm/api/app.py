@@ -28,7 +28,7 @@ inside the service; the live log stream polls its file from the loop with thread
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -196,7 +196,7 @@ def create_app(
         return path != "/metrics" or metrics_public
 
     app.add_middleware(
-        RequestGuard,  # type: ignore[arg-type]  # starlette types middleware factories loosely
+        RequestGuard,
         tokens=tokens,
         limits=limits,
         counters=counters,

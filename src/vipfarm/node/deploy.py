@@ -26,8 +26,9 @@ daemon). A dry run stops after the prepare phase.
 
 What can change live and what cannot: see `LIVE_KEYS` and docs/API.md. Everything that the
 heartbeat protocol or the node's identity depends on (farm name, key, buckets, seed, timing,
-networks, the node list, names, addresses, interfaces) and the application module and the API
-section need a restart of every daemon, which a deployment refuses with the list of keys.
+networks, the node list, names, addresses, interfaces), the application module and where and
+how the API listens (port, network, TLS) need a restart of every daemon, which a deployment
+refuses with the list of keys. The API's tokens and limits change live.
 """
 
 from __future__ import annotations
@@ -63,7 +64,20 @@ PREPARE_TTL_S = 30.0
 HEADER_PREFIX = "# vipfarm config version "
 _HEADER_RE = re.compile(r"^# vipfarm config version (\d+)\b[^\n]*(?:\n|$)")
 # Keys whose change is applied without a restart (a key matches itself and everything under it).
-LIVE_KEYS = ("rule", "drain", "node[*].weight")
+LIVE_KEYS = (
+    "rule",
+    "drain",
+    "node[*].weight",
+    # the API's tokens (a rotation, docs/API.md) and limits; not where or how it listens
+    "api.token_file",
+    "api.next_token_file",
+    "api.max_body_bytes",
+    "api.max_connections",
+    "api.max_log_streams",
+    "api.header_timeout_s",
+    "api.body_timeout_s",
+    "api.keepalive_timeout_s",
+)
 
 T = TypeVar("T")
 
