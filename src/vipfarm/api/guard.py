@@ -142,10 +142,6 @@ def error_response(status: int, detail: str, *, close: bool = True) -> tuple[int
     return status, headers, body
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class RequestGuard:
     """ASGI middleware: authenticate, check the version and the body size before the
     application reads anything (see the module docstring)."""
@@ -220,19 +216,28 @@ class RequestGuard:
 
     async def _serve(self, scope: Any, receive: Any, send: Any, limit: int) -> None:
         seen = 0
-        started = False
+        started = refused = False
 
         async def counted() -> Any:
-            nonlocal seen
+            # Over the limit, the guard answers 413 itself and tells the application the
+            # client left: an exception here would be turned into a 400 by the body parser.
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    refused = True
+                    if not started:
+                        await self._refuse(send, "body_too_large", 413, self._too_large(limit))
+                    return {"type": "http.disconnect"}
             return message
 
         async def versioned(message: Any) -> None:
             nonlocal started
+            if refused:
+                return  # the 413 was the answer
             if message["type"] == "http.response.start":
                 started = True
                 message = {
@@ -246,11 +251,8 @@ class RequestGuard:
 
         try:
             await self.app(scope, counted, versioned)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send, "body_too_large", 413, self._too_large(limit))
         except ClientDisconnect:
-            pass  # the client went away (or its body timed out): nobody to answer
+            pass  # the client went away, its body timed out, or it was refused above
 
     async def _refuse(self, send: Any, reason: str, status: int, detail: str) -> None:
         self.counters.count(reason)
