@@ -30,6 +30,7 @@ Routes behind the guard can therefore assume an authenticated caller whose versi
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 from collections.abc import Callable, Iterable
@@ -249,10 +250,9 @@ class RequestGuard:
                 }
             await send(message)
 
-        try:
+        # The client went away, its body timed out, or it was refused above: nobody to answer.
+        with contextlib.suppress(ClientDisconnect):
             await self.app(scope, counted, versioned)
-        except ClientDisconnect:
-            pass  # the client went away, its body timed out, or it was refused above
 
     async def _refuse(self, send: Any, reason: str, status: int, detail: str) -> None:
         self.counters.count(reason)
