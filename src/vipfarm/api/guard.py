@@ -57,7 +57,7 @@ class Limits:
     body_timeout_s: float = 30.0
     keepalive_timeout_s: int = 5
     max_connections: int = 256
-    max_log_streams: int = 8
+    max_log_streams: int = 16
 
 
 @dataclass

@@ -236,7 +236,7 @@ class ApiSection(Strict):
     # Limits (vipfarm.api.guard): what an unauthenticated caller can hold, and for how long.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     max_connections: int = Field(default=256, ge=4, le=65536)
-    max_log_streams: int = Field(default=8, ge=0, le=1024)
+    max_log_streams: int = Field(default=16, ge=0, le=1024)
     header_timeout_s: float = Field(default=10.0, gt=0, le=600)
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     # At least 3: the nodes reuse their pooled connections to each other for 2 s.
