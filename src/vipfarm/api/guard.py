@@ -31,6 +31,7 @@ Routes behind the guard can therefore assume an authenticated caller whose versi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
 from collections.abc import Callable, Iterable
@@ -93,6 +94,13 @@ class Tokens:
         for token in self.accepted:
             ok |= hmac.compare_digest(presented, token)
         return ok
+
+
+def fingerprint(tokens: Iterable[bytes | None]) -> str:
+    """A short digest of a set of tokens, to compare nodes' token files without sending them
+    (only to callers that hold a token already)."""
+    parts = sorted(hashlib.sha256(b"vipfarm api token\0" + t).hexdigest()[:16] for t in tokens if t)
+    return ",".join(parts)
 
 
 def parse_version(value: str | None) -> int | None:

@@ -43,7 +43,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from vipfarm.api.guard import Counters, Limits, Tokens
+from vipfarm.api.guard import Counters, Limits, Tokens, fingerprint
 from vipfarm.api.models import (
     AbortRequest,
     Ack,
@@ -716,8 +716,9 @@ class Manager:
         self._need_file()
         try:
             new, changes = await asyncio.to_thread(self._validate, req.text)
+            tokens = await asyncio.to_thread(_api_tokens, new) if new.api else None
             self._prepared.hold(req.deploy_id, req.origin, new, req.text, changes)
-        except dep.Refused as e:
+        except (dep.Refused, ControlError) as e:
             event(self.module_log, "config_refused", logging.WARNING, origin=req.origin, why=e)
             raise ControlError(str(e)) from None
         return PrepareReply(
@@ -725,6 +726,7 @@ class Manager:
             version=self.config_version,
             digest=dep.digest(req.text),
             changes=changes,
+            tokens=fingerprint(tokens) if tokens else None,
         )
 
     async def commit(self, req: CommitRequest) -> CommitReply:
