@@ -100,6 +100,15 @@ def test_401_403_and_413_are_decided_before_a_byte_of_the_body_is_read(node: Fak
     assert node.calls == [] and node.version == 0
 
 
+def test_an_answer_before_the_body_was_read_closes_the_connection(node: FakeNode) -> None:
+    app = create_app(node, TOKEN)
+    body = {"Content-Length": "100000"}
+    status, headers, _, asked = asgi_call(app, "POST", "/not-here", body, body_chunks=1)
+    assert (status, asked, headers["connection"]) == (404, 0, "close")
+    status, headers, _, _ = asgi_call(app, "GET", "/openapi.json", {})
+    assert status == 200 and "connection" not in headers  # no body: keep-alive as usual
+
+
 def test_a_chunked_body_over_the_limit_is_413_as_soon_as_it_passes(node: FakeNode) -> None:
     counters = Counters()
     with TestClient(

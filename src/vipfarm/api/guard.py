@@ -22,7 +22,8 @@ the check must be cheaper than the attack. Two layers do it, each with the same 
 
   Every refusal answers with `Connection: close`, so uvicorn closes the connection instead of
   reading and discarding the rest of a body it will never use (a 128 MiB upload costs the
-  64 KiB uvicorn buffers before the application reads, not 128 MiB).
+  64 KiB uvicorn buffers before the application reads, not 128 MiB). So does any answer given
+  before the request's body was read whole (a 404 to a public path with a body, say).
 
 Every refusal is counted by reason in `Counters.refused` (`vipfarm_api_refused_total`).
 Routes behind the guard can therefore assume an authenticated caller whose version is known.
@@ -179,6 +180,7 @@ class RequestGuard:
         path: str = scope.get("path", "")
         headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
         auth = version = length = None
+        chunked = False
         for name, value in headers:
             if name == b"authorization":
                 auth = value
@@ -186,6 +188,8 @@ class RequestGuard:
                 version = value
             elif name == b"content-length":
                 length = value
+            elif name == b"transfer-encoding":
+                chunked = True
         if not self.public(path):
             refusal = self._auth(auth)
             if refusal is not None:
@@ -202,7 +206,8 @@ class RequestGuard:
         if length is not None and (not length.isdigit() or int(length) > limit):
             await self._refuse(send, "body_too_large", 413, self._too_large(limit))
             return
-        await self._serve(scope, receive, send, limit)
+        has_body = chunked or (length is not None and int(length) > 0)
+        await self._serve(scope, receive, send, limit, has_body)
 
     def _auth(self, auth: bytes | None) -> tuple[str, int, str] | None:
         scheme, _, presented = (auth or b"").partition(b" ")
@@ -223,18 +228,20 @@ class RequestGuard:
             "api.max_body_bytes"
         )
 
-    async def _serve(self, scope: Any, receive: Any, send: Any, limit: int) -> None:
+    async def _serve(self, scope: Any, receive: Any, send: Any, limit: int, has_body: bool) -> None:
         seen = 0
         started = refused = False
+        body_done = not has_body
 
         async def counted() -> Any:
             # Over the limit, the guard answers 413 itself and tells the application the
             # client left: an exception here would be turned into a 400 by the body parser.
-            nonlocal seen, refused
+            nonlocal seen, refused, body_done
             if refused:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     refused = True
@@ -249,13 +256,12 @@ class RequestGuard:
                 return  # the 413 was the answer
             if message["type"] == "http.response.start":
                 started = True
-                message = {
-                    **message,
-                    "headers": [
-                        *message.get("headers", ()),
-                        (_VERSION_KEY, str(API_VERSION).encode()),
-                    ],
-                }
+                extra = [(_VERSION_KEY, str(API_VERSION).encode())]
+                if not body_done:
+                    # Answered without the whole body (a 404, a handler that ignores it):
+                    # close rather than let uvicorn read and discard the rest.
+                    extra.append((b"connection", b"close"))
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         # The client went away, its body timed out, or it was refused above: nobody to answer.
