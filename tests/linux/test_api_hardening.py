@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from vipfarm.api.guard import API_VERSION, VERSION_HEADER
 from vipfarm.lab.load import Reply
 from vipfarm.lab.netns import run_in_netns
 from vipfarm.lab.testbed import Lab, LabFactory
@@ -253,6 +254,39 @@ def test_a_128_mib_body_without_a_token_is_refused_before_it_is_sent(
         # The answer came from the head: most of the body was never even sent.
         assert sent < size // 8, sent
     assert lab.daemon_state("node1")["state"] == "UP"
+
+
+def test_a_peer_one_version_behind_is_served_one_ahead_is_told_what_to_upgrade(
+    lab_factory: LabFactory,
+) -> None:
+    lab = lab_factory(nodes=2, daemon=True, app="builtin")
+    token = lab.api_token_file.read_text().strip()
+    url = lab.api_url("node1", "/api/v1/config/")
+    text = lab.node_config("node1").read_text()
+
+    def call(path: str, body: dict[str, object], version: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"}
+        if version is not None:
+            headers[VERSION_HEADER] = version
+        return httpx.post(url + path, json=body, headers=headers, timeout=30)
+
+    def scenario() -> None:
+        # What nodes from before the header send: no header (version 1).
+        prep = call("prepare", {"deploy_id": "oldpeer1", "origin": "node2", "text": text}, None)
+        assert prep.status_code == 200, prep.text
+        assert prep.headers[VERSION_HEADER] == str(API_VERSION)
+        assert call("abort", {"deploy_id": "oldpeer1"}, str(API_VERSION)).status_code == 200
+        ahead = call(
+            "prepare",
+            {"deploy_id": "newpeer1", "origin": "node2", "text": text},
+            str(API_VERSION + 1),
+        )
+        assert ahead.status_code == 400
+        detail = ahead.json()["detail"]
+        assert f"version {API_VERSION + 1}" in detail and "upgrade vipfarm on node node1" in detail
+
+    run_in_netns(lab.ns("node2"), scenario, timeout=90)
+    assert "config_refused" not in (lab.dir / "nodelogs" / "node1" / "module.log").read_text()
 
 
 def test_token_rotation_through_two_deployments_with_traffic_flowing(
