@@ -246,6 +246,9 @@ class _Acceptor(asyncio.Protocol):
             transport.set_protocol(proto)
             proto.connection_made(transport)
             return
+        # Nothing is read until start_tls owns the transport: a ClientHello that arrived first
+        # would otherwise reach this protocol and be lost.
+        transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self._handshake(transport, proto, pool))
         guard.handshakes.add(task)
         task.add_done_callback(guard.handshakes.discard)
@@ -276,7 +279,7 @@ class _Acceptor(asyncio.Protocol):
         proto.connection_made(tls)
 
     def data_received(self, data: bytes) -> None:
-        pass  # a refused connection's request: never read
+        pass  # a refused connection's request: never used
 
     def connection_lost(self, exc: Exception | None) -> None:
         pass  # only a refused connection ends here; an admitted one is `_GuardedH11`'s

@@ -23,6 +23,10 @@ its own, which the manager talks to over the local channel (`vipfarm.node.channe
 * Deployments are prepared and committed here (`vipfarm.node.deploy`); the live part goes to the
   pulse (`ApplyConfig`: rules and VIPs with the leases kept, and the weight), then the file is
   rewritten with its new version.
+* The API's tokens and limits are objects the API reads on every request and connection
+  (`vipfarm.api.guard`); a deployment that changes them replaces their contents once the
+  file is written, so a token rotation needs no restart. Node-to-node calls send the next
+  token of a rotation first (`vipfarm.api.client.PeerClient`).
 * SIGTERM drains: leave, wait for `buckets_given_away`, let connections finish, stop the
   application, tell the pulse `Stopped` then `Shutdown`, exit.
 """
@@ -635,18 +639,13 @@ class Manager:
     def _validate(self, text: str) -> tuple[FarmConfig, list[str]]:
         """Blocking (reads files and netlink): run it in a worker thread."""
         assert self.config_path is not None
-        new, changes = dep.validate_for_node(
+        return dep.validate_for_node(
             text,
             base_dir=self.config_path.parent,
             node=self.node.name,
             running=self.config,
             local_addresses=local_addresses,
         )
-        try:
-            _api_tokens(new)  # a token the API could not use is refused here, not at commit
-        except ControlError as e:
-            raise dep.Refused(str(e)) from None
-        return new, changes
 
     def _need_file(self) -> Path:
         if self.config_path is None:
@@ -693,7 +692,7 @@ class Manager:
     async def _check_token_retirement(self, new: FarmConfig, alive: dict[str, bool]) -> None:
         """A deployment that stops accepting a token needs every node up: a node that is down
         knows only the tokens of its own file, and could never be let back in to fetch the new
-        configuration (rejoin sync). Nothing to check without an API or on a dry run's reading."""
+        configuration (rejoin sync)."""
         if self.api_server is None or new.api is None:
             return
         try:
@@ -716,6 +715,8 @@ class Manager:
         self._need_file()
         try:
             new, changes = await asyncio.to_thread(self._validate, req.text)
+            # A token the API could not use is refused here, not at commit; its fingerprint
+            # lets the coordinator see token files that differ between nodes.
             tokens = await asyncio.to_thread(_api_tokens, new) if new.api else None
             self._prepared.hold(req.deploy_id, req.origin, new, req.text, changes)
         except (dep.Refused, ControlError) as e:
