@@ -202,7 +202,13 @@ class _GuardedH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._arm(None)
-        super().connection_lost(exc)
+        # A TLS connection can be lost between its handshake and `connection_made`.
+        if self.transport is not None:
+            super().connection_lost(exc)
+        self.drop()
+
+    def drop(self) -> None:
+        """Give the connection's place in its pool back (once)."""
         if self.pool is not None:
             self.guard.release(self.pool)
             self.pool = None
@@ -249,11 +255,11 @@ class _Acceptor(asyncio.Protocol):
         # Nothing is read until start_tls owns the transport: a ClientHello that arrived first
         # would otherwise reach this protocol and be lost.
         transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._handshake(transport, proto, pool))
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, proto))
         guard.handshakes.add(task)
         task.add_done_callback(guard.handshakes.discard)
 
-    async def _handshake(self, raw: asyncio.Transport, proto: _GuardedH11, pool: str) -> None:
+    async def _handshake(self, raw: asyncio.Transport, proto: _GuardedH11) -> None:
         guard = self.guard
         assert guard.tls is not None
         try:
@@ -264,17 +270,19 @@ class _Acceptor(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=guard.limits.header_timeout_s,
             )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError):
+        except Exception:  # timed out, reset, not TLS at all: whatever the client sent
             guard.counters.count("tls_handshake")
             raw.abort()
-            guard.release(pool)
+            proto.drop()
             return
         except asyncio.CancelledError:
             raw.abort()
-            guard.release(pool)
+            proto.drop()
             raise
-        if tls is None:  # the client went away as the handshake ended
-            guard.release(pool)
+        if proto.pool is None:  # lost as the handshake ended: `connection_lost` released it
+            return
+        if tls is None:
+            proto.drop()
             return
         proto.connection_made(tls)
 
