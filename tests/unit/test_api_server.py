@@ -296,3 +296,22 @@ def test_a_tls_handshake_that_never_comes_is_closed_and_counted(cert: tuple[Path
 
     counters = run_guarded(scenario, limits, cert=cert)
     assert counters.refused == {"tls_handshake": 1}
+
+
+def test_tls_handshakes_in_progress_count_against_the_cap(cert: tuple[Path, Path]) -> None:
+    limits = Limits(header_timeout_s=0.6, max_connections=4)
+
+    async def scenario(server: ApiServer) -> None:
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        assert server.counters.connections == 4
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await read_until_closed(reader, 0.4) == b""  # at once, before any deadline
+        for r, _ in held:
+            assert await read_until_closed(r, 3) == b""
+        for _, w in [*held, (reader, writer)]:
+            w.close()
+
+    counters = run_guarded(scenario, limits, cert=cert)
+    assert counters.refused == {"max_connections": 1, "tls_handshake": 4}
+    assert counters.connections == 0
