@@ -12,14 +12,18 @@ import socket
 import ssl
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from tests.unit.test_api_app import TOKEN
+from vipfarm.api.app import create_app
+from vipfarm.api.guard import Counters, Limits
 from vipfarm.api.server import ApiServer
 from vipfarm.datapath.spec import IPAddress
 
@@ -152,3 +156,162 @@ def test_a_taken_port_is_an_oserror_not_an_exit() -> None:
             await server.stop()  # nothing started: a no-op
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------ the guard
+
+
+def guarded_app(counters: Counters, limits: Limits) -> FastAPI:
+    """The real node app (auth, version, body limit) over a service that is never reached
+    without the token."""
+    from tests.unit.test_api_app import FakeNode
+
+    return create_app(
+        FakeNode(Path(tempfile.mkdtemp(prefix="vipfarm-guard-"))),
+        TOKEN,
+        limits=limits,
+        counters=counters,
+    )
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes (fails the test if it does not)."""
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+def run_guarded(
+    scenario: Callable[[ApiServer], Awaitable[None]],
+    limits: Limits,
+    *,
+    peers: Iterable[IPAddress] = (),
+    cert: tuple[Path, Path] | None = None,
+) -> Counters:
+    counters = Counters()
+
+    async def main() -> None:
+        server = ApiServer(
+            guarded_app(counters, limits),
+            LOOPBACK,
+            free_port(),
+            limits=limits,
+            counters=counters,
+            peers=peers,
+            cert_file=cert[0] if cert else None,
+            key_file=cert[1] if cert else None,
+        )
+        await server.start()
+        try:
+            await scenario(server)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    return counters
+
+
+def test_silent_half_sent_and_slow_connections_are_closed_by_their_deadlines() -> None:
+    limits = Limits(header_timeout_s=0.5, body_timeout_s=0.8, keepalive_timeout_s=1)
+
+    async def scenario(server: ApiServer) -> None:
+        t0 = time.monotonic()
+        silent = await asyncio.open_connection("127.0.0.1", server.port)
+        head = await asyncio.open_connection("127.0.0.1", server.port)
+        head[1].write(b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\n")  # never finished
+        body = await asyncio.open_connection("127.0.0.1", server.port)
+        body[1].write(
+            b"PUT /api/v1/config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"te'
+        )
+        assert await read_until_closed(silent[0], 3) == b""  # no answer to no request
+        assert (await read_until_closed(head[0], 3)).startswith(b"HTTP/1.1 408 ")
+        assert (await read_until_closed(body[0], 3)).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - t0 < 2.5
+        # A client that behaves is served, then its idle keep-alive connection is closed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await read_until_closed(reader, 3)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"}")
+        for _, w in (silent, head, body, (reader, writer)):
+            w.close()
+
+    counters = run_guarded(scenario, limits)
+    assert counters.refused == {"header_timeout": 2, "body_timeout": 1}
+    assert counters.connections == 0
+
+
+def test_no_token_is_refused_from_the_head_and_the_body_is_never_read() -> None:
+    async def scenario(server: ApiServer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"PUT /api/v1/config HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 134217728\r\n\r\n"  # 128 MiB announced, none sent
+        )
+        answer = await read_until_closed(reader, 3)
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        assert b"connection: close" in answer.lower() and b"www-authenticate: Bearer" in answer
+        writer.close()
+
+    counters = run_guarded(scenario, Limits())
+    assert counters.refused == {"no_token": 1}
+
+
+def test_over_max_connections_a_new_one_gets_503_at_once_but_a_peer_gets_in() -> None:
+    limits = Limits(max_connections=3, header_timeout_s=5)
+    peer = ipaddress.ip_address("127.0.0.2")
+
+    async def scenario(server: ApiServer) -> None:
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        answer = await read_until_closed(reader, 2)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"api.max_connections" in answer
+        # The farm's own nodes have a pool of their own: a flood cannot keep them out.
+        async with httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        ) as client:
+            resp = await client.get(server.url + "/openapi.json")
+            assert resp.status_code == 200
+        for _, w in [*held, (reader, writer)]:
+            w.close()
+
+    counters = run_guarded(scenario, limits, peers=[peer])
+    assert counters.refused == {"max_connections": 1}
+
+
+def test_a_tls_handshake_that_never_comes_is_closed_and_counted(cert: tuple[Path, Path]) -> None:
+    limits = Limits(header_timeout_s=0.5)
+
+    async def scenario(server: ApiServer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await read_until_closed(reader, 3) == b""
+        writer.close()
+        verify = ssl.create_default_context(cafile=str(cert[0]))
+        async with httpx.AsyncClient(verify=verify) as client:
+            assert (await client.get(server.url + "/openapi.json")).status_code == 200
+
+    counters = run_guarded(scenario, limits, cert=cert)
+    assert counters.refused == {"tls_handshake": 1}
+
+
+def test_tls_handshakes_in_progress_count_against_the_cap(cert: tuple[Path, Path]) -> None:
+    limits = Limits(header_timeout_s=0.6, max_connections=4)
+
+    async def scenario(server: ApiServer) -> None:
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        assert server.counters.connections == 4
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await read_until_closed(reader, 0.4) == b""  # at once, before any deadline
+        for r, _ in held:
+            assert await read_until_closed(r, 3) == b""
+        for _, w in [*held, (reader, writer)]:
+            w.close()
+
+    counters = run_guarded(scenario, limits, cert=cert)
+    assert counters.refused == {"max_connections": 1, "tls_handshake": 4}
+    assert counters.connections == 0

@@ -149,8 +149,10 @@ class FakeNode:
         refuse: str | None = None,
         down: bool = False,
         fail_commit: bool = False,
+        tokens: str | None = None,
     ) -> None:
         self.name, self.version, self.alive = name, version, alive
+        self.tokens = tokens
         self.refuse, self.down, self.fail_commit = refuse, down, fail_commit
         self.log: list[str] = []
 
@@ -160,7 +162,9 @@ class FakeNode:
         if self.refuse:
             raise dep.Refused(self.refuse)
         self.log.append("prepare")
-        return PrepareReply(node=self.name, version=self.version, digest="d", changes=["rule"])
+        return PrepareReply(
+            node=self.name, version=self.version, digest="d", changes=["rule"], tokens=self.tokens
+        )
 
     async def commit(self, req: CommitRequest) -> CommitReply:
         if self.fail_commit:
@@ -224,3 +228,47 @@ def test_a_failed_commit_is_reported_not_hidden() -> None:
         ("applied", ""),
         ("failed", "the kernel refused the new rules"),
     ]
+
+
+def test_token_files_that_differ_between_nodes_are_refused_before_any_commit() -> None:
+    nodes = [FakeNode("node1", tokens="aa"), FakeNode("node2", tokens="bb"), FakeNode("node3")]
+    nodes.append(FakeNode("node4", tokens="aa"))
+    with pytest.raises(dep.DeployError, match=r"token files .* differ between nodes") as e:
+        run(nodes)
+    outcome = {v.node: v.outcome for v in e.value.nodes}
+    # node2 is the odd one out; node3 (an older node, no fingerprint) is not compared
+    assert outcome == {
+        "node1": "accepted",
+        "node2": "refused",
+        "node3": "accepted",
+        "node4": "accepted",
+    }
+    assert "node1, node4" in str(e.value) and "copy the same files" in str(e.value)
+    assert all(n.log == ["prepare", "abort"] for n in nodes)
+    same = [FakeNode("node1", tokens="aa"), FakeNode("node2", tokens="aa"), FakeNode("node3")]
+    assert run(same).ok
+
+
+API = '\n[api]\ntoken_file = "api.token"\n'
+
+
+def test_the_api_tokens_and_limits_are_live_where_it_listens_is_not(farm_dir: Path) -> None:
+    for name in ("api.token", "api.next"):
+        (farm_dir / name).write_text(name * 8)
+        (farm_dir / name).chmod(0o600)
+    old = load(FARM + API, farm_dir)
+    step1 = load(FARM + API + 'next_token_file = "api.next"\nmax_connections = 64\n', farm_dir)
+    live, restart = dep.classify(old, step1)
+    assert restart == [] and live == ["api.max_connections", "api.next_token_file"]
+    step2 = load(FARM + API.replace("api.token", "api.next") + "header_timeout_s = 2\n", farm_dir)
+    live, restart = dep.classify(step1, step2)
+    assert restart == []
+    assert live == [
+        "api.header_timeout_s",
+        "api.max_connections",
+        "api.next_token_file",
+        "api.token_file",
+    ]
+    moved = load(FARM + API + "port = 9011\n", farm_dir)
+    assert dep.classify(old, moved)[1] == ["api.port"]
+    assert dep.classify(load(FARM, farm_dir), old)[1] != []  # adding the API: a restart

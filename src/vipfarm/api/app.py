@@ -7,11 +7,16 @@ Theory of operation
 socket calls, so both transports always do the same thing. The app holds no state of its own.
 
 Authentication: every route under `/api/v1` and `/metrics` needs `Authorization: Bearer
-<token>`, compared with `hmac.compare_digest`. No (or a malformed) header: 401 with
-`WWW-Authenticate: Bearer`; a wrong token: 403. Both are decided before the handler runs, so
-neither can change anything. `/metrics` may be made public (`api.metrics_public`); the OpenAPI
+<token>`. `RequestGuard` (`vipfarm.api.guard`), the outermost middleware, checks it before the
+application or any handler runs and before the body is read: no (or a malformed) header is
+401 with `WWW-Authenticate: Bearer`, a wrong token 403, so neither can change anything or cost
+the body. It also refuses a node API version this node cannot speak (400) and a body over
+`api.max_body_bytes` (413). `/metrics` may be made public (`api.metrics_public`); the OpenAPI
 schema (`/openapi.json`) is always public, as it holds no data. The interactive `/docs` page is
-off: it would load its scripts from a CDN.
+off: it would load its scripts from a CDN. The bearer dependency left on the routes only
+declares the scheme in the schema.
+
+Live log streams hold a slot each while they run: over `api.max_log_streams` a new one is 503.
 
 Errors all have one body (`ErrorBody`): 409 when the node cannot do what was asked in its
 current state or a node refused a deployment (the body names the nodes), 422 for invalid input,
@@ -23,8 +28,7 @@ inside the service; the live log stream polls its file from the loop with thread
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -37,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vipfarm import __version__
 from vipfarm.api import logs as logfiles
+from vipfarm.api.guard import PREFIX, Counters, Limits, RequestGuard, Tokens
 from vipfarm.api.models import (
     AbortRequest,
     Ack,
@@ -61,62 +66,50 @@ from vipfarm.config.problems import ConfigError
 from vipfarm.node.control import ControlError
 from vipfarm.node.deploy import DeployError
 
-PREFIX = "/api/v1"
-# The largest request body taken: a farm configuration of thousands of rules is well below it.
-MAX_BODY = 4 * 1024 * 1024
+# The largest request body taken by default (`api.max_body_bytes`).
+MAX_BODY = Limits.max_body_bytes
 
 
-class _TooLarge(Exception):
-    pass
+class _Streams:
+    """Live log streams: at most `limits.max_log_streams` at once, each holding a slot from
+    its handler until its response ends (however it ends)."""
+
+    def __init__(self, limits: Limits, counters: Counters) -> None:
+        self.limits = limits
+        self.counters = counters
+
+    def take(self) -> None:
+        if self.counters.log_streams >= self.limits.max_log_streams:
+            self.counters.count("max_log_streams")
+            raise HTTPException(
+                503,
+                f"{self.counters.log_streams} log streams are open already, the most this node "
+                f"serves (api.max_log_streams = {self.limits.max_log_streams}): close one "
+                "(another vipfarm log -f) or raise api.max_log_streams",
+            )
+        self.counters.log_streams += 1
+
+    def give_back(self) -> None:
+        self.counters.log_streams -= 1
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes is answered 413 before it is read (by its
-    Content-Length) or as soon as it passes the limit (chunked), so no request can make the
-    manager hold or parse more than that."""
+class _HeldStream(StreamingResponse):
+    """A streaming answer that gives its slot back when it ends, is cancelled or fails."""
 
-    def __init__(self, app: Any, limit: int = MAX_BODY) -> None:
-        self.app = app
-        self.limit = limit
+    def __init__(self, content: AsyncIterator[bytes], streams: _Streams, media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self._streams: _Streams | None = streams
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                await self._refuse(send)
-                return
-        seen = 0
-        started = False
-
-        async def counted() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
-
-        async def watched(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, counted, watched)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
-    async def _refuse(self, send: Any) -> None:
-        resp = _error(413, f"the request body is over {self.limit} bytes: send less")
-        await resp({"type": "http"}, _no_body, send)
-
-
-async def _no_body() -> dict[str, Any]:
-    return {"type": "http.disconnect"}
+    def release(self) -> None:
+        if self._streams is not None:
+            self._streams.give_back()
+            self._streams = None
 
 
 class NodeService(Protocol):
@@ -148,12 +141,14 @@ def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
-        400: "the request body is not JSON",
+        400: "the request body is not JSON, or the caller's node API version (Vipfarm-Api) "
+        "is one this node cannot speak",
         401: "no bearer token",
         403: "wrong token",
         409: "not possible now (the text says why)",
         413: "the request body is over the limit",
         422: "invalid input",
+        503: "over a limit of this node (the text names it)",
     }
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
@@ -165,21 +160,27 @@ _BEARER = HTTPBearer(
 )
 
 
-def bearer_check(token: bytes) -> Callable[..., Any]:
-    async def check(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
-    ) -> None:
-        if creds is None:
-            raise HTTPException(
-                401, "authentication required: send Authorization: Bearer <token of api.token_file>"
-            )
-        if not hmac.compare_digest(creds.credentials.encode(), token):
-            raise HTTPException(403, "wrong token: use the farm's api.token_file")
-
-    return check
+async def _documented_only(
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+) -> None:
+    """Declares the bearer scheme in the OpenAPI schema; `RequestGuard` has already checked
+    the token by the time a route runs (before the body was read)."""
 
 
-def create_app(service: NodeService, token: bytes, *, metrics_public: bool = False) -> FastAPI:
+def create_app(
+    service: NodeService,
+    token: bytes | Tokens,
+    *,
+    metrics_public: bool = False,
+    limits: Limits | None = None,
+    counters: Counters | None = None,
+    node: str = "this node",
+) -> FastAPI:
+    """The app; `token` may be a `Tokens` the caller keeps to change them live, as `limits`."""
+    tokens = token if isinstance(token, Tokens) else Tokens(token)
+    limits = limits or Limits()
+    counters = counters or Counters()
+    streams = _Streams(limits, counters)
     app = FastAPI(
         title="vipfarm node API",
         version=__version__,
@@ -188,9 +189,24 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(BodyLimit)
-    auth = Depends(bearer_check(token))
-    api = APIRouter(prefix=PREFIX, dependencies=[auth], responses=_responses(400, 401, 403, 422))
+
+    def public(path: str) -> bool:
+        if path.startswith(PREFIX):
+            return False
+        return path != "/metrics" or metrics_public
+
+    app.add_middleware(
+        RequestGuard,
+        tokens=tokens,
+        limits=limits,
+        counters=counters,
+        public=public,
+        node=node,
+    )
+    auth = Depends(_documented_only)
+    api = APIRouter(
+        prefix=PREFIX, dependencies=[auth], responses=_responses(400, 401, 403, 413, 422)
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -258,7 +274,10 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         "/logs/stream",
         summary="follow a log: new lines as they are written (text/plain, never ends)",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_responses(503),
+        },
     )
     async def stream(query: Annotated[StreamQuery, Query()]) -> StreamingResponse:
         path = service.log_path(query.log)
@@ -267,7 +286,8 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
             async for chunk in logfiles.follow(path, query.offset, lambda: service.closing):
                 yield chunk
 
-        return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+        streams.take()
+        return _HeldStream(lines(), streams, media_type="text/plain; charset=utf-8")
 
     @api.get("/config", summary="the running configuration, its version and digest")
     async def get_config() -> ConfigInfo:

@@ -1,10 +1,18 @@
 """HTTP clients of the node API: `ApiClient` (blocking, for the CLI) and `PeerClient` (asyncio,
 for nodes talking to each other: deployment, rejoin sync, the farm view).
 
-Both send the bearer token and parse answers into the models of `vipfarm.api.models`. The CLI's
+Both send the bearer token and the node API version they speak (`Vipfarm-Api`,
+`vipfarm.api.guard`), and parse answers into the models of `vipfarm.api.models`. The CLI's
 client raises `ApiError` for an error answer (status and `ErrorBody`) and `Unreachable` when no
 answer came; the peer client raises `Refused` for an error answer and `Unreachable` otherwise,
 which is what the deployment coordinator needs.
+
+Token rotation (docs/API.md): the peer client holds the farm's accepted tokens, the next one of
+a rotation first. A peer that refuses one (401/403) is asked again with the next, and the token
+it took is remembered for it. This is safe because a node decides authentication before it
+reads the body or runs anything, so a refused request did nothing; and it needs no knowledge of
+which configuration each peer runs, so it works whatever order the nodes apply a deployment in,
+and for a node that was down during it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from vipfarm.api.guard import API_VERSION, VERSION_HEADER
 from vipfarm.api.models import (
     AbortRequest,
     Ack,
@@ -129,7 +138,7 @@ class ApiClient:
         self.url = url
         self._http = httpx.Client(
             base_url=url,
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {token}", VERSION_HEADER: str(API_VERSION)},
             verify=verify,
             timeout=httpx.Timeout(timeout, connect=5.0),
         )
@@ -190,15 +199,25 @@ class ApiClient:
 
 
 class PeerClient:
-    """Asynchronous client the daemon uses to reach the other nodes' APIs."""
+    """Asynchronous client the daemon uses to reach the other nodes' APIs.
+
+    `tokens` are tried in order (the next token of a rotation first); see the module docstring.
+    """
 
     def __init__(
-        self, token: str, *, port: int, tls: bool, verify: ssl.SSLContext | bool = True
+        self,
+        tokens: str | list[str],
+        *,
+        port: int,
+        tls: bool,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.port = port
         self.scheme = "https" if tls else "http"
+        self.tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        self._worked: dict[IPAddress, str] = {}  # the token each peer took last
         self._http = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {token}"},
+            headers={VERSION_HEADER: str(API_VERSION)},
             timeout=PEER_TIMEOUT,
             # retries: a refused or timed-out connect only, never a request that was sent
             transport=httpx.AsyncHTTPTransport(
@@ -206,8 +225,20 @@ class PeerClient:
             ),
         )
 
+    def set_tokens(self, tokens: list[str]) -> None:
+        """A deployment changed the farm's tokens: forget which one each peer took."""
+        if tokens != self.tokens:
+            self.tokens = list(tokens)
+            self._worked.clear()
+
     def url(self, addr: IPAddress, path: str) -> str:
         return f"{self.scheme}://{_host(addr)}:{self.port}/api/v1{path}"
+
+    def _order(self, addr: IPAddress) -> list[str]:
+        first = self._worked.get(addr)
+        if first is None or first not in self.tokens:
+            return self.tokens
+        return [first, *(t for t in self.tokens if t != first)]
 
     async def call(
         self,
@@ -223,16 +254,30 @@ class PeerClient:
             kw["json"] = body.model_dump(mode="json")
         if timeout is not None:
             kw["timeout"] = httpx.Timeout(timeout, connect=min(timeout, 2.0))
-        try:
-            resp = await self._http.request(method, self.url(addr, path), **kw)
-        except httpx.TransportError as e:
-            raise Unreachable(f"{addr}: {str(e) or type(e).__name__}") from None
-        if resp.status_code >= 500:
-            raise Unreachable(f"{addr}: HTTP {resp.status_code}")
-        if resp.status_code in (401, 403):
+        for token in self._order(addr):
+            try:
+                resp = await self._http.request(
+                    method,
+                    self.url(addr, path),
+                    headers={"Authorization": f"Bearer {token}"},
+                    **kw,
+                )
+            except httpx.TransportError as e:
+                raise Unreachable(f"{addr}: {str(e) or type(e).__name__}") from None
+            if resp.status_code not in (401, 403):
+                self._worked[addr] = token
+                break
+        else:
+            many = len(self.tokens) > 1
             raise Refused(
-                f"its API refused our token (HTTP {resp.status_code}): the nodes' "
-                "api.token_file contents differ"
+                f"its API refused our {'tokens' if many else 'token'} (HTTP {resp.status_code}): "
+                "the nodes' api.token_file contents differ"
+                + (" (and api.next_token_file's)" if many else "")
+            )
+        if resp.status_code >= 500:
+            detail = _error_body(resp).detail if resp.status_code == 503 else ""
+            raise Unreachable(
+                f"{addr}: HTTP {resp.status_code}" + (f": {detail}" if detail else "")
             )
         if resp.status_code >= 400:
             raise Refused(str(ApiError(resp.status_code, _error_body(resp))))

@@ -166,6 +166,12 @@ class PrepareReply(_Model):
     version: int
     digest: str
     changes: list[str]
+    tokens: str | None = Field(
+        default=None,
+        description="fingerprint of the API tokens the node would accept with this "
+        "configuration, so that the coordinator can refuse token files that differ between "
+        "nodes (none from nodes that predate it)",
+    )
 
 
 class CommitRequest(_Request):

@@ -228,15 +228,29 @@ class ApiSection(Strict):
     port: int = Field(default=9010, ge=1, le=65535)
     network: NetName | None = None  # default: the first heartbeat network
     token_file: Path
+    next_token_file: Path | None = None  # a rotation under way: accepted too, used first
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
     metrics_public: bool = False
+    # Limits (vipfarm.api.guard): what an unauthenticated caller can hold, and for how long.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+    max_connections: int = Field(default=256, ge=4, le=65536)
+    max_log_streams: int = Field(default=16, ge=0, le=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # At least 3: the nodes reuse their pooled connections to each other for 2 s.
+    keepalive_timeout_s: int = Field(default=5, ge=3, le=3600)
 
     @field_validator("token_file")
     @classmethod
     def _token_file(cls, path: Path, info: ValidationInfo) -> Path:
         return _secret_file(path, info, "token", TOKEN_MIN_BYTES)
+
+    @field_validator("next_token_file")
+    @classmethod
+    def _next_token_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _secret_file(path, info, "token", TOKEN_MIN_BYTES)
 
     @field_validator("cert_file", "ca_file")
     @classmethod
@@ -257,6 +271,17 @@ class ApiSection(Strict):
 
     @model_validator(mode="after")
     def _pair(self) -> ApiSection:
+        if self.next_token_file is not None and self.next_token_file == self.token_file:
+            raise_errors(
+                [
+                    error_at(
+                        ("next_token_file",),
+                        str(self.next_token_file),
+                        "a file other than token_file (the next token of a rotation), or no "
+                        "next_token_file",
+                    )
+                ]
+            )
         if (self.cert_file is None) != (self.key_file is None):
             missing = "key_file" if self.key_file is None else "cert_file"
             raise_errors(
@@ -278,6 +303,12 @@ class ApiSection(Strict):
     def token(self) -> bytes:
         """The bearer token callers must present (see `key_bytes`)."""
         return key_bytes(self.token_file.read_bytes())
+
+    def next_token(self) -> bytes | None:
+        """The next token of a rotation under way, accepted as well as `token()`."""
+        if self.next_token_file is None:
+            return None
+        return key_bytes(self.next_token_file.read_bytes())
 
 
 class FarmConfig(Strict):

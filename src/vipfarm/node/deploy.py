@@ -26,8 +26,9 @@ daemon). A dry run stops after the prepare phase.
 
 What can change live and what cannot: see `LIVE_KEYS` and docs/API.md. Everything that the
 heartbeat protocol or the node's identity depends on (farm name, key, buckets, seed, timing,
-networks, the node list, names, addresses, interfaces) and the application module and the API
-section need a restart of every daemon, which a deployment refuses with the list of keys.
+networks, the node list, names, addresses, interfaces), the application module and where and
+how the API listens (port, network, TLS) need a restart of every daemon, which a deployment
+refuses with the list of keys. The API's tokens and limits change live.
 """
 
 from __future__ import annotations
@@ -63,7 +64,20 @@ PREPARE_TTL_S = 30.0
 HEADER_PREFIX = "# vipfarm config version "
 _HEADER_RE = re.compile(r"^# vipfarm config version (\d+)\b[^\n]*(?:\n|$)")
 # Keys whose change is applied without a restart (a key matches itself and everything under it).
-LIVE_KEYS = ("rule", "drain", "node[*].weight")
+LIVE_KEYS = (
+    "rule",
+    "drain",
+    "node[*].weight",
+    # the API's tokens (a rotation, docs/API.md) and limits; not where or how it listens
+    "api.token_file",
+    "api.next_token_file",
+    "api.max_body_bytes",
+    "api.max_connections",
+    "api.max_log_streams",
+    "api.header_timeout_s",
+    "api.body_timeout_s",
+    "api.keepalive_timeout_s",
+)
 
 T = TypeVar("T")
 
@@ -284,6 +298,32 @@ async def _settle(aw: Awaitable[T]) -> T | Exception:
         return Refused(f"unexpected error: {e!r}")
 
 
+def _token_mismatch(
+    prepared: Sequence[tuple[Participant, PrepareReply]], verdicts: list[NodeVerdict]
+) -> list[NodeVerdict]:
+    """Nodes whose API token files differ (their prepare replies' fingerprints), as refusals:
+    applied, such a deployment would leave nodes unable to authenticate to each other. Nodes
+    that send no fingerprint (older versions) are not compared."""
+    groups: dict[str, list[str]] = {}
+    for p, r in prepared:
+        if r.tokens is not None:
+            groups.setdefault(r.tokens, []).append(p.name)
+    if len(groups) < 2:
+        return []
+    sets = "; ".join(", ".join(names) for names in sorted(groups.values()))
+    message = (
+        f"the API token files (api.token_file, api.next_token_file) differ between nodes "
+        f"(the same within each group: {sets}): copy the same files to every node"
+    )
+    odd = {n for names in sorted(groups.values(), key=len)[:-1] for n in names}
+    blocking = []
+    for i, v in enumerate(verdicts):
+        if v.node in odd:
+            verdicts[i] = NodeVerdict(node=v.node, outcome="refused", message=message)
+            blocking.append(verdicts[i])
+    return blocking
+
+
 async def coordinate(
     body: str, origin: str, participants: Sequence[Participant], *, dry_run: bool = False
 ) -> DeployResult:
@@ -311,6 +351,8 @@ async def coordinate(
             v = NodeVerdict(node=p.name, outcome=outcome, message=str(r))
             verdicts.append(v)
             blocking.append(v)
+    if not blocking:
+        blocking = _token_mismatch(prepared, verdicts)
     if blocking or dry_run:
         abort = AbortRequest(deploy_id=deploy_id)
         await asyncio.gather(*(_settle(p.abort(abort)) for p, _ in prepared))

@@ -23,6 +23,10 @@ its own, which the manager talks to over the local channel (`vipfarm.node.channe
 * Deployments are prepared and committed here (`vipfarm.node.deploy`); the live part goes to the
   pulse (`ApplyConfig`: rules and VIPs with the leases kept, and the weight), then the file is
   rewritten with its new version.
+* The API's tokens and limits are objects the API reads on every request and connection
+  (`vipfarm.api.guard`); a deployment that changes them replaces their contents once the
+  file is written, so a token rotation needs no restart. Node-to-node calls send the next
+  token of a rotation first (`vipfarm.api.client.PeerClient`).
 * SIGTERM drains: leave, wait for `buckets_given_away`, let connections finish, stop the
   application, tell the pulse `Stopped` then `Shutdown`, exit.
 """
@@ -43,6 +47,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from vipfarm.api.guard import Counters, Limits, Tokens, fingerprint
 from vipfarm.api.models import (
     AbortRequest,
     Ack,
@@ -234,6 +239,10 @@ class Manager:
             mutating={"start", "stop", "deploy", "snapshot"},
         )
         self.api_server: Any = None  # vipfarm.api.server.ApiServer, imported only when used
+        # What the API reads live: deployments change them in place (tokens, limits).
+        self.api_tokens = Tokens(b"")
+        self.api_limits = Limits()
+        self.api_counters = Counters()
         self.peers_http: Any = None  # vipfarm.api.client.PeerClient
         self._prepared = dep.PreparedSlot()
         self._config_lock = asyncio.Lock()
@@ -290,16 +299,31 @@ class Manager:
 
         addr = self.config.api_address(self.node)
         assert addr is not None
-        token = api.token()
         try:
-            text_token = token.decode("ascii")
-        except UnicodeDecodeError:
-            raise ManagerError(
-                f"the API token in {api.token_file} is not ASCII text: a bearer token must be "
-                "(e.g. head -c 32 /dev/urandom | base64)"
-            ) from None
-        app = create_app(self, token, metrics_public=api.metrics_public)
-        server = ApiServer(app, addr, api.port, cert_file=api.cert_file, key_file=api.key_file)
+            current, upcoming = _api_tokens(self.config)
+        except ControlError as e:
+            raise ManagerError(str(e)) from None
+        self.api_tokens.set(current, upcoming)
+        self._set_api_limits(self.config)
+        app = create_app(
+            self,
+            self.api_tokens,
+            metrics_public=api.metrics_public,
+            limits=self.api_limits,
+            counters=self.api_counters,
+            node=f"node {self.node.name}",
+        )
+        peers = [self.config.api_address(n) for n in self.config.nodes]
+        server = ApiServer(
+            app,
+            addr,
+            api.port,
+            cert_file=api.cert_file,
+            key_file=api.key_file,
+            limits=self.api_limits,
+            counters=self.api_counters,
+            peers=[p for p in peers if p is not None],
+        )
         try:
             await server.start()
         except OSError as e:
@@ -309,7 +333,40 @@ class Manager:
             ) from e
         self.api_server = server
         self.peers_http = PeerClient(
-            text_token, port=api.port, tls=api.tls, verify=tls_verify(api.ca_file, False)
+            _peer_tokens(self.api_tokens),
+            port=api.port,
+            tls=api.tls,
+            verify=tls_verify(api.ca_file, False),
+        )
+
+    def _set_api_limits(self, config: FarmConfig) -> None:
+        """The `[api]` limits into the object the running API reads them from (live)."""
+        api = config.api
+        if api is None:
+            return
+        for name in (
+            "max_body_bytes",
+            "max_connections",
+            "max_log_streams",
+            "header_timeout_s",
+            "body_timeout_s",
+            "keepalive_timeout_s",
+        ):
+            setattr(self.api_limits, name, getattr(api, name))
+
+    def _set_api_tokens(self, tokens: tuple[bytes, bytes | None]) -> None:
+        """A deployment changed the tokens: the API accepts, and the peer client sends, the
+        new set from the next request on."""
+        if tokens == (self.api_tokens.current, self.api_tokens.next):
+            return
+        self.api_tokens.set(*tokens)
+        if self.peers_http is not None:
+            self.peers_http.set_tokens(_peer_tokens(self.api_tokens))
+        event(
+            self.module_log,
+            "api_tokens_changed",
+            accepted=len(self.api_tokens.accepted),
+            rotating=self.api_tokens.next is not None,
         )
 
     async def _stop_api(self) -> None:
@@ -603,10 +660,11 @@ class Manager:
         path = self._need_file()
         _, body = dep.split_version(req.text)  # a copy from `config get` carries an old one
         # The file itself first, so that a broken file is a clear 422 before any node is asked.
-        await asyncio.to_thread(
+        new = await asyncio.to_thread(
             parse_config, body, base_dir=path.parent, source="the deployed configuration"
         )
         alive = {n.node: n.alive for n in (await self.status()).farm}
+        await self._check_token_retirement(new, alive)
         participants: list[dep.Participant] = [_LocalParticipant(self)]
         for n in self.config.nodes:
             if n.name == self.node.name:
@@ -631,12 +689,37 @@ class Manager:
         )
         return result
 
+    async def _check_token_retirement(self, new: FarmConfig, alive: dict[str, bool]) -> None:
+        """A deployment that stops accepting a token needs every node up: a node that is down
+        knows only the tokens of its own file, and could never be let back in to fetch the new
+        configuration (rejoin sync)."""
+        if self.api_server is None or new.api is None:
+            return
+        try:
+            kept = {t for t in await asyncio.to_thread(_api_tokens, new) if t is not None}
+        except ControlError:
+            return  # every node's prepare refuses it, with the reason
+        if set(self.api_tokens.accepted) <= kept:
+            return
+        down = sorted(n.name for n in self.config.nodes if not alive.get(n.name, False))
+        if down:
+            raise ControlError(
+                f"this deployment retires an API token (the current api.token_file is no longer "
+                f"accepted) while {', '.join(down)} {'is' if len(down) == 1 else 'are'} down: "
+                "such a node knows only the old token and would be locked out when it comes back. "
+                "Bring it back first (it takes the configuration of the rotation's first step), "
+                "then deploy again"
+            )
+
     async def prepare(self, req: PrepareRequest) -> PrepareReply:
         self._need_file()
         try:
             new, changes = await asyncio.to_thread(self._validate, req.text)
+            # A token the API could not use is refused here, not at commit; its fingerprint
+            # lets the coordinator see token files that differ between nodes.
+            tokens = await asyncio.to_thread(_api_tokens, new) if new.api else None
             self._prepared.hold(req.deploy_id, req.origin, new, req.text, changes)
-        except dep.Refused as e:
+        except (dep.Refused, ControlError) as e:
             event(self.module_log, "config_refused", logging.WARNING, origin=req.origin, why=e)
             raise ControlError(str(e)) from None
         return PrepareReply(
@@ -644,6 +727,7 @@ class Manager:
             version=self.config_version,
             digest=dep.digest(req.text),
             changes=changes,
+            tokens=fingerprint(tokens) if tokens else None,
         )
 
     async def commit(self, req: CommitRequest) -> CommitReply:
@@ -676,6 +760,8 @@ class Manager:
         """Apply the live part, then write the file; on failure put the old state back."""
         path = self._need_file()
         old = self.config
+        # Read before anything changes: a token file gone since the prepare fails the commit.
+        tokens = await asyncio.to_thread(_api_tokens, new) if self.api_server else None
         await self._apply_live(new)
         text = dep.with_version(body, version, origin)
         try:
@@ -684,6 +770,9 @@ class Manager:
             await self._apply_live(old)
             raise ControlError(f"cannot write {path}: {e.strerror}") from None
         self.config_text, self.config_version, self.config_digest = text, version, dep.digest(body)
+        if tokens is not None:
+            self._set_api_tokens(tokens)
+            self._set_api_limits(new)
         event(
             self.module_log,
             "config_applied",
@@ -774,8 +863,42 @@ class Manager:
                 events=data["core_events"],
                 flows=flows,
                 checkers=self.supervisor.checker_results(),
+                api_refused=dict(self.api_counters.refused),
+                api_connections=self.api_counters.connections,
+                api_log_streams=self.api_counters.log_streams,
             )
         )
+
+
+def _api_tokens(config: FarmConfig) -> tuple[bytes, bytes | None]:
+    """(token, next token) of `config`'s `[api]`; ControlError names the file and the fix.
+    Blocking (reads the files)."""
+    api = config.api
+    if api is None:
+        return b"", None
+    tokens: list[bytes | None] = []
+    for key, path, read in (
+        ("api.token_file", api.token_file, api.token),
+        ("api.next_token_file", api.next_token_file, api.next_token),
+    ):
+        try:
+            token = read()
+        except OSError as e:
+            raise ControlError(f"cannot read {key} {path}: {e.strerror}") from None
+        if token is not None and not token.isascii():
+            raise ControlError(
+                f"the API token in {path} ({key}) is not ASCII text: a bearer token must be "
+                "(e.g. head -c 32 /dev/urandom | base64)"
+            )
+        tokens.append(token)
+    assert tokens[0] is not None
+    return tokens[0], tokens[1]
+
+
+def _peer_tokens(tokens: Tokens) -> list[str]:
+    """What the node sends its peers, in order: the next token of a rotation first, since
+    the current one is the one about to be retired."""
+    return [t.decode("ascii") for t in reversed(tokens.accepted)]
 
 
 class _LocalParticipant:

@@ -53,6 +53,9 @@ class NodeFacts:
     events: Mapping[str, int] = field(default_factory=dict)
     flows: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (rule, verdict)
     checkers: Iterable[tuple[str, bool, bool | None]] = ()  # (name, healthy, last probe ok)
+    api_refused: Mapping[str, int] = field(default_factory=dict)  # reason -> count
+    api_connections: int = 0
+    api_log_streams: int = 0
 
 
 def rule_label(rule: Rule) -> str:
@@ -161,6 +164,20 @@ class _FactsCollector(Collector):
                 ok.add_metric([name], 1.0 if last else 0.0)
         yield healthy
         yield ok
+        yield _counter(
+            "vipfarm_api_refused",
+            "API requests and connections refused or closed, by reason (no_token, "
+            "wrong_token, bad_version, body_too_large, max_connections, max_log_streams, "
+            "header_timeout, body_timeout, tls_handshake, bad_request)",
+            ["reason"],
+            f.api_refused,
+        )
+        yield GaugeMetricFamily(
+            "vipfarm_api_connections", "open connections to the API", value=f.api_connections
+        )
+        yield GaugeMetricFamily(
+            "vipfarm_api_log_streams", "live log streams being served", value=f.api_log_streams
+        )
 
 
 def _counter(
