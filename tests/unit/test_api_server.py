@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import ssl
-import statistics
 import subprocess
 import tempfile
 import time
@@ -104,25 +103,29 @@ def test_serves_in_the_loop_and_leaves_signal_handlers_alone() -> None:
     asyncio.run(scenario())
 
 
-def test_small_answers_do_not_wait_for_a_delayed_ack() -> None:
-    """Without TCP_NODELAY on accepted connections a small answer's body waits for the ACK of
-    its headers: about 40 ms per request instead of about 1."""
+def test_accepted_connections_do_not_wait_for_a_delayed_ack() -> None:
+    """Without TCP_NODELAY on accepted connections a small answer's body waits for the client's
+    delayed ACK of its headers: about 40 ms per request instead of about 1. Checked on the
+    server's own socket rather than timed, so a loaded machine cannot fail it."""
 
-    async def scenario() -> float:
+    async def scenario() -> list[int]:
         server = ApiServer(hello_app(), LOOPBACK, free_port())
         await server.start()
         try:
             async with httpx.AsyncClient() as client:
-                took = []
-                for _ in range(20):
-                    t0 = time.perf_counter()
-                    await client.get(f"{server.url}/hello")
-                    took.append(time.perf_counter() - t0)
-            return statistics.median(took)
+                assert (await client.get(f"{server.url}/hello")).status_code == 200
+                # the keep-alive connection is still open: read its option on the server side
+                return [
+                    conn.transport.get_extra_info("socket").getsockopt(
+                        socket.IPPROTO_TCP, socket.TCP_NODELAY
+                    )
+                    for conn in server._server.server_state.connections
+                ]
         finally:
             await server.stop()
 
-    assert asyncio.run(scenario()) < 0.02
+    options = asyncio.run(scenario())
+    assert options and all(options), options
 
 
 def test_tls_with_the_configured_certificate(cert: tuple[Path, Path]) -> None:
