@@ -34,11 +34,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from vipfarm.config.fields import Address, NetName, NodeName, Strict, base_dir
 from vipfarm.config.modules import ModuleSection, resolve_app
 from vipfarm.config.problems import ConfigError, Loc, Problem, error_at, raise_errors, relocate
+from vipfarm.config.secrets import FileRefused, create_hint, key_bytes, read_capped, read_secret
 from vipfarm.datapath.spec import Affinity, DatapathSpec, IPAddress, Proto, Rule
 from vipfarm.supervisor.spec import AppSpec
 
@@ -52,41 +53,57 @@ __all__ = [
     "RuleSection",
     "TimingSection",
     "key_bytes",
+    "secret_file",
 ]
 
 KEY_MIN_BYTES = 32
 TOKEN_MIN_BYTES = 16
-
-
-def key_bytes(data: bytes) -> bytes:
-    """The key in a key file: its bytes without one final line ending, so that a key written
-    with or without a newline by an editor is the same key; binary keys work too."""
-    for ending in (b"\r\n", b"\n"):
-        if data.endswith(ending):
-            return data[: -len(ending)]
-    return data
+# Caps on what is read of each file (see vipfarm.config.secrets): far above any real one, far
+# below what would hurt; a bigger file is refused as not what its key says it is.
+KEY_MAX_BYTES = 4096
+TOKEN_MAX_BYTES = 4096  # it travels in an HTTP header
+TLS_KEY_MAX_BYTES = 64 * 1024
+PEM_MAX_BYTES = 4 * 1024 * 1024  # a CA bundle (the system's is about 200 KiB)
 
 
 def _in_config_dir(path: Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() else base_dir(info) / path
 
 
-def _secret_file(path: Path, info: ValidationInfo, what: str, min_bytes: int) -> Path:
-    """A file holding a secret: readable by us, by nobody else, long enough."""
+def _refused(message: str) -> PydanticCustomError:
+    # The message names the file and the fix; the value as written would only repeat it.
+    return PydanticCustomError("vipfarm", "{expected}", {"expected": message, "show_value": False})
+
+
+def secret_file(
+    path: Path,
+    info: ValidationInfo,
+    *,
+    what: str,
+    min_bytes: int,
+    max_bytes: int,
+    text: bool = False,
+) -> Path:
+    """Validate a key, token or TLS key file named in the farm file (for a field validator):
+    relative to the file's directory, a secret file (`vipfarm.config.secrets.read_secret`) of
+    `min_bytes` to `max_bytes` (one final line ending excluded); `text`: printable ASCII only,
+    as a bearer token must be. Returns the absolute path."""
     path = _in_config_dir(path, info)
     try:
-        st = path.stat()
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(
-            f"a readable {what} file ({exc.strerror}); create one with: "
-            f"head -c 32 /dev/urandom | base64 > {path}; chmod 600 {path}"
-        ) from None
-    if st.st_mode & 0o004:
-        raise ValueError(f"a {what} file that others cannot read: chmod 600 {path}")
-    if len(key_bytes(data)) < min_bytes:
-        raise ValueError(
-            f"a {what} of at least {min_bytes} bytes, {path} has {len(key_bytes(data))}"
+        data = key_bytes(read_secret(path, what=what, max_bytes=max_bytes))
+    except FileRefused as exc:
+        raise _refused(str(exc)) from None
+    if len(data) < min_bytes:
+        raise _refused(
+            f"{path} holds {len(data)} bytes: a {what} must be at least {min_bytes} random "
+            f"bytes: create one with: {create_hint(path)}"
+        )
+    bad = next((i for i, b in enumerate(data) if not 0x21 <= b <= 0x7E), None) if text else None
+    if bad is not None:
+        raise _refused(
+            f"{path} holds byte 0x{data[bad]:02x} at offset {bad}: a {what} must be printable "
+            f"ASCII without spaces, as it travels in an HTTP header: create one with: "
+            f"{create_hint(path)}"
         )
     return path
 
@@ -115,7 +132,9 @@ class FarmSection(Strict):
     @field_validator("key_file")
     @classmethod
     def _key_file(cls, path: Path, info: ValidationInfo) -> Path:
-        return _secret_file(path, info, "key", KEY_MIN_BYTES)
+        return secret_file(
+            path, info, what="farm key", min_bytes=KEY_MIN_BYTES, max_bytes=KEY_MAX_BYTES
+        )
 
 
 class TimingSection(Strict):
@@ -236,7 +255,14 @@ class ApiSection(Strict):
     @field_validator("token_file")
     @classmethod
     def _token_file(cls, path: Path, info: ValidationInfo) -> Path:
-        return _secret_file(path, info, "token", TOKEN_MIN_BYTES)
+        return secret_file(
+            path,
+            info,
+            what="API token",
+            min_bytes=TOKEN_MIN_BYTES,
+            max_bytes=TOKEN_MAX_BYTES,
+            text=True,
+        )
 
     @field_validator("cert_file", "ca_file")
     @classmethod
@@ -245,15 +271,19 @@ class ApiSection(Strict):
             return None
         path = _in_config_dir(path, info)
         try:
-            path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"a readable PEM file ({exc.strerror}: {path})") from None
+            read_capped(path, what="PEM certificate", max_bytes=PEM_MAX_BYTES)
+        except FileRefused as exc:
+            raise _refused(str(exc)) from None
         return path
 
     @field_validator("key_file")
     @classmethod
     def _tls_key(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        return None if path is None else _secret_file(path, info, "TLS key", 1)
+        if path is None:
+            return None
+        return secret_file(
+            path, info, what="TLS private key", min_bytes=1, max_bytes=TLS_KEY_MAX_BYTES
+        )
 
     @model_validator(mode="after")
     def _pair(self) -> ApiSection:
@@ -276,8 +306,9 @@ class ApiSection(Strict):
         return self.cert_file is not None
 
     def token(self) -> bytes:
-        """The bearer token callers must present (see `key_bytes`)."""
-        return key_bytes(self.token_file.read_bytes())
+        """The bearer token callers must present (see `key_bytes`), read again with the checks
+        of validation; raises FileRefused."""
+        return key_bytes(read_secret(self.token_file, what="API token", max_bytes=TOKEN_MAX_BYTES))
 
 
 class FarmConfig(Strict):
@@ -461,5 +492,6 @@ class FarmConfig(Strict):
         return self.node(self._name(node)).address[net]
 
     def key(self) -> bytes:
-        """The farm's shared HMAC key (see `key_bytes`)."""
-        return key_bytes(self.farm.key_file.read_bytes())
+        """The farm's shared HMAC key (see `key_bytes`), read again with the checks of
+        validation; raises FileRefused."""
+        return key_bytes(read_secret(self.farm.key_file, what="farm key", max_bytes=KEY_MAX_BYTES))
