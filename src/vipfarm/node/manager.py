@@ -290,7 +290,10 @@ class Manager:
 
         addr = self.config.api_address(self.node)
         assert addr is not None
-        token = api.token()
+        try:
+            token = api.token()
+        except ValueError as e:  # FileRefused: the file changed since it was validated
+            raise ManagerError(f"api.token_file: {e}") from None
         try:
             text_token = token.decode("ascii")
         except UnicodeDecodeError:
