@@ -37,7 +37,7 @@ from vipfarm.config.schema import FarmConfig
 REPO = Path(__file__).resolve().parents[2]
 
 FUZZ = settings(
-    max_examples=120,
+    max_examples=80,
     derandomize=True,
     database=None,
     deadline=None,
@@ -315,7 +315,7 @@ def test_mutated_text_gives_a_config_or_problems(farm_dir: Path, text: str) -> N
     assert_config_or_problems(farm_dir, text)
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=30)
 @given(text=st.one_of(mutated_text(), mutated_data().map(toml_doc), documents.map(toml_doc)))
 def test_config_check_exits_0_or_2_without_a_traceback(farm_dir: Path, text: str) -> None:
     path = farm_dir / "check.toml"
@@ -326,16 +326,38 @@ def test_config_check_exits_0_or_2_without_a_traceback(farm_dir: Path, text: str
     assert "Traceback" not in res.output
 
 
+@pytest.fixture(scope="module")
+def api(farm_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(FakeNode(farm_dir), TOKEN)) as client:
+        yield client
+
+
 @settings(FUZZ, max_examples=30)
 @given(text=st.one_of(mutated_text(), mutated_data().map(toml_doc), documents.map(toml_doc)))
-def test_the_api_answers_invalid_files_with_422(farm_dir: Path, text: str) -> None:
-    with TestClient(create_app(FakeNode(farm_dir), TOKEN)) as client:
-        resp = client.put(
-            "/api/v1/config",
-            json={"text": text},
-            headers={"Authorization": "Bearer " + TOKEN.decode()},
-        )
+def test_the_api_answers_invalid_files_with_422(api: TestClient, text: str) -> None:
+    resp = api.put(
+        "/api/v1/config", json={"text": text}, headers={"Authorization": "Bearer " + TOKEN.decode()}
+    )
     # The fake refuses every valid file with 409 (see FakeNode.deploy); an invalid one is 422.
     assert resp.status_code in (409, 422), resp.text
     if resp.status_code == 422:
         assert resp.json()["problems"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "9" * 5000,
+        "a = " + "[" * 100_000,
+        "a." * 100_000 + "b = 1",
+        '[farm]\nname = "w\udcffb"\n"\ud800" = 1\n',
+        "\x00\x01\x02",
+        "[farm]\nbuckets = nan\nseed = inf\n",
+    ],
+)
+def test_the_api_answers_what_crashed_the_loader_with_422(api: TestClient, text: str) -> None:
+    # JSON escapes lone surrogates (\\udcff): a client may send what UTF-8 cannot encode.
+    headers = {"Authorization": "Bearer " + TOKEN.decode(), "Content-Type": "application/json"}
+    resp = api.put("/api/v1/config", content=json.dumps({"text": text}), headers=headers)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["problems"]

@@ -60,7 +60,7 @@ def check(
                 f"internal error ({type(exc).__name__}: {exc}): a bug in vipfarm, please report it"
             )
             exc = ConfigError(str(file), [Problem("", why)])
-        err.print(f"[bold red]{escape(exc.source)}: invalid[/]", highlight=False)
+        err.print(f"[bold red]{escape(exc.source)}: invalid[/]", highlight=False, soft_wrap=True)
         for p in exc.problems:
             err.print(f"  {printable(str(p))}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None

@@ -239,7 +239,7 @@ def problems_of(exc: ValidationError, root: type[BaseModel]) -> list[Problem]:
     out: dict[Problem, None] = {}
     errors = exc.errors(include_url=False)
     for i, e in enumerate(errors):
-        if len(out) >= MAX_PROBLEMS:
+        if len(out) >= MAX_PROBLEMS - 1:
             # Rewording (difflib for unknown keys) costs; past the cap only the count matters.
             more = f"and up to {len(errors) - i} more problems: fix those above first"
             return [*out, Problem("...", more)]

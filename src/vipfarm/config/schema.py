@@ -39,7 +39,14 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from vipfarm.config.fields import Address, NetName, NodeName, Strict, base_dir
 from vipfarm.config.modules import ModuleSection, resolve_app
 from vipfarm.config.problems import ConfigError, Loc, Problem, error_at, raise_errors, relocate
-from vipfarm.config.secrets import FileRefused, create_hint, key_bytes, read_capped, read_secret
+from vipfarm.config.secrets import (
+    FileRefused,
+    a,
+    create_hint,
+    key_bytes,
+    read_capped,
+    read_secret,
+)
 from vipfarm.datapath.spec import Affinity, DatapathSpec, IPAddress, Proto, Rule
 from vipfarm.supervisor.spec import AppSpec
 
@@ -64,6 +71,10 @@ KEY_MAX_BYTES = 4096
 TOKEN_MAX_BYTES = 4096  # it travels in an HTTP header
 TLS_KEY_MAX_BYTES = 64 * 1024
 PEM_MAX_BYTES = 4 * 1024 * 1024  # a CA bundle (the system's is about 200 KiB)
+MAX_RULES = 16384
+# Every VIP is on lo, answered by ARP/NDP, and listed in the scripts' VIPFARM_VIPS, one
+# environment string, which the kernel caps at 128 KiB (MAX_ARG_STRLEN): 4,000 IPv6 VIPs.
+MAX_VIPS = 1024
 
 
 def _in_config_dir(path: Path, info: ValidationInfo) -> Path:
@@ -95,13 +106,13 @@ def secret_file(
         raise _refused(str(exc)) from None
     if len(data) < min_bytes:
         raise _refused(
-            f"{path} holds {len(data)} bytes: a {what} must be at least {min_bytes} random "
+            f"{path} holds {len(data)} bytes: {a(what)} must be at least {min_bytes} random "
             f"bytes: create one with: {create_hint(path)}"
         )
     bad = next((i for i, b in enumerate(data) if not 0x21 <= b <= 0x7E), None) if text else None
     if bad is not None:
         raise _refused(
-            f"{path} holds byte 0x{data[bad]:02x} at offset {bad}: a {what} must be printable "
+            f"{path} holds byte 0x{data[bad]:02x} at offset {bad}: {a(what)} must be printable "
             f"ASCII without spaces, as it travels in an HTTP header: create one with: "
             f"{create_hint(path)}"
         )
@@ -318,7 +329,7 @@ class FarmConfig(Strict):
     timing: TimingSection = TimingSection()
     networks: list[NetworkSection] = Field(alias="network", min_length=1, max_length=8)
     nodes: list[NodeSection] = Field(alias="node", min_length=1, max_length=32)
-    rules: list[RuleSection] = Field(alias="rule", min_length=1)
+    rules: list[RuleSection] = Field(alias="rule", min_length=1, max_length=MAX_RULES)
     module: ModuleSection
     drain: DrainSection = DrainSection()
     api: ApiSection | None = None
@@ -328,7 +339,12 @@ class FarmConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FarmConfig:
-        errors = [*self._check_networks(), *self._check_nodes(), *self._check_api()]
+        errors = [
+            *self._check_networks(),
+            *self._check_nodes(),
+            *self._check_api(),
+            *self._check_vips(),
+        ]
         if not errors:
             for node in self.nodes:
                 errors += self._build_node(node)
@@ -344,6 +360,20 @@ class FarmConfig(Strict):
                 errors.append(error_at(("network", i, "name"), net.name, "a unique network name"))
             seen.add(net.name)
         return errors
+
+    def _check_vips(self) -> list[InitErrorDetails]:
+        vips = {r.vip for r in self.rules}
+        if len(vips) <= MAX_VIPS:
+            return []
+        return [
+            error_at(
+                ("rule",),
+                None,
+                f"at most {MAX_VIPS} distinct VIPs, not {len(vips)}: every VIP is held on lo "
+                "and passed to the scripts in VIPFARM_VIPS",
+                show_value=False,
+            )
+        ]
 
     def _check_api(self) -> list[InitErrorDetails]:
         nets = [n.name for n in self.networks]
@@ -418,17 +448,25 @@ class FarmConfig(Strict):
             "seed": ("farm", "seed"),
             "lease_s": ("timing", "lease_ms"),
         }
+        # The rules are the same on every node: checked (overlap included) with the first node
+        # only, so that a file of thousands of rules is not checked 32 times over.
+        first = self._specs.get(self.nodes[0].name) if i > 0 else None
         try:
-            self._specs[node.name] = DatapathSpec(
+            spec = DatapathSpec(
                 farm=self.farm.name,
                 interface=node.interface,
-                rules=[r.rule for r in self.rules],
+                rules=[r.rule for r in (self.rules if i == 0 else self.rules[:1])],
                 buckets=self.farm.buckets,
                 seed=self.farm.seed,
                 lease_s=self.timing.lease_ms / 1000,
             )
         except ValidationError as exc:
             return relocate(exc, lambda loc: spec_keys.get(str(loc[0]), loc))
+        if i > 0:
+            if first is None:
+                return []  # the first node's spec failed: the file is refused with its errors
+            spec = spec.model_copy(update={"rules": first.rules})
+        self._specs[node.name] = spec
         try:
             self._apps[node.name] = resolve_app(
                 self.module, farm=self.farm.name, node=node.name, vips=self.vips

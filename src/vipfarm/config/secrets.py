@@ -36,7 +36,7 @@ from pathlib import Path
 
 from vipfarm.files import file_kind, owner_name
 
-__all__ = ["FileRefused", "create_hint", "key_bytes", "read_capped", "read_secret"]
+__all__ = ["FileRefused", "a", "create_hint", "key_bytes", "read_capped", "read_secret"]
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -52,6 +52,11 @@ def key_bytes(data: bytes) -> bytes:
         if data.endswith(ending):
             return data[: -len(ending)]
     return data
+
+
+def a(what: str) -> str:
+    """`what` with its indefinite article: 'a farm key', 'an API token'."""
+    return f"an {what}" if what[:1].lower() in "aeio" or what.startswith("API") else f"a {what}"
 
 
 def create_hint(path: Path | str) -> str:
@@ -123,7 +128,7 @@ def _read(path: Path, what: str, max_bytes: int, hint: str | None, *, secret: bo
         os.close(fd)
     if size > max_bytes:
         raise FileRefused(
-            f"{shown} is larger than {max_bytes} bytes, too large for a {what}: "
+            f"{shown} is larger than {max_bytes} bytes, too large for {a(what)}: "
             "is it the right file?"
         )
     return b"".join(chunks)
@@ -143,7 +148,7 @@ def _check_access(st: os.stat_result, shown: str, real: Path, what: str) -> None
         who = "root" if euid == 0 else f"root or {owner_name(euid)}"
         to = "root" if euid == 0 else str(euid)
         raise FileRefused(
-            f"{shown} is owned by {owner_name(st.st_uid)}: a {what} must be owned by {who}, "
+            f"{shown} is owned by {owner_name(st.st_uid)}: {a(what)} must be owned by {who}, "
             f"as anyone else could replace it: run chown {to} {real}"
         )
     if st.st_mode & 0o077:
