@@ -297,13 +297,13 @@ def mutated_text(draw: st.DrawFn) -> str:
 # ------------------------------------------------------------------------------ properties
 
 
-@FUZZ
+@settings(FUZZ, max_examples=60)
 @given(doc=documents)
 def test_random_documents_give_a_config_or_problems(farm_dir: Path, doc: dict[str, Any]) -> None:
     assert_config_or_problems(farm_dir, toml_doc(doc))
 
 
-@FUZZ
+@settings(FUZZ, max_examples=60)
 @given(data=mutated_data())
 def test_mutated_data_gives_a_config_or_problems(farm_dir: Path, data: dict[str, Any]) -> None:
     assert_config_or_problems(farm_dir, toml_doc(data))
@@ -315,7 +315,7 @@ def test_mutated_text_gives_a_config_or_problems(farm_dir: Path, text: str) -> N
     assert_config_or_problems(farm_dir, text)
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=25)
 @given(text=st.one_of(mutated_text(), mutated_data().map(toml_doc), documents.map(toml_doc)))
 def test_config_check_exits_0_or_2_without_a_traceback(farm_dir: Path, text: str) -> None:
     path = farm_dir / "check.toml"
@@ -332,7 +332,7 @@ def api(farm_dir: Path) -> Iterator[TestClient]:
         yield client
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=25)
 @given(text=st.one_of(mutated_text(), mutated_data().map(toml_doc), documents.map(toml_doc)))
 def test_the_api_answers_invalid_files_with_422(api: TestClient, text: str) -> None:
     resp = api.put(

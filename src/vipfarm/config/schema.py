@@ -14,6 +14,11 @@ heartbeat network. Then, for every node, it builds the node's data path spec and
   (`port` -> `ports`, `lease_s` -> `timing.lease_ms`).
 * The application is resolved by `vipfarm.config.modules.resolve_app` (macros substituted).
 
+The key, token and TLS key files are checked by `secret_file` (for a field validator, also the
+one for any new secret key): `vipfarm.config.secrets.read_secret` (a regular file owned by root
+with no group or other bits, read with a cap), a minimum length, printable ASCII for a token.
+At most `MAX_RULES` rules on `MAX_VIPS` distinct VIPs.
+
 Every problem of a round is reported at once (see `vipfarm.config.problems`); the built specs
 are kept, so that `datapath_spec(node)` and `app_spec(node)` are lookups.
 """
@@ -73,7 +78,7 @@ TLS_KEY_MAX_BYTES = 64 * 1024
 PEM_MAX_BYTES = 4 * 1024 * 1024  # a CA bundle (the system's is about 200 KiB)
 MAX_RULES = 16384
 # Every VIP is on lo, answered by ARP/NDP, and listed in the scripts' VIPFARM_VIPS, one
-# environment string, which the kernel caps at 128 KiB (MAX_ARG_STRLEN): 4,000 IPv6 VIPs.
+# environment string, which the kernel caps at 128 KiB (MAX_ARG_STRLEN): 3,000 IPv6 VIPs.
 MAX_VIPS = 1024
 
 
