@@ -33,6 +33,7 @@ from vipfarm.cli import app as cli_app
 from vipfarm.config.loading import parse_config
 from vipfarm.config.problems import ConfigError
 from vipfarm.config.schema import FarmConfig
+from vipfarm.node import deploy as dep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -361,3 +362,18 @@ def test_the_api_answers_what_crashed_the_loader_with_422(api: TestClient, text:
     resp = api.put("/api/v1/config", content=json.dumps({"text": text}), headers=headers)
     assert resp.status_code == 422, resp.text
     assert resp.json()["problems"]
+
+
+@settings(FUZZ, max_examples=25)
+@given(text=st.one_of(mutated_text(), mutated_data().map(toml_doc)))
+def test_a_participant_refuses_invalid_files_with_reasons(farm_dir: Path, text: str) -> None:
+    """The prepare path of a deployment (each node's `validate_for_node`): a verdict, either
+    accepted or Refused naming the problems, never another exception (the API's 409)."""
+    running = parse_config(BASE, base_dir=farm_dir, module_path=[])
+    here = [a for n in running.nodes for a in n.address.values()]
+    try:
+        dep.validate_for_node(
+            text, base_dir=farm_dir, node="node1", running=running, local_addresses=lambda: here
+        )
+    except dep.Refused as exc:
+        assert str(exc)
