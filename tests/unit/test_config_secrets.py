@@ -260,7 +260,7 @@ def test_the_farm_file_not_utf8_or_too_large(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("a = " + "9" * 5000, "the file: not a valid farm file: Exceeds the limit (4300 digits)"),
+        ("a = " + "9" * 5000, "the file: not valid TOML: Exceeds the limit (4300 digits)"),
         ("a = " + "[" * 100_000, "line 1: values nested more than 16 deep"),
         ("a = " + "{b = " * 100_000, "line 1: values nested more than 16 deep"),
         ("\n" + "a." * 100_000 + "b = 1", "line 2: a dotted key of more than 8 parts"),
@@ -414,6 +414,17 @@ def test_a_script_by_absolute_path_is_checked(farm_dir: Path) -> None:
     (p,) = problems(farm_dir, text)
     assert p.startswith("module.force_stop: a script only root can change: ")
     assert p.endswith(f"run chmod go-w {script}")
+
+
+def test_a_hostile_module_file(farm_dir: Path) -> None:
+    f = farm_dir / "modules" / "testmod" / "module.toml"
+    f.write_text("a." * 100_000 + "b = 1\n")
+    (p,) = problems(farm_dir)
+    assert p.startswith("module.name: bad value 'testmod': expected a valid ")
+    assert p.endswith(
+        "module.toml: line 1: a dotted key of more than 8 parts: a farm file needs 3 at most "
+        "(module.restart.max)"
+    )
 
 
 def test_the_module_file_as_a_fifo(farm_dir: Path) -> None:

@@ -32,6 +32,7 @@ re-exports nothing: import from the module that defines a name):
 
 - `problems`: `Problem`, `ConfigError`, and the rewording of pydantic's errors into
   `path: bad value 'x': expected ...`.
+- `tomltext`: `parse_toml`, tomllib behind a screen for hostile text (nesting, dotted keys).
 - `secrets`: reading the files the configuration names (`read_capped`) and secret ones
   (`read_secret`: regular file, owned by root, mode 0600 or stricter, size cap), `key_bytes`.
 - `fields`: the value types the sections share (strict model base, addresses, names).

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from pydantic_core import InitErrorDetails
 from vipfarm.config.fields import MacroName, Strict, base_dir
 from vipfarm.config.problems import Loc, error_at, raise_errors, relocate, under
 from vipfarm.config.secrets import FileRefused, read_capped
+from vipfarm.config.tomltext import TomlProblem, parse_toml
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.supervisor.scripts import untrusted
 from vipfarm.supervisor.spec import (
@@ -135,19 +135,7 @@ class ModuleSection(Strict):
             )
         file = directory / cls.MODULE_FILE
         shown = str(path or name)
-        try:
-            text = read_capped(file, what="module file", max_bytes=MODULE_FILE_MAX_BYTES).decode()
-            defaults = tomllib.loads(text)
-        except FileRefused as exc:
-            raise_errors(
-                [error_at(loc, shown, f"a module directory with {cls.MODULE_FILE}: {exc}")]
-            )
-        except UnicodeDecodeError:
-            raise_errors([error_at(loc, shown, f"a {file} in UTF-8")])
-        except tomllib.TOMLDecodeError as exc:
-            raise_errors([error_at(loc, shown, f"a valid {file}: {exc}")])
-        except (ValueError, RecursionError) as exc:  # see vipfarm.config.loading
-            raise_errors([error_at(loc, shown, f"a valid {file}: {type(exc).__name__}")])
+        # Trust first: what a module file says is only worth reading if root can rely on it.
         if (why := _untrusted_module(directory)) is not None:
             raise_errors(
                 [
@@ -156,6 +144,17 @@ class ModuleSection(Strict):
                     )
                 ]
             )
+        try:
+            text = read_capped(file, what="module file", max_bytes=MODULE_FILE_MAX_BYTES).decode()
+            defaults = parse_toml(text)
+        except FileRefused as exc:
+            raise_errors(
+                [error_at(loc, shown, f"a module directory with {cls.MODULE_FILE}: {exc}")]
+            )
+        except UnicodeDecodeError:
+            raise_errors([error_at(loc, shown, f"a {file} in UTF-8")])
+        except TomlProblem as exc:
+            raise_errors([error_at(loc, shown, f"a valid {file}: {exc}")])
         for key in ("name", "path"):
             if key in defaults:
                 raise_errors([error_at(loc, key, f"no '{key}' key inside {file}")])
