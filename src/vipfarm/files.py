@@ -11,16 +11,46 @@ and the target is untouched.
 
 The mode of the new file: `mode` when given; else the mode of the file it replaces; else what
 `open()` would create (0o666 less the umask).
+
+`file_kind` and `owner_name` word a stat result for the messages of the checks on files that
+vipfarm reads as secrets (`vipfarm.config.secrets`) or runs as root
+(`vipfarm.supervisor.scripts.untrusted`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
+import stat
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["file_kind", "owner_name", "write_atomic"]
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, as a noun phrase: 'a directory', 'a FIFO (named pipe)', ..."""
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def owner_name(uid: int) -> str:
+    """'uid 1000 (alice)', or 'uid 1000' when the user database does not know it."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (KeyError, OverflowError):
+        return f"uid {uid}"
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None:

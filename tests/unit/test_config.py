@@ -340,17 +340,19 @@ def test_key_file_checks(farm_dir: Path) -> None:
     key.chmod(0o644)
     (p,) = problems(farm_dir, GOOD)
     assert p == (
-        "farm.key_file: bad value 'farm.key': expected a key file that others cannot read: "
-        f"chmod 600 {key}"
+        f"farm.key_file: {key} is mode 0644 (readable by group and others): run chmod 600 {key}"
     )
     key.chmod(0o600)
     key.write_bytes(b"31 bytes, one short of the mark\r\n")
     (p,) = problems(farm_dir, GOOD)
-    assert p.endswith(f"expected a key of at least 32 bytes, {key} has 31")
+    assert p.startswith(f"farm.key_file: {key} holds 31 bytes: a farm key must be at least 32")
+    assert p.endswith(f"create one with: (umask 077; head -c 32 /dev/urandom | base64 > {key})")
     key.unlink()
     (p,) = problems(farm_dir, GOOD)
-    assert p.startswith("farm.key_file: bad value 'farm.key': expected a readable key file")
-    assert "head -c 32 /dev/urandom" in p
+    assert p == (
+        f"farm.key_file: {key} does not exist: create one with: "
+        f"(umask 077; head -c 32 /dev/urandom | base64 > {key})"
+    )
 
 
 def test_every_problem_of_a_round_is_reported(farm_dir: Path) -> None:

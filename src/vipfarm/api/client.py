@@ -37,7 +37,8 @@ from vipfarm.api.models import (
     PrepareReply,
     PrepareRequest,
 )
-from vipfarm.config.schema import key_bytes
+from vipfarm.config.schema import TOKEN_MAX_BYTES
+from vipfarm.config.secrets import FileRefused, key_bytes, read_secret
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.errors import VipfarmError
 from vipfarm.node.deploy import Refused, Unreachable
@@ -95,11 +96,15 @@ def _host(addr: IPAddress) -> str:
 
 def read_token(path: Path) -> str:
     """The token in `path` as the header carries it; ValueError names the file and the fix."""
+    # The caller's own copy: its kind and size are checked (a FIFO must not hang the CLI), not
+    # its owner and mode, which only matter to root's copy (checked by the configuration).
     try:
-        raw = key_bytes(path.read_bytes())
-    except OSError as e:
+        raw = key_bytes(
+            read_secret(path, what="API token", max_bytes=TOKEN_MAX_BYTES, check_access=False)
+        )
+    except FileRefused as e:
         raise ValueError(
-            f"cannot read the API token file {path} ({e.strerror}): pass --token-file FILE or "
+            f"cannot read the API token file: {e}; pass --token-file FILE or "
             f"set {TOKEN_ENV} to a copy of the farm's api.token_file"
         ) from None
     try:

@@ -4,6 +4,10 @@
 substitution), prints a short summary and exits 0, or prints every problem and exits 2. It only
 reads: the file, the key file, the module directory and, to say which node this host is, the
 addresses of the local interfaces.
+
+Whatever the file holds, the answer is exit 0 or 2 and no traceback: the loader raises only
+`ConfigError` (see `vipfarm.config.loading`), text from the file is never read as rich markup,
+and an unforeseen exception (a bug) is still reported as a problem with exit 2.
 """
 
 from __future__ import annotations
@@ -40,20 +44,26 @@ def check(
 ) -> None:
     """Validate FILE: print a summary and exit 0, or every problem and exit 2."""
     from rich.console import Console
+    from rich.markup import escape
 
     from vipfarm.config.loading import load_config
-    from vipfarm.config.problems import ConfigError
+    from vipfarm.config.problems import ConfigError, Problem, printable
 
     out, err = Console(), Console(stderr=True)
     try:
         cfg = load_config(file)
         me = _this_node(cfg, node)
-    except ConfigError as exc:
-        err.print(f"[bold red]{exc.source}: invalid[/]", highlight=False)
+        _summary(out, file, cfg, me)
+    except Exception as exc:
+        if not isinstance(exc, ConfigError):  # a bug: still an answer, not a traceback
+            why = (
+                f"internal error ({type(exc).__name__}: {exc}): a bug in vipfarm, please report it"
+            )
+            exc = ConfigError(str(file), [Problem("", why)])
+        err.print(f"[bold red]{escape(exc.source)}: invalid[/]", highlight=False, soft_wrap=True)
         for p in exc.problems:
-            err.print(f"  {p}", highlight=False, markup=False, soft_wrap=True)
+            err.print(f"  {printable(str(p))}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
-    _summary(out, file, cfg, me)
 
 
 def _this_node(cfg: FarmConfig, name: str | None) -> NodeSection | None:
@@ -69,11 +79,14 @@ def _this_node(cfg: FarmConfig, name: str | None) -> NodeSection | None:
 
 
 def _summary(out: Console, file: Path, cfg: FarmConfig, me: NodeSection | None) -> None:
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     t = cfg.timing
     out.print(
-        f"[green]{file}: valid[/] - farm [bold]{cfg.farm.name}[/], {len(cfg.nodes)} nodes, "
+        f"[green]{escape(str(file))}: valid[/] - farm [bold]{cfg.farm.name}[/], "
+        f"{len(cfg.nodes)} nodes, "
         f"{cfg.farm.buckets} buckets, interval {t.interval_ms} ms, lease {t.lease_ms} ms, "
         f"dead after {t.dead_after_ms} ms",
         highlight=False,
@@ -83,19 +96,20 @@ def _summary(out: Console, file: Path, cfg: FarmConfig, me: NodeSection | None) 
     for n in cfg.nodes:
         mark = " (this host)" if me is not None and n.name == me.name else ""
         addrs = [str(n.address[net.name]) for net in cfg.networks]
-        nodes.add_row(n.name + mark, str(n.weight), n.interface, *addrs)
+        nodes.add_row(*(Text(c) for c in (n.name + mark, str(n.weight), n.interface, *addrs)))
     out.print(nodes)
     rules = Table("vip", "proto", "ports", "affinity", box=None)
     for r in (s.rule for s in cfg.rules):
         affinity = str(r.affinity)
         if r.affinity == "client-subnet":
             affinity += f" /{r.prefix4 if r.vip.version == 4 else r.prefix6}"
-        rules.add_row(str(r.vip), str(r.proto), r.ports_text, affinity)
+        rules.add_row(*(Text(c) for c in (str(r.vip), str(r.proto), r.ports_text, affinity)))
     out.print(rules)
     app_spec = cfg.app_spec(me or cfg.nodes[0])
     checkers = ", ".join(c.label for c in app_spec.checkers) or "none"
     out.print(
-        f"module [bold]{app_spec.module}[/] ({app_spec.directory}); checkers: {checkers}; "
+        f"module [bold]{escape(app_spec.module)}[/] ({escape(str(app_spec.directory))}); "
+        f"checkers: {escape(checkers)}; "
         f"restart at most {app_spec.restart.max} times in {app_spec.restart.within_s:g} s",
         highlight=False,
         soft_wrap=True,

@@ -9,7 +9,8 @@ once those all passed, the checks that need several sections at once (node addre
 the declared networks, rule overlap, the per-node data path spec, macro substitution in the
 module). Every problem found in a round is reported, each as
 `key.path[index].field: bad value 'x': expected ...`, in one `ConfigError`; nothing is applied
-by loading, so a bad file changes nothing.
+by loading, so a bad file changes nothing. Whatever the input, loading returns a configuration
+or raises `ConfigError`, quickly (see `loading`): the file comes over the API too.
 
 Rules are converted to `vipfarm.datapath.spec.Rule` and the data path of each node is checked by
 building its `vipfarm.datapath.spec.DatapathSpec`: the bounds and the overlap check live there
@@ -31,6 +32,9 @@ re-exports nothing: import from the module that defines a name):
 
 - `problems`: `Problem`, `ConfigError`, and the rewording of pydantic's errors into
   `path: bad value 'x': expected ...`.
+- `tomltext`: `parse_toml`, tomllib behind a screen for hostile text (nesting, dotted keys).
+- `secrets`: reading the files the configuration names (`read_capped`) and secret ones
+  (`read_secret`: regular file, owned by root, mode 0600 or stricter, size cap), `key_bytes`.
 - `fields`: the value types the sections share (strict model base, addresses, names).
 - `modules`: module lookup (`default_module_path`), `ModuleSection`, macros (`substitute`,
   `env_name`) and `resolve_app`, which builds a node's `AppSpec`.

@@ -17,24 +17,32 @@ written `"${port}"`. A relative program that exists in the module directory runs
 anything else from PATH. Every macro except the built-ins also reaches the scripts as an
 environment variable (`env_name`), next to `VIPFARM_FARM`, `VIPFARM_NODE`, `VIPFARM_VIPS` and
 `VIPFARM_MODULE_DIR`.
+
+The daemon runs the module's scripts as root, so the module directory, everything in it and
+every directory above it must be owned by root and writable by nobody else
+(`vipfarm.supervisor.scripts.untrusted`), and so must any other script given by absolute path:
+the configuration refuses the module otherwise, naming the file and the `chmod`/`chown` that
+fixes it. `module.toml` is read with a cap and must be a regular file.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 from pydantic_core import InitErrorDetails
 
 from vipfarm.config.fields import MacroName, Strict, base_dir
 from vipfarm.config.problems import Loc, error_at, raise_errors, relocate, under
+from vipfarm.config.secrets import FileRefused, read_capped
+from vipfarm.config.tomltext import TomlProblem, parse_toml
 from vipfarm.datapath.spec import IPAddress
+from vipfarm.supervisor.scripts import untrusted
 from vipfarm.supervisor.spec import (
     CHECKER_TYPES,
     AppSpec,
@@ -59,6 +67,10 @@ __all__ = [
 # site-packages/vipfarm/modules once installed): last, so that any copy an operator placed in a
 # directory above overrides them.
 PACKAGE_MODULES = Path(__file__).resolve().parents[1] / "modules"
+
+MODULE_FILE_MAX_BYTES = 1024 * 1024
+# Entries of a module directory checked for ownership and mode; a module has a handful.
+MODULE_ENTRIES_CHECKED = 1000
 
 
 def default_module_path() -> list[Path]:
@@ -89,16 +101,17 @@ class ModuleSection(Strict):
     name: str = ""
     path: Path
     description: str = ""
-    macros: dict[MacroName, str] = Field(default_factory=dict)
-    start: Argv
-    stop: Argv
-    force_stop: Argv | None = None
+    # Bounds: every macro and argument is substituted for every node, at load time.
+    macros: dict[MacroName, str] = Field(default_factory=dict, max_length=256)
+    start: Annotated[Argv, Field(max_length=256)]
+    stop: Annotated[Argv, Field(max_length=256)]
+    force_stop: Annotated[Argv, Field(max_length=256)] | None = None
     start_timeout_s: Seconds = AppSpec.model_fields["start_timeout_s"].default
     healthy_timeout_s: Seconds = AppSpec.model_fields["healthy_timeout_s"].default
     stop_timeout_s: Seconds = AppSpec.model_fields["stop_timeout_s"].default
     kill_timeout_s: Seconds = AppSpec.model_fields["kill_timeout_s"].default
     # Validated per node after macro substitution (a port may be written "${port}").
-    checkers: list[dict[str, Any]] = Field(default_factory=list, alias="checker")
+    checkers: list[dict[str, Any]] = Field(default_factory=list, alias="checker", max_length=64)
     restart: RestartSpec = RestartSpec()
 
     MODULE_FILE: ClassVar[str] = "module.toml"
@@ -117,11 +130,11 @@ class ModuleSection(Strict):
             directory = directory if directory.is_absolute() else base / directory
             loc: Loc = ("path",)
         elif isinstance(name, str) and name:
-            if "/" in name or name.startswith("."):
+            if "/" in name or name.startswith(".") or "\0" in name:
                 raise_errors(
                     [error_at(("name",), name, "a module name; use 'path' for a directory")]
                 )
-            found = [d / name for d in search if (d / name / cls.MODULE_FILE).is_file()]
+            found = [d / name for d in search if _is_file(d / name / cls.MODULE_FILE)]
             if not found:
                 where = ", ".join(str(d) for d in search)
                 raise_errors(
@@ -133,14 +146,27 @@ class ModuleSection(Strict):
                 [error_at(("name",), name, "a module 'name' (generic, nginx, apache) or 'path'")]
             )
         file = directory / cls.MODULE_FILE
-        try:
-            defaults = tomllib.loads(file.read_text())
-        except OSError as exc:
+        shown = str(path or name)
+        # Trust first: what a module file says is only worth reading if root can rely on it.
+        if (why := _untrusted_module(directory)) is not None:
             raise_errors(
-                [error_at(loc, str(path or name), f"a module directory with {file} ({exc})")]
+                [
+                    error_at(
+                        loc, None, f"a module that only root can change: {why}", show_value=False
+                    )
+                ]
             )
-        except tomllib.TOMLDecodeError as exc:
-            raise_errors([error_at(loc, str(path or name), f"a valid {file}: {exc}")])
+        try:
+            text = read_capped(file, what="module file", max_bytes=MODULE_FILE_MAX_BYTES).decode()
+            defaults = parse_toml(text)
+        except FileRefused as exc:
+            raise_errors(
+                [error_at(loc, shown, f"a module directory with {cls.MODULE_FILE}: {exc}")]
+            )
+        except UnicodeDecodeError:
+            raise_errors([error_at(loc, shown, f"a {file} in UTF-8")])
+        except TomlProblem as exc:
+            raise_errors([error_at(loc, shown, f"a valid {file}: {exc}")])
         for key in ("name", "path"):
             if key in defaults:
                 raise_errors([error_at(loc, key, f"no '{key}' key inside {file}")])
@@ -148,6 +174,30 @@ class ModuleSection(Strict):
         merged["name"] = name or directory.resolve().name
         merged["path"] = directory.resolve()
         return merged
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _untrusted_module(directory: Path) -> str | None:
+    """Why root must not run this module's scripts (see `untrusted`): the directory, the ones
+    above it, and what it holds (its scripts source each other)."""
+    if (why := untrusted(directory)) is not None:
+        return why
+    try:
+        with os.scandir(directory) as entries:
+            for n, entry in enumerate(entries):
+                if n >= MODULE_ENTRIES_CHECKED:
+                    return f"{directory} holds more than {MODULE_ENTRIES_CHECKED} entries"
+                if (why := untrusted(entry.path)) is not None:
+                    return why
+    except OSError as exc:
+        return f"cannot list {directory} ({exc.strerror})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +317,15 @@ def resolve_app(mod: ModuleSection, *, farm: str, node: str, vips: Sequence[IPAd
             subst[key] = _in_module(subst[key], mod.path)
             if (err := _not_executable(subst[key][0])) is not None:
                 errors.append(error_at(("module", key), subst[key][0], err))
+            elif os.path.isabs(subst[key][0]) and (why := untrusted(subst[key][0])):
+                errors.append(
+                    error_at(
+                        ("module", key),
+                        None,
+                        f"a script only root can change: {why}",
+                        show_value=False,
+                    )
+                )
     if errors:
         raise_errors(errors)
     env = {
@@ -305,18 +364,29 @@ def _checker(raw: Any, module_dir: Path) -> CheckerSpec:
         raise_errors(relocate(exc, lambda loc: loc, root=cls))
     if isinstance(checker, CommandCheck):
         checker = checker.model_copy(update={"argv": _in_module(checker.argv, module_dir)})
+        prog = checker.argv[0]
+        if os.path.isabs(prog) and (why := untrusted(prog)) is not None:
+            raise_errors(
+                [
+                    error_at(
+                        ("argv",), None, f"a command only root can change: {why}", show_value=False
+                    )
+                ]
+            )
     return checker
 
 
 def _in_module(argv: list[str], module_dir: Path) -> list[str]:
     """A relative program that exists in the module directory runs from there; else from PATH."""
     prog = argv[0]
-    if not os.path.isabs(prog) and (module_dir / prog).is_file():
+    if not os.path.isabs(prog) and _is_file(module_dir / prog):
         return [str(module_dir / prog), *argv[1:]]
     return argv
 
 
 def _not_executable(prog: str) -> str | None:
+    if "\0" in prog:
+        return "a program name without a NUL byte"
     if os.path.isabs(prog) and os.path.exists(prog) and not os.access(prog, os.X_OK):
         return f"an executable script: chmod +x {prog}"
     return None

@@ -13,11 +13,18 @@ The checks of vipfarm itself raise errors of the custom type `vipfarm` through `
 Errors of an inner model validated on behalf of the file (a data path `Rule`, a checker) are
 re-expressed at the keys of the file by `relocate`, message kept. `ConfigError` holds every
 problem of one file.
+
+The file is untrusted input and every problem quotes part of it, so `ConfigError` makes its
+problems safe to print and to send as JSON: characters that are not printable (control
+characters, lone surrogates from a JSON body) are shown as Python escapes, a key that is not a
+bare TOML key is quoted (`module.macros."a b"`), long texts are cut, and at most `MAX_PROBLEMS`
+are kept (a file of a million bad keys yields a short answer, and quickly).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,6 +37,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from vipfarm.errors import VipfarmError
 
 __all__ = [
+    "MAX_PROBLEMS",
     "ConfigError",
     "Loc",
     "Problem",
@@ -41,6 +49,20 @@ __all__ = [
 ]
 
 Loc = tuple[str | int, ...]
+
+MAX_PROBLEMS = 50
+_MAX_KEY = 64
+_MAX_TEXT = 1000
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def printable(text: str, limit: int = _MAX_TEXT) -> str:
+    """`text` with what is not printable escaped (`\\n`, `\\udcff`), cut to about `limit`."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -58,8 +80,13 @@ class ConfigError(VipfarmError):
     """Every problem of one configuration file; `str()` lists them one per line."""
 
     def __init__(self, source: str, problems: Sequence[Problem]) -> None:
-        self.source = source
-        self.problems = list(problems)
+        self.source = printable(source)
+        self.problems = [Problem(printable(p.path), printable(p.message)) for p in problems]
+        if len(self.problems) > MAX_PROBLEMS:
+            more = len(self.problems) - MAX_PROBLEMS + 1
+            self.problems[MAX_PROBLEMS - 1 :] = [
+                Problem("...", f"and {more} more problems: fix those above first")
+            ]
         n = len(self.problems)
         lines = "\n".join(f"  {p}" for p in self.problems)
         super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}\n{lines}")
@@ -98,7 +125,13 @@ def under(prefix: Loc) -> Callable[[Loc], Loc]:
 
 
 def _fmt_value(value: object) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        text = repr(value[:100])
+    else:
+        try:
+            text = str(value)
+        except ValueError:  # an int too long to print (sys.set_int_max_str_digits)
+            text = "a number too long to print"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -132,8 +165,16 @@ def _path(loc: Iterable[str | int]) -> str:
         elif part == "[key]":
             out += " (the key itself)"
         else:
-            out += ("." if out else "") + part
+            out += ("." if out else "") + _key(part)
     return out
+
+
+def _key(part: str) -> str:
+    """A key as TOML writes it: bare if it can be, else quoted; cut if long."""
+    if _BARE_KEY.fullmatch(part) and len(part) <= _MAX_KEY:
+        return part
+    short = part if len(part) <= _MAX_KEY else part[: _MAX_KEY - 3] + "..."
+    return '"' + printable(short).replace('"', '\\"') + '"'
 
 
 def _model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
@@ -194,9 +235,13 @@ def _problem(e: Mapping[str, Any], root: type[BaseModel] | None) -> Problem:
 
 
 def problems_of(exc: ValidationError, root: type[BaseModel]) -> list[Problem]:
-    out: list[Problem] = []
-    for e in exc.errors(include_url=False):
-        p = _problem(e, root)
-        if p not in out:
-            out.append(p)
-    return out
+    """The distinct problems of a validation, in order; past MAX_PROBLEMS only counted."""
+    out: dict[Problem, None] = {}
+    errors = exc.errors(include_url=False)
+    for i, e in enumerate(errors):
+        if len(out) >= MAX_PROBLEMS - 1:
+            # Rewording (difflib for unknown keys) costs; past the cap only the count matters.
+            more = f"and up to {len(errors) - i} more problems: fix those above first"
+            return [*out, Problem("...", more)]
+        out.setdefault(_problem(e, root))
+    return list(out)

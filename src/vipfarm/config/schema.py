@@ -14,6 +14,11 @@ heartbeat network. Then, for every node, it builds the node's data path spec and
   (`port` -> `ports`, `lease_s` -> `timing.lease_ms`).
 * The application is resolved by `vipfarm.config.modules.resolve_app` (macros substituted).
 
+The key, token and TLS key files are checked by `secret_file` (for a field validator, also the
+one for any new secret key): `vipfarm.config.secrets.read_secret` (a regular file owned by root
+with no group or other bits, read with a cap), a minimum length, printable ASCII for a token.
+At most `MAX_RULES` rules on `MAX_VIPS` distinct VIPs.
+
 Every problem of a round is reported at once (see `vipfarm.config.problems`); the built specs
 are kept, so that `datapath_spec(node)` and `app_spec(node)` are lookups.
 """
@@ -34,11 +39,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from vipfarm.config.fields import Address, NetName, NodeName, Strict, base_dir
 from vipfarm.config.modules import ModuleSection, resolve_app
 from vipfarm.config.problems import ConfigError, Loc, Problem, error_at, raise_errors, relocate
+from vipfarm.config.secrets import (
+    FileRefused,
+    a,
+    create_hint,
+    key_bytes,
+    read_capped,
+    read_secret,
+)
 from vipfarm.datapath.spec import Affinity, DatapathSpec, IPAddress, Proto, Rule
 from vipfarm.supervisor.spec import AppSpec
 
@@ -52,41 +65,61 @@ __all__ = [
     "RuleSection",
     "TimingSection",
     "key_bytes",
+    "secret_file",
 ]
 
 KEY_MIN_BYTES = 32
 TOKEN_MIN_BYTES = 16
-
-
-def key_bytes(data: bytes) -> bytes:
-    """The key in a key file: its bytes without one final line ending, so that a key written
-    with or without a newline by an editor is the same key; binary keys work too."""
-    for ending in (b"\r\n", b"\n"):
-        if data.endswith(ending):
-            return data[: -len(ending)]
-    return data
+# Caps on what is read of each file (see vipfarm.config.secrets): far above any real one, far
+# below what would hurt; a bigger file is refused as not what its key says it is.
+KEY_MAX_BYTES = 4096
+TOKEN_MAX_BYTES = 4096  # it travels in an HTTP header
+TLS_KEY_MAX_BYTES = 64 * 1024
+PEM_MAX_BYTES = 4 * 1024 * 1024  # a CA bundle (the system's is about 200 KiB)
+MAX_RULES = 16384
+# Every VIP is on lo, answered by ARP/NDP, and listed in the scripts' VIPFARM_VIPS, one
+# environment string, which the kernel caps at 128 KiB (MAX_ARG_STRLEN): 3,000 IPv6 VIPs.
+MAX_VIPS = 1024
 
 
 def _in_config_dir(path: Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() else base_dir(info) / path
 
 
-def _secret_file(path: Path, info: ValidationInfo, what: str, min_bytes: int) -> Path:
-    """A file holding a secret: readable by us, by nobody else, long enough."""
+def _refused(message: str) -> PydanticCustomError:
+    # The message names the file and the fix; the value as written would only repeat it.
+    return PydanticCustomError("vipfarm", "{expected}", {"expected": message, "show_value": False})
+
+
+def secret_file(
+    path: Path,
+    info: ValidationInfo,
+    *,
+    what: str,
+    min_bytes: int,
+    max_bytes: int,
+    text: bool = False,
+) -> Path:
+    """Validate a key, token or TLS key file named in the farm file (for a field validator):
+    relative to the file's directory, a secret file (`vipfarm.config.secrets.read_secret`) of
+    `min_bytes` to `max_bytes` (one final line ending excluded); `text`: printable ASCII only,
+    as a bearer token must be. Returns the absolute path."""
     path = _in_config_dir(path, info)
     try:
-        st = path.stat()
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(
-            f"a readable {what} file ({exc.strerror}); create one with: "
-            f"head -c 32 /dev/urandom | base64 > {path}; chmod 600 {path}"
-        ) from None
-    if st.st_mode & 0o004:
-        raise ValueError(f"a {what} file that others cannot read: chmod 600 {path}")
-    if len(key_bytes(data)) < min_bytes:
-        raise ValueError(
-            f"a {what} of at least {min_bytes} bytes, {path} has {len(key_bytes(data))}"
+        data = key_bytes(read_secret(path, what=what, max_bytes=max_bytes))
+    except FileRefused as exc:
+        raise _refused(str(exc)) from None
+    if len(data) < min_bytes:
+        raise _refused(
+            f"{path} holds {len(data)} bytes: {a(what)} must be at least {min_bytes} random "
+            f"bytes: create one with: {create_hint(path)}"
+        )
+    bad = next((i for i, b in enumerate(data) if not 0x21 <= b <= 0x7E), None) if text else None
+    if bad is not None:
+        raise _refused(
+            f"{path} holds byte 0x{data[bad]:02x} at offset {bad}: {a(what)} must be printable "
+            f"ASCII without spaces, as it travels in an HTTP header: create one with: "
+            f"{create_hint(path)}"
         )
     return path
 
@@ -115,7 +148,9 @@ class FarmSection(Strict):
     @field_validator("key_file")
     @classmethod
     def _key_file(cls, path: Path, info: ValidationInfo) -> Path:
-        return _secret_file(path, info, "key", KEY_MIN_BYTES)
+        return secret_file(
+            path, info, what="farm key", min_bytes=KEY_MIN_BYTES, max_bytes=KEY_MAX_BYTES
+        )
 
 
 class TimingSection(Strict):
@@ -245,12 +280,28 @@ class ApiSection(Strict):
     @field_validator("token_file")
     @classmethod
     def _token_file(cls, path: Path, info: ValidationInfo) -> Path:
-        return _secret_file(path, info, "token", TOKEN_MIN_BYTES)
+        return secret_file(
+            path,
+            info,
+            what="API token",
+            min_bytes=TOKEN_MIN_BYTES,
+            max_bytes=TOKEN_MAX_BYTES,
+            text=True,
+        )
 
     @field_validator("next_token_file")
     @classmethod
     def _next_token_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        return None if path is None else _secret_file(path, info, "token", TOKEN_MIN_BYTES)
+        if path is None:
+            return None
+        return secret_file(
+            path,
+            info,
+            what="API token",
+            min_bytes=TOKEN_MIN_BYTES,
+            max_bytes=TOKEN_MAX_BYTES,
+            text=True,
+        )
 
     @field_validator("cert_file", "ca_file")
     @classmethod
@@ -259,15 +310,19 @@ class ApiSection(Strict):
             return None
         path = _in_config_dir(path, info)
         try:
-            path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"a readable PEM file ({exc.strerror}: {path})") from None
+            read_capped(path, what="PEM certificate", max_bytes=PEM_MAX_BYTES)
+        except FileRefused as exc:
+            raise _refused(str(exc)) from None
         return path
 
     @field_validator("key_file")
     @classmethod
     def _tls_key(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        return None if path is None else _secret_file(path, info, "TLS key", 1)
+        if path is None:
+            return None
+        return secret_file(
+            path, info, what="TLS private key", min_bytes=1, max_bytes=TLS_KEY_MAX_BYTES
+        )
 
     @model_validator(mode="after")
     def _pair(self) -> ApiSection:
@@ -301,14 +356,17 @@ class ApiSection(Strict):
         return self.cert_file is not None
 
     def token(self) -> bytes:
-        """The bearer token callers must present (see `key_bytes`)."""
-        return key_bytes(self.token_file.read_bytes())
+        """The bearer token callers must present (see `key_bytes`), read again with the checks
+        of validation; raises FileRefused."""
+        return key_bytes(read_secret(self.token_file, what="API token", max_bytes=TOKEN_MAX_BYTES))
 
     def next_token(self) -> bytes | None:
         """The next token of a rotation under way, accepted as well as `token()`."""
         if self.next_token_file is None:
             return None
-        return key_bytes(self.next_token_file.read_bytes())
+        return key_bytes(
+            read_secret(self.next_token_file, what="API token", max_bytes=TOKEN_MAX_BYTES)
+        )
 
 
 class FarmConfig(Strict):
@@ -318,7 +376,7 @@ class FarmConfig(Strict):
     timing: TimingSection = TimingSection()
     networks: list[NetworkSection] = Field(alias="network", min_length=1, max_length=8)
     nodes: list[NodeSection] = Field(alias="node", min_length=1, max_length=32)
-    rules: list[RuleSection] = Field(alias="rule", min_length=1)
+    rules: list[RuleSection] = Field(alias="rule", min_length=1, max_length=MAX_RULES)
     module: ModuleSection
     drain: DrainSection = DrainSection()
     api: ApiSection | None = None
@@ -328,7 +386,12 @@ class FarmConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FarmConfig:
-        errors = [*self._check_networks(), *self._check_nodes(), *self._check_api()]
+        errors = [
+            *self._check_networks(),
+            *self._check_nodes(),
+            *self._check_api(),
+            *self._check_vips(),
+        ]
         if not errors:
             for node in self.nodes:
                 errors += self._build_node(node)
@@ -344,6 +407,20 @@ class FarmConfig(Strict):
                 errors.append(error_at(("network", i, "name"), net.name, "a unique network name"))
             seen.add(net.name)
         return errors
+
+    def _check_vips(self) -> list[InitErrorDetails]:
+        vips = {r.vip for r in self.rules}
+        if len(vips) <= MAX_VIPS:
+            return []
+        return [
+            error_at(
+                ("rule",),
+                None,
+                f"at most {MAX_VIPS} distinct VIPs, not {len(vips)}: every VIP is held on lo "
+                "and passed to the scripts in VIPFARM_VIPS",
+                show_value=False,
+            )
+        ]
 
     def _check_api(self) -> list[InitErrorDetails]:
         nets = [n.name for n in self.networks]
@@ -418,17 +495,25 @@ class FarmConfig(Strict):
             "seed": ("farm", "seed"),
             "lease_s": ("timing", "lease_ms"),
         }
+        # The rules are the same on every node: checked (overlap included) with the first node
+        # only, so that a file of thousands of rules is not checked 32 times over.
+        first = self._specs.get(self.nodes[0].name) if i > 0 else None
         try:
-            self._specs[node.name] = DatapathSpec(
+            spec = DatapathSpec(
                 farm=self.farm.name,
                 interface=node.interface,
-                rules=[r.rule for r in self.rules],
+                rules=[r.rule for r in (self.rules if i == 0 else self.rules[:1])],
                 buckets=self.farm.buckets,
                 seed=self.farm.seed,
                 lease_s=self.timing.lease_ms / 1000,
             )
         except ValidationError as exc:
             return relocate(exc, lambda loc: spec_keys.get(str(loc[0]), loc))
+        if i > 0:
+            if first is None:
+                return []  # the first node's spec failed: the file is refused with its errors
+            spec = spec.model_copy(update={"rules": first.rules})
+        self._specs[node.name] = spec
         try:
             self._apps[node.name] = resolve_app(
                 self.module, farm=self.farm.name, node=node.name, vips=self.vips
@@ -492,5 +577,6 @@ class FarmConfig(Strict):
         return self.node(self._name(node)).address[net]
 
     def key(self) -> bytes:
-        """The farm's shared HMAC key (see `key_bytes`)."""
-        return key_bytes(self.farm.key_file.read_bytes())
+        """The farm's shared HMAC key (see `key_bytes`), read again with the checks of
+        validation; raises FileRefused."""
+        return key_bytes(read_secret(self.farm.key_file, what="farm key", max_bytes=KEY_MAX_BYTES))

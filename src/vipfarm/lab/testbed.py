@@ -518,8 +518,8 @@ class Lab:
     def _start_daemons(self) -> None:
         key = self.dir / "farm.key"
         for secret in (key, self.api_token_file):
-            secret.touch(mode=0o600)
-            secret.write_text(secrets.token_hex(32) + "\n")
+            # Exactly 0600 whatever the umask: the configuration refuses a secret others can read.
+            write_atomic(secret, secrets.token_hex(32) + "\n", mode=0o600)
         (self.dir / "pids").mkdir(exist_ok=True)
         self.farm_config.write_text(
             farm_toml(

@@ -885,6 +885,8 @@ def _api_tokens(config: FarmConfig) -> tuple[bytes, bytes | None]:
             token = read()
         except OSError as e:
             raise ControlError(f"cannot read {key} {path}: {e.strerror}") from None
+        except ValueError as e:  # FileRefused: the file changed since it was validated
+            raise ControlError(f"{key}: {e}") from None
         if token is not None and not token.isascii():
             raise ControlError(
                 f"the API token in {path} ({key}) is not ASCII text: a bearer token must be "

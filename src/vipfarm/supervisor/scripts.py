@@ -23,6 +23,17 @@ may never reap the orphans it inherits, and a zombie has exited in every sense t
 
 If the coroutine running a script is cancelled, the script's group gets SIGKILL before the
 cancellation propagates, so cancelling a supervisor leaves no script behind.
+
+The daemon runs scripts as root, so what it runs must be as safe as root itself, as sshd's
+StrictModes demands of authorized_keys: `untrusted(path)` resolves the path's symlinks, then
+checks the file and every directory above it up to `/`: each must be owned by root (or by the
+user running vipfarm) and not writable by group or others, since whoever can write any of them
+can make root run their code. A world-writable directory with the sticky bit (`/tmp`) is allowed
+above the file: there only an entry's owner may replace it, and the entry below it is checked.
+The configuration runs this check on the module and its scripts when it is loaded (so
+`vipfarm config check` reports it), and `ScriptRunner.run` again just before each run, when
+root, on the program it is about to run (a file may have changed since); a refused program is a
+script that could not run, with the reason.
 """
 
 from __future__ import annotations
@@ -31,13 +42,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vipfarm.files import file_kind, owner_name
 from vipfarm.log import event
 from vipfarm.supervisor.logs import log_output
 
@@ -136,6 +150,44 @@ async def kill_group(pgid: int, grace_s: float) -> bool:
     return True
 
 
+def untrusted(path: Path | str) -> str | None:
+    """Why root must not run (or trust the content of) `path`, with the fix; None if it may.
+
+    Checks `path` (symlinks resolved) and every directory above it, as described in the module
+    docstring; a missing file is not this check's business (None)."""
+    try:
+        real = Path(os.path.realpath(path))
+    except ValueError:
+        return f"{path!r} is not a file name (it holds a NUL byte)"
+    trusted = {0, os.geteuid()}
+    who = "root" if os.geteuid() == 0 else f"root or {owner_name(os.geteuid())}"
+    for i, p in enumerate((real, *real.parents)):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"cannot check {p} ({exc.strerror})"
+        if stat.S_ISLNK(st.st_mode):  # replaced by a link since realpath: check again later
+            return f"{p} changed while it was being checked: try again"
+        if i > 0 and not stat.S_ISDIR(st.st_mode):
+            return f"{p} is {file_kind(st.st_mode)}, not a directory"
+        if st.st_uid not in trusted:
+            return (
+                f"{p} is owned by {owner_name(st.st_uid)}, who could make root run anything "
+                f"there: it must be owned by {who}: run chown root {p}"
+            )
+        writable = st.st_mode & 0o022
+        if writable and not (i > 0 and st.st_mode & stat.S_ISVTX):
+            which = {0o020: "group", 0o002: "others", 0o022: "group and others"}[writable]
+            letters = {0o020: "g", 0o002: "o", 0o022: "go"}[writable]
+            return (
+                f"{p} is mode {stat.S_IMODE(st.st_mode):04o} (writable by {which}), so they "
+                f"could make root run anything there: run chmod {letters}-w {p}"
+            )
+    return None
+
+
 class _LinePump(asyncio.Protocol):
     """Reads a pipe, splits it into lines, hands each line to a callback."""
 
@@ -213,6 +265,10 @@ class ScriptRunner:
                 log_output(self._app_log, name, line)
 
         started = time.monotonic()
+        if (refused := self._refused(argv)) is not None:
+            result = ScriptResult(name, None, 0.0, error=refused)
+            self._report(result, argv)
+            return result
         rfd, wfd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -261,6 +317,20 @@ class ScriptRunner:
         result = ScriptResult(name, code, time.monotonic() - started, timed_out, tail=tuple(tail))
         self._report(result, argv)
         return result
+
+    def _refused(self, argv: Sequence[str]) -> str | None:
+        """Why root must not run argv[0] (see `untrusted`); only checked when root."""
+        if os.geteuid() != 0 or not argv:
+            return None
+        prog = argv[0]
+        if os.sep not in prog:
+            found = shutil.which(prog, path=self._env.get("PATH"))
+            if found is None:
+                return None  # exec reports the missing program
+            prog = found
+        elif not os.path.isabs(prog) and self._cwd is not None:
+            prog = str(self._cwd / prog)
+        return untrusted(prog)
 
     def _report(self, result: ScriptResult, argv: Sequence[str]) -> None:
         level = logging.INFO if result.ok else logging.WARNING
