@@ -91,37 +91,14 @@ def state(ctx: typer.Context, as_json: bool = JSON, farm: str | None = FARM) -> 
     """The node's state and the whole farm as it sees it, with every node's config version."""
     from vipfarm.api.models import NodeStatus
 
+    from vipfarm.cli.local import print_status_table
+
     st = call(ctx, farm, "farm", NodeStatus)
     if as_json:
         print_json(st)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(
-        f"farm [bold]{st.farm_name}[/], node [bold]{st.node}[/]: {st.state} "
-        f"{st.share:g}% (application {st.app}), configuration version {st.config_version}",
-        highlight=False,
-    )
-    table = Table()
-    for col in ("node", "state", "share", "weight", "alive", "last heartbeat (ms)", "config"):
-        table.add_column(col)
-    for n in st.farm:
-        ages = ", ".join(
-            f"{net} {'-' if age is None else f'{age:.0f}'}"
-            for net, age in n.heartbeat_age_ms.items()
-        )
-        table.add_row(
-            n.node,
-            n.state,
-            f"{n.share:g}%",
-            str(n.weight),
-            "yes" if n.alive else "no",
-            ages or "(self)",
-            "?" if n.config_version is None else str(n.config_version),
-        )
-    console.print(table)
+    # The same printing as the fast path's (vipfarm.cli.local), which a unit test compares.
+    print_status_table(st.model_dump(mode="json"))
 
 
 def log(

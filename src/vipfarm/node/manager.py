@@ -232,6 +232,9 @@ class Manager:
                 "snapshot": self._cmd_snapshot,
             },
             mutating={"start", "stop", "deploy", "snapshot"},
+            # Any local user may ask these (read-only, nothing the config file or the logs
+            # protect); the rest, log_page and config included, are root's (vipfarm.node.control).
+            public={"state", "farm"},
         )
         self.api_server: Any = None  # vipfarm.api.server.ApiServer, imported only when used
         self.peers_http: Any = None  # vipfarm.api.client.PeerClient
