@@ -13,8 +13,7 @@ import psutil
 import pytest
 
 from vipfarm.datapath.spec import IPAddress
-from vipfarm.node import control
-from vipfarm.node import host
+from vipfarm.node import control, host
 from vipfarm.node.host import busy_connections, farms_here, next_incarnation
 
 

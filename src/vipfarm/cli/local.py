@@ -218,7 +218,7 @@ def status_lines(st: dict[str, Any]) -> tuple[list[str], list[tuple[str, ...]]]:
             "warning: the pulse did not answer: state and farm are its last answer"
             + (" (it has not answered yet)" if pid is None else f" (pulse pid {pid})")
         )
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for n in st["farm"]:
         ages = ", ".join(
             f"{net} {'-' if age is None else f'{age:.0f}'}"

@@ -90,7 +90,6 @@ def stop(
 def state(ctx: typer.Context, as_json: bool = JSON, farm: str | None = FARM) -> None:
     """The node's state and the whole farm as it sees it, with every node's config version."""
     from vipfarm.api.models import NodeStatus
-
     from vipfarm.cli.local import print_status_table
 
     st = call(ctx, farm, "farm", NodeStatus)

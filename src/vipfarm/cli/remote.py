@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 # Every build of the CLI imports this module (the root options), so it imports only typer (and
-# the light `cli.local`) up front: the API models, rich, ssl, the configuration parser, the control socket and the HTTP
-# client are imported by the commands that use them (see vipfarm.cli).
+# the light `cli.local`) up front: the API models, rich, ssl, the configuration parser and the
+# HTTP client are imported by the commands that use them (see vipfarm.cli).
 
 # Two rounds over every node, each bounded by the nodes' own timeouts (vipfarm.api.client).
 DEPLOY_TIMEOUT_S = 120.0

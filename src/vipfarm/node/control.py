@@ -119,6 +119,11 @@ def address(farm: str, netns: int | None = None) -> str:
     return f"{control_dir(netns)}/{check_farm_name(farm)}{CONTROL_SUFFIX}"
 
 
+def namespace_dir_of(netns_file: str) -> str:
+    """The control directory of the namespace that `netns_file` (e.g. /run/netns/NAME) is."""
+    return control_dir(os.stat(netns_file).st_ino)
+
+
 def lock_path(farm: str, netns: int | None = None) -> str:
     return f"{control_dir(netns)}/{check_farm_name(farm)}.lock"
 

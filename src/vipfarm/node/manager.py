@@ -96,6 +96,13 @@ RECONNECT_S = 0.1
 _SNAPSHOT = TypeAdapter(Snapshot)
 
 
+# The control socket's commands that change the node, and those any local user may run:
+# read-only, and nothing the configuration file or the logs protect. Every other command
+# (log_page and config too) is root's (vipfarm.node.control: who may do what).
+CONTROL_MUTATING = frozenset({"start", "stop", "deploy", "snapshot"})
+CONTROL_PUBLIC = frozenset({"state", "farm"})
+
+
 class ManagerError(VipfarmError):
     """The manager cannot run; the text says why and what to do."""
 
@@ -231,10 +238,8 @@ class Manager:
                 "deploy": self._local(self.deploy, DeployRequest),
                 "snapshot": self._cmd_snapshot,
             },
-            mutating={"start", "stop", "deploy", "snapshot"},
-            # Any local user may ask these (read-only, nothing the config file or the logs
-            # protect); the rest, log_page and config included, are root's (vipfarm.node.control).
-            public={"state", "farm"},
+            mutating=CONTROL_MUTATING,
+            public=CONTROL_PUBLIC,
         )
         self.api_server: Any = None  # vipfarm.api.server.ApiServer, imported only when used
         self.peers_http: Any = None  # vipfarm.api.client.PeerClient
