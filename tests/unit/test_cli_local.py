@@ -217,23 +217,43 @@ def test_the_plain_table_is_richs_table(name: str, monkeypatch: pytest.MonkeyPat
     st = local.node_status(ANSWERS[name])
     assert st is not None
     lines, rows = local.status_lines(st)
-    natural = max(
-        max(len(line) for line in lines),
-        sum(max(len(c) for c in col) + 3 for col in zip(local.COLUMNS, *rows, strict=True)) + 1,
-    )
+    natural = sum(max(len(c) for c in col) + 3 for col in zip(local.COLUMNS, *rows, strict=True))
+    natural += 1
     for var in ("FORCE_COLOR", "TTY_COMPATIBLE"):
         monkeypatch.delenv(var, raising=False)
-    # Around the exact width where rich starts to wrap: plain up to it, rich's own beyond.
-    for width in (natural - 1, natural, natural + 1, 120):
+    # From just below the table's width, where rich starts to squeeze it, to beyond every line.
+    plain_widths = []
+    for width in range(natural - 1, max(natural, *map(len, lines)) + 3):
         monkeypatch.setenv("COLUMNS", str(width))
         plain = local.plain_table(lines, rows, io.StringIO())
         if plain is None:
             assert width < natural or name == "not_ascii", width
             continue
-        assert width >= natural
-        assert plain == rich_path(st, monkeypatch)
+        plain_widths.append(width)
+        assert plain == rich_path(st, monkeypatch), width
         if name != "odd_characters":  # which the markup of old read as styles and an emoji
-            assert plain == old_rich_table(lines, rows, width)
+            assert plain == old_rich_table(lines, rows, width), width
+    assert name == "not_ascii" or plain_widths[0] == natural
+
+
+TEXTS = [
+    "farm vqe4488b, node node1: UP 33.59% (application healthy), configuration version 0",
+    "warning: the pulse did not answer: state and farm are its last answer (pulse pid 4243)",
+    "a " + "x" * 30 + " b  c   " + "y" * 7 + "  ",
+    "  leading blanks, then words",
+    "z" * 50,
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_wrap_is_richs(text: str) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    for width in range(1, len(text) + 3):
+        out = io.StringIO()
+        Console(file=out, width=width).print(Text(text), highlight=False)
+        assert "".join(line + "\n" for line in local.wrap(text, width)) == out.getvalue(), width
 
 
 def test_rich_is_used_for_a_terminal_and_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,21 +13,26 @@ asyncio), checks the answer against the shape of `NodeStatus` (`status_fields`, 
 test holds equal to the model) and prints it.
 
 Output is the typer path's, byte for byte, because both paths print with the same functions:
-`print_status_json` (the model's JSON dump: its fields in order, defaults filled in, unknown keys
-of a newer daemon dropped, as `NodeStatus.model_dump` does) and `print_status_table`. The table is
-rich's; when rich would print it without styling and without reflowing it (not a terminal as
-rich decides it, a UTF-8 stream, every text plain ASCII without markup or emoji characters, all
-of it narrower than the console as rich measures it), `plain_table` draws the same characters
-without importing rich, and a unit test compares the two. An answer that does not have exactly
-the expected shape is not guessed at: `fast_state` gives up and the typer path asks again and
-validates it with the model, as before. Errors print as the typer path prints them (`error: ...`
-on stderr) with the same exit codes.
+`print_status_json` (the model's JSON dump: its fields in order, defaults filled in, unknown
+keys of a newer daemon dropped, as `NodeStatus.model_dump` does) and `print_status_table`. The
+table is rich's; when rich would print it without styling and without squeezing it (not a
+terminal as rich decides it, a UTF-8 stream, every text printable ASCII, the table no wider
+than the console as rich measures it), `plain_table` draws the same characters without
+importing rich, wrapping the lines above the table as rich does, and a unit test compares the
+two at every width from the table's own. Names go to rich as `Text`, never as markup, so a
+name is printed as it is. A pulse that did not answer the request (`processes.pulse_answered`
+false) gets a warning line under the first.
+
+An answer that does not have exactly the expected shape is not guessed at: `fast_state` gives
+up and the typer path asks again and validates it with the model, as before. Errors print as
+the typer path prints them (`error: ...` on stderr) with the same exit codes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -300,6 +305,36 @@ def _rich_plain_width(stream: IO[str]) -> int | None:
     return 80
 
 
+_WORD = re.compile(r"\s*\S+\s*")
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """A line of printable ASCII as rich wraps it at `width` (rich._wrap.divide_line, then
+    Text.wrap: a word keeps its trailing blanks up to the width; a word longer than the width
+    is folded)."""
+    breaks: list[int] = []
+    offset = 0
+    for match in _WORD.finditer(text):
+        start, word = match.start(), match.group()
+        length = len(word.rstrip())
+        if width - offset >= length:
+            offset += len(word)
+        elif length > width:
+            pieces = [word[i : i + width] for i in range(0, len(word), width)]
+            for i, piece in enumerate(pieces):
+                if start:
+                    breaks.append(start)
+                if i == len(pieces) - 1:
+                    offset = len(piece)
+                else:
+                    start += len(piece)
+        elif offset and start:
+            breaks.append(start)
+            offset = len(word)
+    # Beyond the width a line has only its word's trailing blanks, which rich drops.
+    return [text[a:b][:width] for a, b in zip([0, *breaks], [*breaks, len(text)], strict=True)]
+
+
 def plain_table(
     lines: Sequence[str], rows: Sequence[tuple[str, ...]], stream: IO[str]
 ) -> str | None:
@@ -312,8 +347,8 @@ def plain_table(
     if not all(_PLAIN.issuperset(text) for text in texts):
         return None
     widths = [max(len(c) for c in col) for col in zip(COLUMNS, *rows, strict=True)]
-    if max(len(line) for line in lines) > width or sum(widths) + 3 * len(widths) + 1 > width:
-        return None
+    if sum(widths) + 3 * len(widths) + 1 > width:
+        return None  # rich would shrink and wrap the columns: its own business
 
     def rule(left: str, fill: str, mid: str, right: str) -> str:
         return left + mid.join(fill * (w + 2) for w in widths) + right + "\n"
@@ -326,7 +361,7 @@ def plain_table(
             + "\n"
         )
 
-    out = [line + "\n" for line in lines]
+    out = [part + "\n" for line in lines for part in wrap(line, width)]
     out.append(rule("┏", "━", "┳", "┓"))
     out.append(row(COLUMNS, "┃"))
     out.append(rule("┡", "━", "╇", "┩"))
