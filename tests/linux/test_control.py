@@ -391,6 +391,54 @@ def test_a_server_that_is_not_root_is_refused_by_the_cli() -> None:
             os.unlink(path)
 
 
+def test_other_users_cannot_hold_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "OTHER_REQUEST_TIMEOUT_S", 3.0)  # its 9 connects take ms
+    servers: list[control.ControlServer] = []
+
+    def flood(farm: str) -> dict[str, Any]:
+        def as_nobody() -> dict[str, Any]:
+            held = []
+            for _ in range(control.MAX_OTHER_CLIENTS):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(control.address(farm))
+                held.append(s)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+                extra.settimeout(10)
+                extra.connect(control.address(farm))
+                extra_got = extra.recv(100)  # closed at once, unanswered
+            held[0].settimeout(10)
+            held[0].sendall(b"not json, but in time\n")
+            in_time = held[0].recv(4096)
+            held[1].settimeout(10)
+            silent = held[1].recv(100)  # the server gives up on a connection that says nothing
+            return {
+                "extra": extra_got.decode(),
+                "in_time": in_time.decode(),
+                "silent": silent.decode(),
+            }
+
+        got: dict[str, Any] = _as_nobody(as_nobody)
+        got["root"] = control.call(farm, "state")["node"]  # never locked out
+        return got
+
+    async def main() -> dict[str, Any]:
+        server = control.ControlServer(new_farm(), {"state": _state})
+        servers.append(server)
+        await server.start()
+        try:
+            return await asyncio.to_thread(flood, server.farm)
+        finally:
+            await server.close()
+
+    got = asyncio.run(main())
+    assert got["extra"] == "" and got["silent"] == ""
+    assert "bad request" in got["in_time"]
+    assert got["root"] == "node1"
+    refused = servers[0].refused
+    assert refused["too_many_clients"] >= 1 and refused["request_timeout"] >= 1, refused
+    assert refused["bad_request"] == 1
+
+
 # ------------------------------------------------------------------ the CLI against a socket
 
 STATUS = {

@@ -40,7 +40,9 @@ def server(**kw: Any) -> control.ControlServer:
     async def ok(args: dict[str, Any]) -> Any:
         return "done"
 
-    handlers = dict.fromkeys(("state", "farm", "stop", "log_page", "config"), ok)
+    handlers: dict[str, control.Handler] = dict.fromkeys(
+        ("state", "farm", "stop", "log_page", "config"), ok
+    )
     return control.ControlServer("web", handlers, **kw)
 
 

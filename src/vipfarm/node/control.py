@@ -91,6 +91,11 @@ DIR_MODE = 0o755
 FARM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,15}")
 # Tries to take the lock when a closing daemon removes the lock file or directory under us.
 LOCK_TRIES = 5
+# Any local user may connect, so what one can hold is bounded: connections at once (beyond
+# them a connection is closed unanswered) and the seconds a request line may take to arrive.
+# Root's connections are not counted: a flood of other users' never locks root out.
+MAX_OTHER_CLIENTS = 8
+OTHER_REQUEST_TIMEOUT_S = 10.0
 
 
 class ControlError(VipfarmError):
@@ -178,6 +183,10 @@ class ControlServer:
         self._lock_fd: int | None = None
         self._lock: str | None = None
         self._inode: int | None = None
+        self._others = 0  # connections open now of users other than root and ours
+        # Connections and requests refused, by reason (bad_request, line_too_long,
+        # not_allowed, request_timeout, too_many_clients, unknown_command).
+        self.refused: dict[str, int] = {}
 
     async def start(self) -> None:
         """Take the farm's lock, replace a crashed daemon's socket file, listen; raises
@@ -268,20 +277,38 @@ class ControlServer:
 
         sock = writer.get_extra_info("socket")
         uid = peer_uid(sock) if sock is not None else -1
+        other = uid not in (0, os.geteuid())
+        if other and self._others >= MAX_OTHER_CLIENTS:
+            self._count("too_many_clients")
+            writer.close()
+            return
+        self._others += other
         try:
             while True:
-                line = await reader.readline()
+                if other:
+                    async with asyncio.timeout(OTHER_REQUEST_TIMEOUT_S):
+                        line = await reader.readline()
+                else:
+                    line = await reader.readline()
                 if not line:
                     break
                 reply = await self._dispatch(line, uid)
                 writer.write(json.dumps(reply, default=str).encode() + b"\n")
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            pass  # a client that went away or sent an over-long line: nothing to answer
+        except TimeoutError:
+            self._count("request_timeout")
+        except ValueError:
+            self._count("line_too_long")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # a client that went away: nothing to answer
         finally:
+            self._others -= other
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _count(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def allowed(self, cmd: str, uid: int) -> str | None:
         """None when `uid` may run `cmd`, else why not."""
@@ -300,13 +327,16 @@ class ControlServer:
             if not isinstance(cmd, str) or not isinstance(args, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
+            self._count("bad_request")
             return {"ok": False, "error": 'bad request: expected {"cmd": NAME, "args": {...}}'}
         handler = self.handlers.get(cmd)
         if handler is None:
+            self._count("unknown_command")
             known = ", ".join(sorted(self.handlers))
             return {"ok": False, "error": f"unknown command {cmd[:64]!r}: known are {known}"}
         refused = self.allowed(cmd, uid)
         if refused is not None:
+            self._count("not_allowed")
             return {"ok": False, "error": refused}
         try:
             return {"ok": True, "result": await handler(args)}
