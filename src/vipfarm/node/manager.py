@@ -477,7 +477,12 @@ class Manager:
             owned=owned,
             split_brain=snap.split_brain,
             drops=dict(snap.drops),
-            counters={**data["counters"], **self.counters},
+            counters={
+                **data["counters"],
+                **self.counters,
+                # What the control socket turned away (other users' floods, bad requests).
+                **{f"control_{why}": n for why, n in self.control.refused.items()},
+            },
             config_version=self.config_version,
             config_digest=self.config_digest,
             farm=farm,
