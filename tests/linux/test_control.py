@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from vipfarm.lab.testbed import LabFactory
 from vipfarm.node import control, host, sdnotify
 from vipfarm.node.host import farms_here
 from vipfarm.node.manager import CONTROL_MUTATING, CONTROL_PUBLIC
@@ -138,6 +139,50 @@ def test_second_server_of_same_farm_is_refused() -> None:
         assert control.call(farm, "state")["node"] == "node1"  # the first one is untouched
 
     run_with_server({"state": _state}, body)
+
+
+def test_running_daemon_is_the_holder_of_the_lock() -> None:
+    def body(farm: str) -> None:
+        assert control.running_daemon(farm) == os.getpid()
+        assert control.running_daemon(farm) == os.getpid()  # asking took nothing away
+        assert control.call(farm, "state")["node"] == "node1"
+
+    farm = new_farm()
+    assert control.running_daemon(farm) is None
+    run_with_server({"state": _state}, body, farm=farm)
+    assert control.running_daemon(farm) is None
+
+
+def test_a_second_daemon_of_a_node_refuses_to_start(lab_factory: LabFactory) -> None:
+    lab = lab_factory(nodes=2, clients=0, daemon=True, app="builtin")
+    before = lab.daemon_state("node1")
+    manager = before["processes"]["manager_pid"]
+    second = lab.exec(
+        "node1",
+        [
+            sys.executable,
+            "-m",
+            "vipfarm",
+            "daemon",
+            "--config",
+            str(lab.node_config("node1")),
+            "--node",
+            "node1",
+            "--run-dir",
+            str(lab.dir / "run" / "second"),
+            "--log-dir",
+            str(lab.dir / "nodelogs" / "second"),
+        ],
+        timeout=60,
+    )
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.startswith(
+        f"error: another vipfarm daemon of farm {lab.name!r} already runs in this network "
+        f"namespace (pid {manager}, socket "
+    )
+    after = lab.daemon_state("node1")
+    assert after["state"] == "UP" and after["processes"]["manager_pid"] == manager
+    assert not (lab.dir / "run" / "second").exists()  # it started nothing
 
 
 def _serve_forever(farm: str, ready: int) -> None:

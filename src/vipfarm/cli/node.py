@@ -35,6 +35,7 @@ def daemon(
 
     from vipfarm.config.loading import load_config
     from vipfarm.config.problems import ConfigError
+    from vipfarm.node.control import already_runs, running_daemon
     from vipfarm.node.daemon import Daemon, DaemonError, default_dirs
     from vipfarm.node.host import local_addresses
 
@@ -47,6 +48,12 @@ def daemon(
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    # Before the pulse touches the data path: one daemon per farm in a network namespace (the
+    # manager's lock on the control socket is what finally decides; this says it up front).
+    pid = running_daemon(cfg.farm.name)
+    if pid is not None:
+        typer.echo(f"error: {already_runs(cfg.farm.name, pid)}", err=True)
+        raise typer.Exit(1)
     default_run, default_log = default_dirs(cfg.farm.name, me.name)
     d = Daemon(
         config.resolve(), me.name, run_dir=run_dir or default_run, log_dir=log_dir or default_log

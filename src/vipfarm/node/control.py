@@ -162,6 +162,39 @@ def _own_dirs(netns: int | None) -> str:
     return control_dir(netns)
 
 
+def already_runs(farm: str, pid: int) -> ControlError:
+    who = f"pid {pid}" if pid > 0 else "pid unknown"
+    kill = f", or kill {pid}" if pid > 0 else ""
+    return ControlError(
+        f"another vipfarm daemon of farm {farm!r} already runs in this network namespace "
+        f"({who}, socket {address(farm)}): stop it first (systemctl stop vipfarm@{farm}{kill})"
+    )
+
+
+def running_daemon(farm: str) -> int | None:
+    """The pid of the live daemon of `farm` in this namespace (the holder of its lock), or None.
+
+    A check for `vipfarm daemon` before it starts anything: a second daemon's pulse must not
+    touch the first one's data path. It holds a shared lock for a moment, so a manager that
+    starts at that very moment may find its lock taken and be restarted: only when two daemons
+    of one farm start at once, which is what this refuses."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path(farm), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None  # none, or nothing sound: the manager's own checks will say what is wrong
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        return None
+    finally:
+        os.close(fd)
+
+
 class ControlServer:
     """The daemon's end: listens on `address(farm)` while it runs (see the module docstring)."""
 
@@ -229,13 +262,9 @@ class ControlServer:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                text = os.read(fd, 32).decode(errors="replace").strip()
                 os.close(fd)
-                raise ControlError(
-                    f"another vipfarm daemon of farm {self.farm!r} already runs in this network "
-                    f"namespace (pid {pid}, socket {where}/{self.farm}{CONTROL_SUFFIX}): stop it "
-                    f"first (systemctl stop vipfarm@{self.farm}, or kill {pid})"
-                ) from None
+                raise already_runs(self.farm, int(text) if text.isdigit() else -1) from None
             try:
                 same = os.stat(lock).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
