@@ -31,7 +31,9 @@ first one's pid (written into the lock file). A daemon that crashed lost its loc
 process, so the next one removes the stale socket file and binds again: a stale file never
 blocks a restart, and a live daemon is never robbed of its socket. A lock rather than "connect
 and see": it also sees a live daemon that is too busy to accept, and two daemons starting at
-once cannot both conclude the file is stale. A clean close removes the socket, the lock file
+once cannot both conclude the file is stale. `vipfarm daemon` asks the same lock before it starts anything (`running_daemon`), so a second
+daemon of a farm stops before its pulse touches the first one's data path. A clean close
+removes the socket, the lock file
 (while still holding the lock: a starter that opened the old file sees, once it holds the lock,
 that the name is no longer that file, and starts over) and the namespace directory if empty. A
 crash leaves files that the next start in the namespace reuses; directories of namespaces that
@@ -46,6 +48,9 @@ A new command is therefore root-only until someone lists it on purpose. The mana
 `state` and `farm`: read-only, and nothing that the configuration file or the logs protect (a
 caller may thereby make the daemon ask its peers' APIs, each question bounded by the peer
 timeout). `log_page` and `config` are root's, as are `start`, `stop`, `deploy`, `snapshot`.
+What other users can hold is bounded (`MAX_OTHER_CLIENTS` connections at once, each request
+line within `OTHER_REQUEST_TIMEOUT_S`), root's connections are never counted against it, and
+every refusal is counted by reason (`ControlServer.refused`, in `vipfarm state`'s counters).
 
 The client side checks the server: SO_PEERCRED of a connected client socket gives the
 credentials the server had when it called listen(), and `call` refuses to talk to a server that
