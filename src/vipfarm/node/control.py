@@ -25,15 +25,15 @@ create a file in them, so nobody else can take the name. `/run` itself is the sy
 
 One daemon per farm and namespace
 ---------------------------------
-The daemon holds an exclusive flock on `<farm>.lock` beside the socket for its whole life, taken
-before the socket is touched. A second daemon finds it held and refuses to start, with the
-first one's pid (written into the lock file). A daemon that crashed lost its lock with its
-process, so the next one removes the stale socket file and binds again: a stale file never
+The daemon (its manager) holds an exclusive flock on `<farm>.lock` beside the socket for its
+whole life, taken before the socket is touched. A second daemon finds it held and refuses to
+start, with the first one's pid (written into the lock file); `vipfarm daemon` asks the same
+lock before it starts anything (`running_daemon`), so that a second daemon of the farm stops
+before its pulse touches the first one's data path. A daemon that crashed lost its lock with
+its process, so the next one removes the stale socket file and binds again: a stale file never
 blocks a restart, and a live daemon is never robbed of its socket. A lock rather than "connect
 and see": it also sees a live daemon that is too busy to accept, and two daemons starting at
-once cannot both conclude the file is stale. `vipfarm daemon` asks the same lock before it starts anything (`running_daemon`), so a second
-daemon of a farm stops before its pulse touches the first one's data path. A clean close
-removes the socket, the lock file
+once cannot both conclude the file is stale. A clean close removes the socket, the lock file
 (while still holding the lock: a starter that opened the old file sees, once it holds the lock,
 that the name is no longer that file, and starts over) and the namespace directory if empty. A
 crash leaves files that the next start in the namespace reuses; directories of namespaces that
