@@ -22,7 +22,9 @@ Cases, in order, on the same lab:
 Each CLI run also records the child's CPU time (user + system, from its rusage): on a shared
 machine wall times swing with the neighbours' load, CPU time barely does. `--baseline SRC`
 adds `state` run with PYTHONPATH=SRC (e.g. another checkout's src/, the code before a change),
-interleaved with the others so both see the same load. Beside the CLI, each case times the
+interleaved with the others so both see the same load; that tree's CLI must find this tree's
+daemons (trees from before the control socket moved to /run/vipfarm/control cannot: measure
+them on their own, without --baseline). Beside the CLI, each case times the
 daemon's side alone: the control-socket commands `farm` (what `vipfarm state` asks) and `state`
 (no peer questions), sent from this process (`Lab.daemon_call`), and `ip netns exec <ns> true`,
 the cost of entering the namespace.

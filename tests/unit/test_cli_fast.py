@@ -1,7 +1,8 @@
 """The CLI imports only what the command asked for (vipfarm.cli): behaviour, not timing.
 
 A node command runs `python -X importtime -m vipfarm ...` in a fresh interpreter, whose import
-log names every module imported; none of the heavy areas may appear. The command-name parser
+log names every module imported; none of the heavy areas may appear, and `vipfarm state` (the
+fast path of vipfarm.cli.local) imports neither typer nor pydantic nor rich. The command-name parser
 is checked against the real root options, so a new root option with a value cannot silently
 make `vipfarm --new-option X state` build the whole app.
 """
@@ -18,7 +19,8 @@ import typer
 from typer.testing import CliRunner
 
 import vipfarm.cli
-from vipfarm.cli import COMMANDS, VALUE_OPTIONS, build_app, command_name
+from vipfarm.cli import VALUE_OPTIONS, command_name
+from vipfarm.cli.commands import COMMANDS, build_app
 
 SRC = Path(vipfarm.cli.__file__).resolve().parents[2]
 # The lab, the bench, the simulator, the API server and plotting: none is needed to talk to the
@@ -73,6 +75,31 @@ def test_node_commands_import_no_heavy_module(args: tuple[str, ...]) -> None:
     assert heavy_in(modules) == []
     if args[0] != "--node":  # the local daemon is reached over its socket, not HTTP
         assert "httpx" not in modules
+
+
+# What `vipfarm state` does without: the typer app, the API models, the table library.
+CLI_FRAMEWORK = ("typer", "click", "pydantic", "pydantic_core", "rich", "vipfarm.api", "asyncio")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("state", "--farm", "nosuchfarm"),
+        ("state", "--json", "--farm", "nosuchfarm"),
+        ("state", "--farm=nosuchfarm", "--json"),
+        ("state", "--farm", "Not/A/Farm"),
+    ],
+    ids=" ".join,
+)
+def test_state_imports_no_cli_framework(args: tuple[str, ...]) -> None:
+    modules = imported(*args)
+    assert "vipfarm.cli.local" in modules and "vipfarm.node.control" in modules
+    assert sorted(m for m in modules if m.startswith(CLI_FRAMEWORK)) == []
+
+
+def test_state_with_other_options_is_typers() -> None:
+    assert "typer" in imported("state", "--help")
+    assert "typer" in imported("--port", "9010", "state", "--farm", "nosuchfarm")
 
 
 def test_config_check_of_a_file_imports_no_heavy_module(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import vipfarm.cli.init as cli_init
-from vipfarm.cli import build_app
+from vipfarm.cli.commands import build_app
 from vipfarm.config.loading import load_config, parse_config
 from vipfarm.datapath.spec import Affinity, Proto
 from vipfarm.install import farm as f

@@ -19,7 +19,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from vipfarm.cli import build_app
+from vipfarm.cli.commands import build_app
 from vipfarm.install.man import man_pages, roff_escape
 from vipfarm.install.unit import installed_man_pages, render_unit
 
@@ -121,11 +121,11 @@ def test_service_install_and_remove(tmp_path: Path) -> None:
 
 
 def test_man_pages_cover_every_command() -> None:
-    import vipfarm.cli
+    import vipfarm.cli.commands
 
     root = typer.main.get_command(build_app())
     pages = man_pages(root, version="9.9")
-    assert set(pages) == {"vipfarm.1", *(f"vipfarm-{c}.1" for c in vipfarm.cli.COMMANDS)}
+    assert set(pages) == {"vipfarm.1", *(f"vipfarm-{c}.1" for c in vipfarm.cli.commands.COMMANDS)}
     init = pages["vipfarm-init.1"]
     assert init.startswith('.TH "VIPFARM-INIT" "1"')
     assert "\\-\\-host" in init and "vipfarm 9.9" in init

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from vipfarm.datapath.spec import IPAddress
-from vipfarm.node import control
+from vipfarm.node import control, host
 from vipfarm.node.host import busy_connections, farms_here, next_incarnation
 
 
@@ -78,11 +78,28 @@ def test_a_real_connection_counts_until_it_is_closed() -> None:
         assert busy_connections([vip]) == 0
 
 
-def test_farms_here_lists_the_abstract_control_sockets() -> None:
+def test_farms_here_lists_the_live_control_sockets_of_this_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host, "CONTROL_DIR", str(tmp_path / "control"))
+    assert farms_here() == []  # no directory yet
+    here = Path(host.control_dir())
+    assert here.parent == tmp_path / "control" and here.name == str(host.netns_inode())
+    here.mkdir(parents=True)
     farm = "t" + uuid.uuid4().hex[:8]
-    assert farm not in farms_here()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(control.address(farm))
         s.listen()
-        assert farm in farms_here()
-    assert farm not in farms_here()
+        (here / "notes.txt").write_text("not a socket")
+        assert farms_here() == [farm]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+            stale.bind(str(here / "dead.sock"))  # bound, never listening: a crashed daemon's
+        assert farms_here() == [farm]
+    assert farms_here() == []  # the file is still there, nobody listens on it
+    assert (here / f"{farm}.sock").exists()
+    other = tmp_path / "control" / str(host.netns_inode() + 1)  # another namespace's
+    other.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(other / "elsewhere.sock"))
+        s.listen()
+        assert farms_here() == []

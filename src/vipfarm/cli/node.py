@@ -35,6 +35,7 @@ def daemon(
 
     from vipfarm.config.loading import load_config
     from vipfarm.config.problems import ConfigError
+    from vipfarm.node.control import already_runs, running_daemon
     from vipfarm.node.daemon import Daemon, DaemonError, default_dirs
     from vipfarm.node.host import local_addresses
 
@@ -47,6 +48,12 @@ def daemon(
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    # Before the pulse touches the data path: one daemon per farm in a network namespace (the
+    # manager's lock on the control socket is what finally decides; this says it up front).
+    pid = running_daemon(cfg.farm.name)
+    if pid is not None:
+        typer.echo(f"error: {already_runs(cfg.farm.name, pid)}", err=True)
+        raise typer.Exit(1)
     default_run, default_log = default_dirs(cfg.farm.name, me.name)
     d = Daemon(
         config.resolve(), me.name, run_dir=run_dir or default_run, log_dir=log_dir or default_log
@@ -90,38 +97,14 @@ def stop(
 def state(ctx: typer.Context, as_json: bool = JSON, farm: str | None = FARM) -> None:
     """The node's state and the whole farm as it sees it, with every node's config version."""
     from vipfarm.api.models import NodeStatus
+    from vipfarm.cli.local import print_status_table
 
     st = call(ctx, farm, "farm", NodeStatus)
     if as_json:
         print_json(st)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(
-        f"farm [bold]{st.farm_name}[/], node [bold]{st.node}[/]: {st.state} "
-        f"{st.share:g}% (application {st.app}), configuration version {st.config_version}",
-        highlight=False,
-    )
-    table = Table()
-    for col in ("node", "state", "share", "weight", "alive", "last heartbeat (ms)", "config"):
-        table.add_column(col)
-    for n in st.farm:
-        ages = ", ".join(
-            f"{net} {'-' if age is None else f'{age:.0f}'}"
-            for net, age in n.heartbeat_age_ms.items()
-        )
-        table.add_row(
-            n.node,
-            n.state,
-            f"{n.share:g}%",
-            str(n.weight),
-            "yes" if n.alive else "no",
-            ages or "(self)",
-            "?" if n.config_version is None else str(n.config_version),
-        )
-    console.print(table)
+    # The same printing as the fast path's (vipfarm.cli.local), which a unit test compares.
+    print_status_table(st.model_dump(mode="json"))
 
 
 def log(

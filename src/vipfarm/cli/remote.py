@@ -7,9 +7,10 @@ token from `--token-file`, `$VIPFARM_TOKEN_FILE` or /etc/vipfarm/api.token. Both
 same daemon methods and the same answers (`vipfarm.api.models`), so every command prints the same
 either way, and `--json` prints the answer itself.
 
-Exit codes (`EXIT_*`): 0 done; 1 the operation failed (the node refused, a deployment was
-refused, a node failed to apply); 2 usage or configuration error (bad option, invalid file,
-token missing or rejected); 3 the node cannot be reached (no daemon here, no answer).
+Exit codes (`EXIT_*`, defined in `vipfarm.cli.local`): 0 done; 1 the operation failed (the node
+refused, a deployment was refused, a node failed to apply); 2 usage or configuration error (bad
+option, invalid file, token missing or rejected, several farms here and no --farm); 3 the node
+cannot be reached (no daemon here, no answer).
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
+from vipfarm.cli.local import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, Failure, ask
+
 if TYPE_CHECKING:
     import ssl
 
     from pydantic import BaseModel
 
-# Every build of the CLI imports this module (the root options), so it imports only typer up
-# front: the API models, rich, ssl, the configuration parser, the control socket and the HTTP
-# client are imported by the commands that use them (see vipfarm.cli).
+# Every build of the CLI imports this module (the root options), so it imports only typer (and
+# the light `cli.local`) up front: the API models, rich, ssl, the configuration parser and the
+# HTTP client are imported by the commands that use them (see vipfarm.cli).
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # Two rounds over every node, each bounded by the nodes' own timeouts (vipfarm.api.client).
 DEPLOY_TIMEOUT_S = 120.0
 M = TypeVar("M", bound="BaseModel")
@@ -127,20 +129,11 @@ def api_client(target: Target, timeout: float = 30.0) -> Iterator[Any]:
 def local_call(
     farm: str | None, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0
 ) -> Any:
-    """One request to this host's daemon; its errors become exit codes."""
-    from vipfarm.node import control
-    from vipfarm.node.control import ControlError
-    from vipfarm.node.host import farms_here
-
+    """One request to this host's daemon; its errors become exit codes (`cli.local.ask`)."""
     try:
-        name = control.resolve_farm(farm)
-    except ControlError as e:
-        fail(str(e), EXIT_UNREACHABLE if not farms_here() else EXIT_USAGE)
-    try:
-        return control.call(name, cmd, args, timeout=timeout)
-    except ControlError as e:
-        lost = isinstance(e.__cause__, OSError) or "did not answer" in str(e)
-        fail(str(e), EXIT_UNREACHABLE if lost else EXIT_FAILED)
+        return ask(farm, cmd, args, timeout)
+    except Failure as e:
+        fail(e.message, e.code)
 
 
 def call(

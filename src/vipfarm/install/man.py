@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from vipfarm import __version__
-    from vipfarm.cli import build_app
+    from vipfarm.cli.commands import build_app
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

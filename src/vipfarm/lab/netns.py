@@ -2,8 +2,9 @@
 
 setns(2) moves only the calling thread, so the thread is created for the call and ends with it;
 the rest of the process stays where it was. Sockets created by the function belong to the
-namespace: this is how the lab talks to a node daemon's abstract control socket without
-starting a Python interpreter in the namespace for every question.
+namespace, and `/proc/thread-self/ns/net` names it: this is how the lab finds and talks to a
+node daemon's control socket (`vipfarm.node.control`, keyed by that namespace) without starting
+a Python interpreter in the namespace for every question.
 """
 
 from __future__ import annotations

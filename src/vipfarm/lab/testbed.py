@@ -13,7 +13,8 @@ after a crash, or on a half-built lab: processes are recorded under `/run/vipfar
 and every process left in a lab namespace is the lab's. `down()` stops the data path runners
 first and waits for them, because they remove their kernel state on SIGTERM and must do so
 before their namespace goes; then the other processes, then stragglers found with `ip netns
-pids`, then the namespaces (which takes every veth with them) and the state directory.
+pids`, then the namespaces (which takes every veth with them; the control socket directories of
+their daemons first, `vipfarm.node.control`) and the state directory.
 """
 
 from __future__ import annotations
@@ -761,6 +762,11 @@ def down(name: str, grace_s: float = 10.0) -> None:
     for ns in namespaces:
         pids = _run([ip, "netns", "pids", ns], check=False).stdout.split()
         killed += terminate([(int(p), None) for p in pids], grace_s)
+    for ns in namespaces:
+        # Its daemons' control sockets, which a killed daemon leaves behind; the directory is
+        # named by the namespace's inode, which the kernel may give a later namespace.
+        with contextlib.suppress(OSError):
+            shutil.rmtree(control.namespace_dir_of(f"/run/netns/{ns}"))
     if namespaces:
         _run(
             [ip, "-force", "-batch", "-"],

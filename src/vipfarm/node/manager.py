@@ -101,6 +101,13 @@ RECONNECT_S = 0.1
 _SNAPSHOT = TypeAdapter(Snapshot)
 
 
+# The control socket's commands that change the node, and those any local user may run:
+# read-only, and nothing the configuration file or the logs protect. Every other command
+# (log_page and config too) is root's (vipfarm.node.control: who may do what).
+CONTROL_MUTATING = frozenset({"start", "stop", "deploy", "snapshot"})
+CONTROL_PUBLIC = frozenset({"state", "farm"})
+
+
 class ManagerError(VipfarmError):
     """The manager cannot run; the text says why and what to do."""
 
@@ -236,7 +243,8 @@ class Manager:
                 "deploy": self._local(self.deploy, DeployRequest),
                 "snapshot": self._cmd_snapshot,
             },
-            mutating={"start", "stop", "deploy", "snapshot"},
+            mutating=CONTROL_MUTATING,
+            public=CONTROL_PUBLIC,
         )
         self.api_server: Any = None  # vipfarm.api.server.ApiServer, imported only when used
         # What the API reads live: deployments change them in place (tokens, limits).
@@ -526,7 +534,12 @@ class Manager:
             owned=owned,
             split_brain=snap.split_brain,
             drops=dict(snap.drops),
-            counters={**data["counters"], **self.counters},
+            counters={
+                **data["counters"],
+                **self.counters,
+                # What the control socket turned away (other users' floods, bad requests).
+                **{f"control_{why}": n for why, n in self.control.refused.items()},
+            },
             config_version=self.config_version,
             config_digest=self.config_digest,
             farm=farm,
