@@ -58,6 +58,7 @@ from vipfarm.api.models import (
     StreamQuery,
 )
 from vipfarm.config.problems import ConfigError
+from vipfarm.console import mount as mount_console
 from vipfarm.node.control import ControlError
 from vipfarm.node.deploy import DeployError
 
@@ -311,6 +312,8 @@ def create_app(service: NodeService, token: bytes, *, metrics_public: bool = Fal
         return Response(await service.snapshot(), media_type="application/gzip")
 
     app.include_router(api)
+    # The web console (vipfarm.console): its own session check for /console, the token here.
+    mount_console(app, service, lambda t: hmac.compare_digest(t, token), lambda: token)
 
     metrics_deps = [] if metrics_public else [auth]
     metrics_responses = {} if metrics_public else _responses(401, 403)
