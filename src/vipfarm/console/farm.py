@@ -179,6 +179,7 @@ class Farm:
         self.snapshot: dict[str, Any] = {}
         self.version = 0
         self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
         self._peers: dict[str, _PeerState] = {}
         self._history: dict[str, _NodeHistory] = {}
         self._task: asyncio.Task[None] | None = None
@@ -192,6 +193,16 @@ class Farm:
         self.me: str = host.node.name
 
     # ---- life cycle
+
+    def nudge(self) -> None:
+        """Wake every poll loop now (a page opened: the idle pace is over)."""
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def _pause(self) -> None:
+        wake = self._wake
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), TICK_S if self.subscribers else IDLE_TICK_S)
 
     def touch(self) -> None:
         """A console request: make sure the poller runs."""
@@ -222,8 +233,8 @@ class Farm:
             try:
                 await self._tick()
             except Exception as e:  # the poller must outlive any one bad answer
-                event(log, "console_tick_failed", logging.WARNING, error=repr(e))
-            await asyncio.sleep(TICK_S if self.subscribers else IDLE_TICK_S)
+                event(self.host.module_log, "console_tick_failed", logging.WARNING, error=e)
+            await self._pause()
         for p in self._peers.values():
             if p.task is not None:
                 p.task.cancel()
@@ -256,8 +267,7 @@ class Farm:
                     p.error = ""
                 except Exception as e:  # Unreachable, Refused, a bad answer: shown, not raised
                     p.error = str(e) or type(e).__name__
-                    await asyncio.sleep(TICK_S)
-            await asyncio.sleep(TICK_S if self.subscribers else IDLE_TICK_S)
+            await self._pause()
 
     def _alive(self, name: str) -> bool:
         for n in self.snapshot.get("nodes", ()):
@@ -303,9 +313,10 @@ class Farm:
             st: NodeStatus | None = local if own else (peer.status if peer else None)
             # A peer's API is unreachable when it has not answered for UNREACHABLE_S (from
             # its loop's start: a first answer is given that long to come).
+            stale = UNREACHABLE_S + (0.0 if self.subscribers else IDLE_TICK_S)
             reachable = own or (
                 peer is not None
-                and now - max(peer.answered_at, peer.since) < UNREACHABLE_S
+                and now - max(peer.answered_at, peer.since) < stale
                 and (peer.status is not None or not peer.error)
             )
             if not n.alive:

@@ -209,6 +209,7 @@ class Console:
 
         async def stream() -> AsyncIterator[bytes]:
             farm.subscribers += 1
+            farm.nudge()
             try:
                 seen = -1
                 last = time.monotonic()
