@@ -102,7 +102,9 @@ function renderFarm() {
     for (const [action, label] of [["start", "Start"], ["stop", "Stop (drain)"], ["force-stop", "Force stop"]]) {
       actions.append(el("button", {
         type: "button", "data-action": action, "data-node": n.name,
-        "aria-label": `${label} ${n.name}`, disabled: !n.alive || !n.reachable,
+        "aria-label": `${label} ${n.name}`, disabled: !n.alive || !n.reachable ||
+          (action === "start" && ["UP", "WAIT", "STARTING"].includes(n.state)) ||
+          (action !== "start" && n.state === "STOP"),
         text: label,
       }));
     }
