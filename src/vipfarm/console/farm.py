@@ -19,8 +19,9 @@ a change reaches the page within one tick plus the stream's latency.
 
 History. Every `SAMPLE_S` the poller also reads each node's metrics (checkers' results, the
 new connections its kernel accepted) and keeps one hour of samples per node (`Sample`) for the
-charts. It notes failovers as it sees them: from the tick a node is first seen dead to the first
-tick when the live nodes' shares add up to 100 % again (`observed` entries of the timeline).
+charts; while a page is open it reads them every `CHECKERS_S` for the checkers' column. It
+notes failovers as it sees them: from the tick a node is first seen dead to the first tick
+when the live nodes' shares add up to 100 % again (`observed` entries of the timeline).
 
 Timeline. Built on request from the module logs of every node (their last `TIMELINE_LINES`
 lines, through the API): state changes, peers declared dead (one failover line per dead node,
@@ -71,6 +72,7 @@ IDLE_TICK_S = 5.0  # while none is: the charts' and failovers' history still adv
 PEER_TIMEOUT_S = 1.0
 UNREACHABLE_S = 1.5
 SAMPLE_S = 5.0
+CHECKERS_S = 2.0
 HISTORY_S = 3600.0
 HISTORY = 10
 TIMELINE_LINES = 5000
@@ -186,6 +188,7 @@ class Farm:
         self.subscribers = 0
         self._last_use = time.monotonic()
         self._last_sample = 0.0
+        self._last_chart = 0.0
         self._dead_since: dict[str, float] = {}
         self.observed: deque[dict[str, Any]] = deque(maxlen=1000)
         self.configs: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -283,9 +286,12 @@ class Farm:
             if n.node != local.node and n.node not in self._peers:
                 self._peers[n.node] = p = _PeerState()
                 p.task = asyncio.create_task(self._peer_loop(n.node), name=f"console-{n.node}")
-        if now - self._last_sample >= SAMPLE_S:
+        due = now - self._last_sample >= (CHECKERS_S if self.subscribers else SAMPLE_S)
+        if due:
             self._last_sample = now
-            await self._sample(local)
+            await self._sample(local, chart=now - self._last_chart >= SAMPLE_S)
+            if now - self._last_chart >= SAMPLE_S:
+                self._last_chart = now
         snap = self._compose(local, now)
         self._note_failovers(snap)
         if snap != self.snapshot:
@@ -412,7 +418,7 @@ class Farm:
 
     # ---- history (charts and checkers)
 
-    async def _sample(self, local: NodeStatus) -> None:
+    async def _sample(self, local: NodeStatus, *, chart: bool) -> None:
         async def one(name: str) -> None:
             try:
                 text = (await self.metrics(name)).decode("utf-8", "replace")
@@ -421,6 +427,8 @@ class Farm:
                 return  # a node that does not answer has no sample: a gap in its chart
             hist = self._history.setdefault(name, _NodeHistory())
             hist.checkers = checkers
+            if not chart:
+                return
             now = time.monotonic()
             rate = None
             if hist.accepted_total is not None and now > hist.accepted_at:
