@@ -254,9 +254,16 @@ def confirm(page: Page) -> None:
 def test_drain_a_node_from_the_page_then_start_it_and_the_kernels_agree(farm: Farm) -> None:
     lab = farm.lab
     page = farm.page()
-    page.click('button[data-action="stop"][data-node="node3"]')
-    confirm(page)
-    expect(page.locator("#action-outcome")).to_contain_text("node3 is")
+    with lab.hold("client1", 30) as held:
+        # about a third of the held connections are node3's: the drain waits for them
+        assert held.initial["ok"] == 30, held.initial
+        page.click('button[data-action="stop"][data-node="node3"]')
+        confirm(page)
+        expect(page.locator("#action-outcome")).to_contain_text("node3 is")
+        expect(state_cell(page, "node3")).to_contain_text(
+            re.compile(r"drain: [1-9]\d* connections, \d+ s left")
+        )
+        shot(page, "farm-node3-draining")
     expect(state_cell(page, "node3")).to_have_text("STOP", timeout=45_000)
     shot(page, "farm-node3-stopped")
     wait_for(

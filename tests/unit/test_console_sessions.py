@@ -107,3 +107,15 @@ def test_only_console_paths_are_the_gates() -> None:
     assert not ss.is_console_path("/api/v1/state") and not ss.is_console_path("/consoles")
     assert ss.cookie_value(b"a=1; vipfarm_console=abc", ss.COOKIE) == "abc"
     assert ss.cookie_value(b"a=1", ss.COOKIE) is None
+
+
+def test_peer_routes_take_the_bearer_token_and_only_get() -> None:
+    s = store()
+    path = "/console/peer/drain"
+    refusal = s.admit(scope(path))
+    assert refusal is not None and refusal.status == 401
+    refusal = s.admit(scope(path, authorization="Bearer nope"))
+    assert refusal is not None and refusal.status == 403
+    assert s.admit(scope(path, authorization="Bearer " + TOKEN.decode())) is None
+    refusal = s.admit(scope(path, "POST", authorization="Bearer " + TOKEN.decode()))
+    assert refusal is not None and refusal.status == 405

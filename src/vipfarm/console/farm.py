@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 The browser talks only to the node that served the page; this module reaches the others
 through the node-to-node API (`vipfarm.api.client.PeerClient`, the client deployments use), as
-the CLI's `--node` does, and the node itself directly (the same `NodeService` methods the API
-and the control socket call).
+the CLI's `--node` does (and, for the one thing that API lacks, the open connections of a
+drain, through the peer's console route `/console/peer/drain`), and the node itself directly
+(the same `NodeService` methods the API and the control socket call).
 
 Farm view. A poller runs in the manager while the console is in use: every `TICK_S` it asks
 this node for its state (its pulse's view: who is alive on which heartbeat network, states,
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import re
 import tarfile
@@ -130,6 +132,7 @@ class _NodeHistory:
     accepted_total: float | None = None
     accepted_at: float = 0.0
     draining_since: float | None = None
+    connections: int | None = None  # open connections left, while draining
 
 
 _KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
@@ -189,6 +192,7 @@ class Farm:
         self._last_use = time.monotonic()
         self._last_sample = 0.0
         self._last_chart = 0.0
+        self._drain_task: asyncio.Task[None] | None = None
         self._dead_since: dict[str, float] = {}
         self.observed: deque[dict[str, Any]] = deque(maxlen=1000)
         self.configs: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -293,6 +297,9 @@ class Farm:
             if now - self._last_chart >= SAMPLE_S:
                 self._last_chart = now
         snap = self._compose(local, now)
+        draining = [n["name"] for n in snap["nodes"] if n["drain_s_left"] is not None]
+        if draining and (self._drain_task is None or self._drain_task.done()):
+            self._drain_task = asyncio.create_task(self._drain_progress(draining))
         self._note_failovers(snap)
         if snap != self.snapshot:
             self.snapshot = snap
@@ -366,6 +373,7 @@ class Farm:
                     "owned": owned or [],
                     "checkers": hist.checkers if reachable else [],
                     "drain_s_left": None if drain_left is None else round(drain_left),
+                    "drain_connections": hist.connections if drain_left is not None else None,
                     "error": "" if own or peer is None else peer.error,
                 }
             )
@@ -415,6 +423,30 @@ class Farm:
                 }
             )
             self._dead_since[name] = -1.0  # noted once until it comes back
+
+    # ---- drain progress
+
+    async def busy_here(self) -> int:
+        from vipfarm.node.host import busy_connections
+
+        vips = self.host.config.datapath_spec(self.me).vips
+        return await asyncio.to_thread(busy_connections, vips)
+
+    async def _drain_progress(self, names: list[str]) -> None:
+        """Open connections left on each draining node (its console's peer route)."""
+
+        async def one(name: str) -> None:
+            try:
+                if name == self.me:
+                    left = await self.busy_here()
+                else:
+                    raw = await self._raw_get(name, "/console/peer/drain", PEER_TIMEOUT_S)
+                    left = int(json.loads(raw)["connections"])
+            except Exception:
+                left = None  # an older node without the route, or it went away
+            self._history.setdefault(name, _NodeHistory()).connections = left
+
+        await asyncio.gather(*(one(n) for n in names))
 
     # ---- history (charts and checkers)
 

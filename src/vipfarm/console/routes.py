@@ -135,6 +135,7 @@ class Console:
             Route("/api/buckets/who", self.who, methods=["GET"]),
             Route("/api/timeline", self.timeline, methods=["GET"]),
             Route("/api/charts", self.charts, methods=["GET"]),
+            Route("/peer/drain", self.peer_drain, methods=["GET"]),
         ]
 
     # ---- pages and sign-in
@@ -529,6 +530,10 @@ class Console:
     async def charts(self, request: Request) -> Response:
         self.farm.touch()
         return JSONResponse({"sample_s": 5, "nodes": self.farm.charts()})
+
+    async def peer_drain(self, request: Request) -> Response:
+        """This node's open connections to its VIPs (what a drain waits for), for a peer."""
+        return JSONResponse({"node": self.farm.me, "connections": await self.farm.busy_here()})
 
 
 def _event(name: str, data: Any) -> bytes:

@@ -22,6 +22,10 @@ request without a session costs a dictionary look-up. Its `admit(scope)` is the 
 request guard calls for console paths: it returns None (admitted) or a refusal (reason, status,
 detail), and records the session in `scope["state"]` for the routes.
 
+Routes under `/console/peer/` are the exception: one node's console asks another's for what the
+node API does not give (the open connections of a drain), so they take the farm's bearer token
+like any node-to-node call, and only GET.
+
 Refusals are counted by reason (`Sessions.refused`). The store is bounded (`MAX_SESSIONS`, the
 oldest is dropped first) so that sign-ins cannot grow the manager's memory without limit.
 """
@@ -44,6 +48,8 @@ PREFIX = "/console"
 # Reachable without a session: the sign-in page and what it needs to render.
 PUBLIC = ("/console/login", "/console/static/console.css")
 SAFE_METHODS = ("GET", "HEAD")
+# Node-to-node routes of the console: the farm's bearer token instead of a session.
+PEER_PREFIX = PREFIX + "/peer/"
 
 
 @dataclass
@@ -136,6 +142,8 @@ class Sessions:
             scope.setdefault("state", {})["console_session"] = session
         if path in PUBLIC or path == "/":
             return None
+        if path.startswith(PEER_PREFIX):
+            return self._peer(method, headers)
         if session is None:
             self.count("no_session")
             return Refusal("no_session", 401, "sign in first: no valid console session")
@@ -152,6 +160,21 @@ class Sessions:
                     403,
                     f"a change request needs the page's CSRF token in {CSRF_HEADER}: reload",
                 )
+        return None
+
+    def _peer(self, method: str, headers: dict[bytes, bytes]) -> Refusal | None:
+        """`/console/peer/...`: what one node's console asks of another's, with the farm's
+        bearer token (as any node-to-node call), read-only."""
+        if method not in SAFE_METHODS:
+            self.count("peer_method")
+            return Refusal("peer_method", 405, "the console's peer routes are read-only (GET)")
+        scheme, _, presented = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not presented.strip():
+            self.count("peer_no_token")
+            return Refusal("peer_no_token", 401, "authentication required: send the bearer token")
+        if not self.check_token(presented.strip()):
+            self.count("peer_wrong_token")
+            return Refusal("peer_wrong_token", 403, "wrong token: use the farm's api.token_file")
         return None
 
 

@@ -67,6 +67,9 @@ function confirmDialog(text) {
 
 // ---------------------------------------------------------------- farm view
 function colourOf(name) {
+  // By the node's place in the farm, so every view and every page gives a node one colour.
+  const i = farm ? farm.nodes.findIndex((n) => n.name === name) : -1;
+  if (i >= 0) return `c${i % 8}`;
   if (!colours.has(name)) colours.set(name, `c${colours.size % 8}`);
   return colours.get(name);
 }
@@ -97,7 +100,7 @@ function renderFarm() {
     const checkers = n.checkers.length
       ? n.checkers.map((c) => `${c.name.split(":")[0]} ${c.healthy ? "ok" : "failing"}`).join(", ")
       : "–";
-    const drain = n.drain_s_left !== null ? ` (drain: ${n.drain_s_left} s left)` : "";
+    const drain = n.drain_s_left === null ? "" : ` (drain: ${n.drain_connections ?? "?"} connections, ${n.drain_s_left} s left)`;
     const actions = el("td", { class: "actions" });
     for (const [action, label] of [["start", "Start"], ["stop", "Stop (drain)"], ["force-stop", "Force stop"]]) {
       actions.append(el("button", {
@@ -365,11 +368,15 @@ function svg(tag, attrs) {
 function chart(box, series, key, labelledby, unit) {
   const W = 900, H = 220, L = 44, B = 20;
   const now = Date.now() / 1000;
-  const t0 = now - 3600;
+  // The last hour, or less while there is less history: the data fills the width.
+  let first = now;
+  for (const pts of Object.values(series)) if (pts.length) first = Math.min(first, pts[0].t);
+  const t0 = Math.max(now - 3600, Math.min(first, now - 60));
+  const span = now - t0;
   let max = 1;
   for (const pts of Object.values(series)) for (const p of pts) if (p[key] !== null) max = Math.max(max, p[key]);
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-labelledby": labelledby });
-  const x = (t) => L + ((t - t0) / 3600) * (W - L - 10);
+  const x = (t) => L + ((t - t0) / span) * (W - L - 10);
   const y = (v) => H - B - (v / max) * (H - B - 10);
   root.append(svg("line", { x1: L, y1: H - B, x2: W - 10, y2: H - B, stroke: "#888" }));
   for (const f of [0, 0.5, 1]) {
@@ -377,8 +384,9 @@ function chart(box, series, key, labelledby, unit) {
     t.textContent = `${(max * f).toFixed(max < 10 ? 1 : 0)}${unit}`;
     root.append(t);
   }
-  for (const [label, xt] of [["-60 min", t0], ["-30 min", t0 + 1800], ["now", now - 60]]) {
-    const t = svg("text", { x: x(xt), y: H - 4 }); t.textContent = label; root.append(t);
+  const ago = (t) => { const m = (now - t) / 60; return m >= 1 ? `-${m.toFixed(0)} min` : `-${(now - t).toFixed(0)} s`; };
+  for (const [label, xt, anchor] of [[ago(t0), t0, "start"], [ago(t0 + span / 2), t0 + span / 2, "middle"], ["now", now, "end"]]) {
+    const t = svg("text", { x: x(xt), y: H - 4, "text-anchor": anchor }); t.textContent = label; root.append(t);
   }
   for (const [name, pts] of Object.entries(series)) {
     const d = pts.filter((p) => p[key] !== null && p.t >= t0).map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(p[key]).toFixed(1)}`).join("");
@@ -387,7 +395,8 @@ function chart(box, series, key, labelledby, unit) {
     const title = svg("title", {}); title.textContent = name; path.append(title);
     root.append(path);
   }
-  box.replaceChildren(root);
+  const legend = el("p", { class: "legend" }, ...Object.keys(series).map((n) => el("span", { class: colourOf(n), text: n })));
+  box.replaceChildren(root, legend);
 }
 
 async function loadCharts() {
@@ -395,8 +404,7 @@ async function loadCharts() {
   if (!r.ok) return;
   const nodes = r.data.nodes;
   const n = Math.max(0, ...Object.values(nodes).map((p) => p.length));
-  $("#charts-note").textContent = `${n} samples per node, one every ${r.data.sample_s} s since this node's console started; colours as in the bucket map: ` +
-    Object.keys(nodes).join(", ");
+  $("#charts-note").textContent = `${n} samples per node, one every ${r.data.sample_s} s since this node's console started (at most an hour).`;
   chart($("#chart-share"), nodes, "share", "c-share", "%");
   chart($("#chart-conn"), nodes, "accepted_per_s", "c-conn", "/s");
 }
