@@ -242,6 +242,11 @@ def test_the_logs_view_follows_new_lines_as_they_are_written(farm: Farm) -> None
     page.select_option("#log-level", "WARNING")
     expect(page.locator("#log-lines")).to_contain_text(marker)
     expect(page.locator("#log-lines")).not_to_contain_text("state_changed")
+    # Both logs together: the start script's output beside the module's events.
+    page.select_option("#log-level", "")
+    page.select_option("#log-name", "both")
+    expect(page.locator("#log-lines")).to_contain_text("app | ")
+    expect(page.locator("#log-lines")).to_contain_text("script_finished script=start")
     shot(page, "logs")
     page.context.close()
 

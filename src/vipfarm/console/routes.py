@@ -301,35 +301,47 @@ class Console:
         return JSONResponse(page.model_dump(mode="json"))
 
     async def follow(self, request: Request) -> Response:
-        """The last lines of a log, then new lines as they are written (SSE, `lines` events)."""
+        """The last lines of a log, then new lines as they are written (SSE, `lines` events).
+
+        `log=both`: the module log and the application log (the scripts' output) together,
+        each poll's lines merged by their time stamp, the application's marked `app |`."""
         try:
             name = self._node(request)
-            which = self._log_name(request)
+            raw = request.query_params.get("log", "module")
+            which: list[Any] = ["module", "app"] if raw == "both" else [self._log_name(request)]
         except BadInput as e:
             return error(422, e.detail)
         farm = self.farm
 
         async def stream() -> AsyncIterator[bytes]:
-            offset: int | None = None
+            offsets: dict[str, int | None] = dict.fromkeys(which)
             limit = 200
             last = time.monotonic()
             while not farm.host.closing:
+                got: list[tuple[str, int, str]] = []
+                full = False
                 try:
-                    page = await farm.log_page(
-                        name, LogQuery(log=which, offset=offset, limit=limit)
-                    )
+                    for log in which:
+                        q = LogQuery(log=log, offset=offsets[log], limit=limit)
+                        page = await farm.log_page(name, q)
+                        start = offsets[log]
+                        if start is not None and page.size < start:
+                            offsets[log] = 0  # rotated: from the new file's start
+                            continue
+                        tag = "app | " if len(which) > 1 and log == "app" else ""
+                        got += [(line[:23], i, tag + line) for i, line in enumerate(page.lines)]
+                        offsets[log] = page.next_offset
+                        full = full or len(page.lines) == limit
                 except Exception as e:  # a node that went away: say so, keep trying
                     yield _event("problem", {"node": name, "detail": str(e) or type(e).__name__})
                     await asyncio.sleep(1.0)
                     continue
-                if offset is not None and page.size < offset:
-                    offset = 0  # rotated: from the new file's start
-                    continue
-                if page.lines:
+                if got:
                     last = time.monotonic()
-                    yield _event("lines", {"node": name, "log": which, "lines": page.lines})
-                offset, limit = page.next_offset, 1000
-                if len(page.lines) < limit:
+                    lines = [line for _, _, line in sorted(got)]
+                    yield _event("lines", {"node": name, "log": raw, "lines": lines})
+                limit = 1000
+                if not full:
                     if time.monotonic() - last > KEEPALIVE_S:
                         last = time.monotonic()
                         yield b": keep-alive\n\n"

@@ -239,7 +239,8 @@ function followLog() {
   if (logSource) logSource.close();
   logLines.length = 0;
   renderLog();
-  $("#log-status").textContent = `following ${node}'s ${which} log`;
+  const what = which === "both" ? "module and application logs" : `${which} log`;
+  $("#log-status").textContent = `following ${node}'s ${what}`;
   logSource = new EventSource(`/console/api/nodes/${encodeURIComponent(node)}/logs/stream?log=${which}`);
   logSource.addEventListener("lines", (ev) => {
     const d = JSON.parse(ev.data);
