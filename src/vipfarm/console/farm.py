@@ -77,7 +77,7 @@ SAMPLE_S = 5.0
 CHECKERS_S = 2.0
 HISTORY_S = 3600.0
 HISTORY = 10
-TIMELINE_LINES = 5000
+TIMELINE_LINES = 10_000  # the most one log page holds (api.models.MAX_LINES)
 TIMELINE_S = 24 * 3600.0
 IDLE_STOP_S = 600.0  # the poller stops after this long without a console request
 
