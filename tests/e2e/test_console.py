@@ -316,6 +316,18 @@ def test_edit_a_rule_port_invalid_is_refused_valid_deploys_everywhere_then_roll_
     editor.fill(original.replace(block, block.replace('"7"', '"70000"')))
     problem = page.locator('#config-problems li[data-key="rule[1].ports"]')
     expect(problem).to_contain_text("70000")
+    # the problem names its line, and the button goes there
+    line = original.split(block)[0].count("\n") + 3
+    expect(problem.locator("button[data-line]")).to_have_text(f"line {line}")
+    problem.locator("button[data-line]").click()
+    assert (
+        page.evaluate(
+            "() => { const a = document.querySelector('#config-text');"
+            " return a.value.slice(a.selectionStart, a.selectionEnd); }"
+        )
+        == 'ports = "70000"'
+    )
+
     expect(page.locator("#config-deploy")).to_be_disabled()
     expect(editor).to_have_attribute("aria-invalid", "true")
     shot(page, "config-invalid")

@@ -286,6 +286,40 @@ async function loadConfig(force) {
 }
 onShow.config = () => loadConfig(false);
 
+// The line of a TOML text that a problem's key path (rule[1].ports, farm.buckets) names: the
+// key's own line, else the header of the deepest table on its path, else none.
+function lineOfKey(text, path) {
+  const counts = new Map();
+  let table = "";
+  let best = null;
+  const lines = text.split("\n");
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i].trim();
+    let m = /^\[\[\s*([^\]]+?)\s*\]\]/.exec(line);
+    if (m) {
+      const n = counts.get(m[1]) ?? 0;
+      counts.set(m[1], n + 1);
+      table = `${m[1]}[${n}]`;
+    } else if ((m = /^\[\s*([^\]]+?)\s*\]/.exec(line))) {
+      table = m[1];
+    } else if ((m = /^([A-Za-z0-9_.-]+)\s*=/.exec(line))) {
+      const full = table ? `${table}.${m[1]}` : m[1];
+      if (full === path || path.startsWith(full + ".") || path.startsWith(full + "[")) return i + 1;
+      continue;
+    } else continue;
+    if (path === table || path.startsWith(table + ".")) best = i + 1;
+  }
+  return best;
+}
+
+function selectLine(n) {
+  const area = $("#config-text");
+  const lines = area.value.split("\n");
+  const start = lines.slice(0, n - 1).reduce((a, l) => a + l.length + 1, 0);
+  area.focus();
+  area.setSelectionRange(start, start + lines[n - 1].length);
+}
+
 function showProblems(problems) {
   const box = $("#config-problems");
   configValid = problems.length === 0;
@@ -293,8 +327,18 @@ function showProblems(problems) {
   $("#config-deploy").disabled = !configValid;
   $("#config-dry-run").disabled = !configValid;
   if (configValid) { box.replaceChildren(el("p", { class: "ok", text: "valid" })); return; }
-  box.replaceChildren(el("ul", { class: "problems" }, ...problems.map((p) =>
-    el("li", { "data-key": p.path }, el("code", { text: p.path || "file" }), `: ${p.message}`))));
+  const text = $("#config-text").value;
+  box.replaceChildren(el("ul", { class: "problems" }, ...problems.map((p) => {
+    const m = /^line (\d+)/.exec(p.path);
+    const line = m ? Number(m[1]) : lineOfKey(text, p.path);
+    const item = el("li", { "data-key": p.path }, el("code", { text: p.path || "file" }), `: ${p.message}`);
+    if (line) {
+      item.append(" ", el("button", { type: "button", class: "link", "data-line": String(line),
+        "aria-label": `Go to line ${line} (${p.path})`, text: `line ${line}`,
+        onclick: () => selectLine(line) }));
+    }
+    return item;
+  })));
 }
 
 async function checkConfig() {
