@@ -318,6 +318,8 @@ function selectLine(n) {
   const start = lines.slice(0, n - 1).reduce((a, l) => a + l.length + 1, 0);
   area.focus();
   area.setSelectionRange(start, start + lines[n - 1].length);
+  const lh = parseFloat(getComputedStyle(area).lineHeight) || 16;
+  area.scrollTop = Math.max(0, (n - 4) * lh);
 }
 
 function showProblems(problems) {
