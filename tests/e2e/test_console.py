@@ -380,6 +380,35 @@ def test_the_bucket_map_and_who_serves_a_client(farm: Farm) -> None:
     page.context.close()
 
 
+def test_restart_a_node_s_application_from_the_page(farm: Farm) -> None:
+    lab = farm.lab
+    before = lab.app_pid("node2")
+    assert before is not None
+    page = farm.page()
+    page.click('button[data-action="restart-app"][data-node="node2"]')
+    confirm(page)
+    expect(page.locator("#action-outcome")).to_contain_text("node2 is")
+    wait_for(
+        "node2's application to run again under a new pid",
+        lambda: lab.app_pid("node2") not in (None, before),
+    )
+    expect(state_cell(page, "node2")).to_have_text("UP", timeout=45_000)
+    expect(page.locator('#nodes tbody tr[data-node="node2"] td[data-field="app"]')).to_have_text(
+        "healthy"
+    )
+    wait_for(
+        "every bucket owned once, node2 with its share",
+        lambda: (
+            lab.holds_every_bucket_once(lab.node_names)
+            and bool(lab.kernel_owned(["node2"])["node2"])
+        ),
+    )
+    text = (lab.dir / "nodelogs" / "node1" / "module.log").read_text()
+    assert re.search(r"console_action user=\S+ action=restart-app target=node2 outcome=", text)
+    assert "app_restart_requested" in (lab.dir / "nodelogs" / "node2" / "module.log").read_text()
+    page.context.close()
+
+
 def test_kill_9_of_a_node_shows_it_dead_within_2_s_and_the_timeline_the_failover(
     farm: Farm,
 ) -> None:

@@ -66,6 +66,7 @@ from vipfarm.api.models import (
 from vipfarm.config.schema import FarmConfig
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.log import event
+from vipfarm.node.deploy import Refused, Unreachable
 
 log = logging.getLogger("vipfarm.console")
 
@@ -492,7 +493,12 @@ class Farm:
         if name == self.me:
             if action == "start":
                 return await self.host.start()
+            if action == "restart-app":
+                return await self.restart_app_here()
             return await self.host.stop(StopRequest(force=action == "force-stop"))
+        if action == "restart-app":
+            raw = await self._raw_request(name, "POST", "/console/peer/restart-app", 30.0)
+            return ActionResult.model_validate_json(raw)
         addr = self.address(name)
         if action == "start":
             result: ActionResult = await self._client().call("POST", addr, "/start", ActionResult)
@@ -521,8 +527,19 @@ class Farm:
         )
         return info
 
+    async def restart_app_here(self) -> ActionResult:
+        restart = getattr(self.host, "restart_app", None)
+        if restart is None:
+            raise NodeUnknown(f"{self.me} cannot restart its application from the console")
+        result: ActionResult = await restart()
+        return result
+
     async def _raw_get(self, name: str, path: str, timeout: float) -> bytes:
-        """GET of a non-JSON answer (metrics, snapshots) from a peer with the farm's token."""
+        return await self._raw_request(name, "GET", path, timeout)
+
+    async def _raw_request(self, name: str, method: str, path: str, timeout: float) -> bytes:
+        """A request outside the JSON node API (metrics, snapshots, the console's peer routes)
+        to a peer, with the farm's token; an error answer raises `Refused` with its text."""
         client = self._client()
         if self._raw is None:
             from vipfarm.api.client import tls_verify
@@ -532,10 +549,21 @@ class Farm:
         addr = self.address(name)
         host = f"[{addr}]" if addr.version == 6 else str(addr)
         url = f"{client.scheme}://{host}:{client.port}{path}"
-        resp = await self._raw.get(
-            url, headers={"Authorization": "Bearer " + self._bearer().decode()}, timeout=timeout
-        )
-        resp.raise_for_status()
+        try:
+            resp = await self._raw.request(
+                method,
+                url,
+                headers={"Authorization": "Bearer " + self._bearer().decode()},
+                timeout=timeout,
+            )
+        except httpx.TransportError as e:
+            raise Unreachable(f"{name}: {str(e) or type(e).__name__}") from None
+        if resp.status_code >= 400:
+            try:
+                detail = str(json.loads(resp.content)["detail"])
+            except (ValueError, KeyError, TypeError):
+                detail = f"HTTP {resp.status_code}"
+            raise Refused(f"{name}: {detail}")
         return resp.content
 
     async def metrics(self, name: str) -> bytes:

@@ -47,7 +47,7 @@ MAX_LOGIN_BODY = 4096
 MAX_JSON_BODY = 8 * 1024 * 1024
 KEEPALIVE_S = 10.0
 LOG_POLL_S = 0.3
-ACTIONS = ("start", "stop", "force-stop")
+ACTIONS = ("start", "stop", "force-stop", "restart-app")
 STATIC = {
     "console.css": "text/css; charset=utf-8",
     "console.js": "text/javascript; charset=utf-8",
@@ -136,6 +136,7 @@ class Console:
             Route("/api/timeline", self.timeline, methods=["GET"]),
             Route("/api/charts", self.charts, methods=["GET"]),
             Route("/peer/drain", self.peer_drain, methods=["GET"]),
+            Route("/peer/restart-app", self.peer_restart_app, methods=["POST"]),
         ]
 
     # ---- pages and sign-in
@@ -542,6 +543,15 @@ class Console:
     async def charts(self, request: Request) -> Response:
         self.farm.touch()
         return JSONResponse({"sample_s": 5, "nodes": self.farm.charts()})
+
+    async def peer_restart_app(self, request: Request) -> Response:
+        """Restart this node's application, for a peer's console (the action is recorded there,
+        with its user; here as the manager's own `app_restart_requested`)."""
+        try:
+            result = await self.farm.restart_app_here()
+        except (ControlError, NodeUnknown) as e:
+            return error(409, str(e))
+        return JSONResponse(result.model_dump(mode="json"))
 
     async def peer_drain(self, request: Request) -> Response:
         """This node's open connections to its VIPs (what a drain waits for), for a peer."""

@@ -23,8 +23,9 @@ request guard calls for console paths: it returns None (admitted) or a refusal (
 detail), and records the session in `scope["state"]` for the routes.
 
 Routes under `/console/peer/` are the exception: one node's console asks another's for what the
-node API does not give (the open connections of a drain), so they take the farm's bearer token
-like any node-to-node call, and only GET.
+node API does not give (the open connections of a drain, an application restart), so they
+take the farm's bearer token like any node-to-node call (a caller that has it may do anything
+through the node API already; CSRF does not apply, no browser sends it).
 
 Refusals are counted by reason (`Sessions.refused`). The store is bounded (`MAX_SESSIONS`, the
 oldest is dropped first) so that sign-ins cannot grow the manager's memory without limit.
@@ -164,10 +165,7 @@ class Sessions:
 
     def _peer(self, method: str, headers: dict[bytes, bytes]) -> Refusal | None:
         """`/console/peer/...`: what one node's console asks of another's, with the farm's
-        bearer token (as any node-to-node call), read-only."""
-        if method not in SAFE_METHODS:
-            self.count("peer_method")
-            return Refusal("peer_method", 405, "the console's peer routes are read-only (GET)")
+        bearer token (as any node-to-node call)."""
         scheme, _, presented = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer" or not presented.strip():
             self.count("peer_no_token")

@@ -102,12 +102,13 @@ function renderFarm() {
       : "–";
     const drain = n.drain_s_left === null ? "" : ` (drain: ${n.drain_connections ?? "?"} connections, ${n.drain_s_left} s left)`;
     const actions = el("td", { class: "actions" });
-    for (const [action, label] of [["start", "Start"], ["stop", "Stop (drain)"], ["force-stop", "Force stop"]]) {
+    for (const [action, label] of [["start", "Start"], ["stop", "Stop (drain)"], ["force-stop", "Force stop"], ["restart-app", "Restart app"]]) {
       actions.append(el("button", {
         type: "button", "data-action": action, "data-node": n.name,
         "aria-label": `${label} ${n.name}`, disabled: !n.alive || !n.reachable ||
           (action === "start" && ["UP", "WAIT", "STARTING"].includes(n.state)) ||
-          (action !== "start" && n.state === "STOP"),
+          (action !== "start" && n.state === "STOP") ||
+          (action === "restart-app" && !["UP", "WAIT"].includes(n.state)),
         text: label,
       }));
     }
@@ -134,7 +135,8 @@ document.addEventListener("click", async (e) => {
   const b = e.target.closest("button[data-action]");
   if (!b) return;
   const { action, node } = b.dataset;
-  const what = { start: "Start", stop: "Stop (drain)", "force-stop": "Force stop (no waiting for connections)" }[action];
+  const what = { start: "Start", stop: "Stop (drain)", "force-stop": "Force stop (no waiting for connections)",
+    "restart-app": "Restart the application of" }[action];
   const target = node === "all" ? "every node" : node;
   if (!(await confirmDialog(`${what} ${target}?`))) return;
   const out = $("#action-outcome");
