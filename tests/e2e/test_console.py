@@ -182,7 +182,10 @@ def test_no_console_route_answers_without_a_session_and_changes_need_the_csrf_to
 def test_every_request_of_the_page_goes_to_the_node_it_was_loaded_from(farm: Farm) -> None:
     page = farm.page(sign_in=False)
     seen: list[str] = []
+    errors: list[str] = []
     page.on("request", lambda r: seen.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.fill("#token", farm.token)
     page.click("#sign-in")
     expect(page.locator("#conn")).to_have_text("live")
@@ -192,6 +195,7 @@ def test_every_request_of_the_page_goes_to_the_node_it_was_loaded_from(farm: Far
     expect(page.locator("#config-nodes tbody tr")).to_have_count(3)
     foreign = [u for u in seen if not (u.startswith(farm.url + "/") or u.startswith("data:"))]
     assert seen and not foreign, foreign
+    assert not errors, errors  # no script error and no refused load (CSP) on any view
     page.context.close()
 
 

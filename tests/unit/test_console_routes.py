@@ -53,6 +53,7 @@ class FakeHost:
         self.module_log = logging.getLogger("vipfarm.test.console")
         self.peers_http: Any = None
         self.stopped: list[bool] = []
+        self.restarts = 0
         self.log = base / "module.log"
         self.log.write_text("")
 
@@ -127,6 +128,10 @@ class FakeHost:
         return DeployResult(
             ok=True, dry_run=req.dry_run, version=1, digest="d", changes=[], nodes=[]
         )
+
+    async def restart_app(self) -> ActionResult:
+        self.restarts += 1
+        return ActionResult(node="node1", state="WAIT")
 
     async def snapshot(self) -> bytes:
         return b"\x1f\x8b"
@@ -304,3 +309,21 @@ def test_the_api_schema_has_no_console_route(client: TestClient) -> None:
     # and the API itself still wants its bearer token, cookie or not
     sign_in(client)
     assert client.get("/api/v1/state").status_code == 401
+
+
+def test_peer_routes_answer_a_peer_with_the_farm_token_only(
+    client: TestClient, host: FakeHost
+) -> None:
+    bearer = {"Authorization": "Bearer " + TOKEN.decode()}
+    assert client.get("/console/peer/drain").status_code == 401
+    r = client.get("/console/peer/drain", headers=bearer)
+    assert r.status_code == 200 and r.json()["node"] == "node1"
+    assert isinstance(r.json()["connections"], int)
+    wrong = client.post("/console/peer/restart-app", headers={"Authorization": "Bearer x"})
+    assert wrong.status_code == 403 and host.restarts == 0
+    r = client.post("/console/peer/restart-app", headers=bearer)
+    assert r.status_code == 200 and r.json()["state"] == "WAIT" and host.restarts == 1
+    # a signed-in browser restarts through the action, which is recorded
+    csrf = sign_in(client)
+    r = client.post("/console/api/nodes/node1/actions/restart-app", headers={"X-CSRF-Token": csrf})
+    assert r.json()["nodes"]["node1"] == {"ok": True, "state": "WAIT"} and host.restarts == 2
