@@ -10,9 +10,11 @@ $VIPFARM_ARTEFACTS/console (default /tmp/vipfarm-artefacts/console), for a perso
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -176,6 +178,13 @@ def test_no_console_route_answers_without_a_session_and_changes_need_the_csrf_to
             headers={"X-CSRF-Token": csrf.group(1)},
         )
         assert r.status_code == 200 and r.json()["ok"] is False
+        # Support: one node's snapshot, and every node's in one archive (the peers' over the API).
+        one = http.get("/console/api/nodes/node2/snapshot", timeout=60)
+        assert one.status_code == 200 and one.content[:2] == b"\x1f\x8b"
+        every = http.get("/console/api/snapshot", timeout=60)
+        assert every.status_code == 200 and not every.headers["x-vipfarm-missing"]
+        with tarfile.open(fileobj=io.BytesIO(every.content)) as tar:
+            assert sorted(tar.getnames()) == [f"{n}.tar.gz" for n in farm.lab.node_names]
     assert farm.lab.daemon_state("node2")["state"] == "UP"
 
 
