@@ -63,6 +63,7 @@ from vipfarm.api.models import (
     StreamQuery,
 )
 from vipfarm.config.problems import ConfigError
+from vipfarm.console import mount as mount_console
 from vipfarm.node.control import ControlError
 from vipfarm.node.deploy import DeployError
 
@@ -331,6 +332,8 @@ def create_app(
         return Response(await service.snapshot(), media_type="application/gzip")
 
     app.include_router(api)
+    # The web console (vipfarm.console): its own session check for /console, the token here.
+    mount_console(app, service, tokens.check, lambda: tokens.current)
 
     metrics_deps = [] if metrics_public else [auth]
     metrics_responses = {} if metrics_public else _responses(401, 403)

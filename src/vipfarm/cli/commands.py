@@ -118,6 +118,10 @@ def demo(
     nodes: int = typer.Option(3, "--nodes", help="farm nodes"),
     name: str = typer.Option("vf", "--name", help="lab name"),
     keep: bool = typer.Option(False, "--keep", help="leave the lab up afterwards"),
+    console: bool = typer.Option(
+        False, "--console", help="afterwards, serve node1's web console on 127.0.0.1 until Ctrl-C"
+    ),
+    console_port: int = typer.Option(9010, "--console-port", help="port of --console"),
 ) -> None:
     """Build a farm in network namespaces and watch it balance, rebalance and recover."""
     import os
@@ -131,7 +135,15 @@ def demo(
         typer.echo("error: the demo builds network namespaces: run it as root", err=True)
         raise typer.Exit(2)
     try:
-        raise typer.Exit(run_demo(Console(), name=name, nodes=nodes, keep=keep))
+        raise typer.Exit(
+            run_demo(
+                Console(),
+                name=name,
+                nodes=nodes,
+                keep=keep,
+                console_port=console_port if console else None,
+            )
+        )
     except LabError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -128,6 +128,40 @@ def _node(name: str, node: str) -> str:
 
 
 @app.command()
+def console(
+    name: str = NAME,
+    node: str = typer.Option("node1", "--node", help="the node whose console to open"),
+    port: int = typer.Option(9010, "--port", help="port on the host's 127.0.0.1"),
+) -> None:
+    """Make a lab node's web console reachable at http://127.0.0.1:PORT/ (a forwarder on
+    loopback until Ctrl-C); prints the URL and the token to sign in with."""
+    import asyncio
+
+    from vipfarm.lab.console import for_lab
+
+    fwd, token = _guard(lambda: for_lab(name, node, port))
+
+    async def run() -> None:
+        task = asyncio.create_task(fwd.serve())
+        while not fwd._ready.is_set() and not task.done():
+            await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+        typer.echo(f"console of {name}/{node}: {fwd.url}")
+        typer.echo(f"token: {token}")
+        typer.echo("Ctrl-C stops the forwarder")
+        await task
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        typer.echo(f"error: cannot listen on 127.0.0.1:{port}: {e.strerror} (use --port)", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def down(name: str = NAME) -> None:
     """Remove a lab: processes, namespaces, veths and files (also a half-built one)."""
     _guard(lambda: testbed.down(name))

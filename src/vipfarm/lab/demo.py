@@ -254,13 +254,21 @@ def summary(console: Console, lab: Lab, stats: Stats, outcomes: list[Outcome]) -
     )
 
 
-def run_demo(console: Console, name: str = "vf", nodes: int = 3, keep: bool = False) -> int:
+def run_demo(
+    console: Console,
+    name: str = "vf",
+    nodes: int = 3,
+    keep: bool = False,
+    console_port: int | None = None,
+) -> int:
     console.print(f"[bold]building lab {name}[/]: {nodes} nodes, 1 client, in network namespaces")
     lab = testbed.up(name, nodes=nodes, clients=1, daemon=True)
     try:
         demo = Demo(console, lab)
         outcomes = demo.run(farm_acts(lab))
         summary(console, lab, demo.stats, outcomes)
+        if console_port is not None:
+            serve_console(console, name, console_port)
         return 0 if all(o.settle_ms is not None for o in outcomes) else 1
     finally:
         if keep:
@@ -271,3 +279,18 @@ def run_demo(console: Console, name: str = "vf", nodes: int = 3, keep: bool = Fa
         else:
             testbed.down(name)
             console.print(f"lab {name} removed")
+
+
+def serve_console(console: Console, name: str, port: int) -> None:
+    """node1's web console on 127.0.0.1:`port` (`vipfarm.lab.console`) until Ctrl-C."""
+    from vipfarm.lab.console import for_lab
+
+    fwd, token = for_lab(name, "node1", port)
+    fwd.start()
+    console.print(f"[bold]web console[/]: {fwd.url} (token: {token}); Ctrl-C ends the demo")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fwd.stop()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import signal
@@ -94,6 +95,7 @@ from vipfarm.supervisor import (
 log = logging.getLogger("vipfarm.manager")
 
 DRAIN_POLL_S = 0.2
+RESTART_HANDOVER_S = 3.0  # an application restart waits at most this for the buckets to go
 PEER_STATE_TIMEOUT_S = 2.0
 PULSE_QUERY_TIMEOUT_S = 0.5
 PULSE_APPLY_TIMEOUT_S = 10.0
@@ -618,6 +620,33 @@ class Manager:
         self._in_farm = False
         self._mark_stopped(True)
         return ActionResult(node=self.node.name, state=await self._tell(ch.Leave), force=req.force)
+
+    async def restart_app(self) -> ActionResult:
+        """Restart the application of a node in the farm (the web console's action): report it
+        unhealthy first, so that its buckets go to the peers (release before acquire) before
+        the application stops, then stop and start it; the node rejoins when it is healthy."""
+        state = self._state()
+        if not self._in_farm or state in ("STOP", "DRAINING", "STOPPING"):
+            raise ControlError(f"node {self.node.name} is {state}: start it instead")
+        if self._app_stopping:
+            raise ControlError(f"node {self.node.name} is stopping its application already")
+        event(self.module_log, "app_restart_requested", state=state)
+        self._app_ok = False
+        self.pulse.send(ch.Health(healthy=False))
+        deadline = time.monotonic() + RESTART_HANDOVER_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(PulseUnavailable):
+                data, _ = await self._query()
+                if not data["kernel_owned"]:
+                    break
+            await asyncio.sleep(DRAIN_POLL_S / 4)
+        self._app_stopping = True
+        try:
+            await self.supervisor.stop()
+        finally:
+            self._app_stopping = False
+        await self.supervisor.start()
+        return ActionResult(node=self.node.name, state=self._state())
 
     async def _tell(self, kind: type[ch.Join] | type[ch.Leave]) -> str:
         """Join or leave now; the state right after. The desired state is recorded already,
