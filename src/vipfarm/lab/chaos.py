@@ -24,6 +24,14 @@ also counts a SYN taken by a node that could no longer answer (its cable was jus
 client retried and another node answered), which is harmless, hence the client-side figure is
 the one that must be zero.
 
+Three faults come from an **attacker** on the LAN and heartbeat network 2 that knows neither the
+farm key nor the API token (`vipfarm.lab.attacker`): `hb_forge` replays heartbeats captured from
+a node (this run's and those recorded before earlier faults, older incarnations included) and
+sends forged ones, all from that node's own address; `hb_flood` sends random datagrams, half with
+a heartbeat's header, from the attacker's and the nodes' addresses to every node on both
+networks; `api_flood` holds 300 idle or half-sent connections to a node's API. None of them may
+cost a failover or a bucket.
+
 **False failovers** are `peer_down` events in the nodes' logs for a peer that was not down: not
 killed, not isolated, not within its fault's window.
 """
@@ -43,10 +51,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from vipfarm.lab import testbed
+from vipfarm.lab import attacker, testbed
 from vipfarm.lab.load import Reply
-from vipfarm.lab.testbed import Lab
-from vipfarm.lab.topology import BUCKETS, VIP4
+from vipfarm.lab.testbed import API_PORT, Lab
+from vipfarm.lab.topology import BUCKETS, VIP4, extra_hb4, extra_lan4, node_hb, node_lan4
+from vipfarm.membership.wire import MAGIC, VERSION, farm_id
 
 FAULTS = (
     "kill9",
@@ -56,12 +65,19 @@ FAULTS = (
     "hb_loss",
     "hb_partition",
     "rolling_restart",
+    "hb_forge",
+    "hb_flood",
+    "api_flood",
 )
 # Faults after which a node is really gone for a while: a peer_down for it is expected.
 NODE_DOWN_FAULTS = {"kill9", "daemon_crash", "link_flap"}
 PORT_FIRST, PORT_LAST = 20000, 59999
 BATCH = 40
 CONVERGE_TIMEOUT_S = 20.0
+HB_PORT = 9001  # the lab's heartbeat port (vipfarm.lab.farm)
+ATTACKER = 9  # the attacker is extra host 9, on the LAN and heartbeat network 2
+FLOOD_PER_NETWORK = 1000
+API_FLOOD_CONNECTIONS = 300
 
 CLIENT_TABLE = f"""
 table inet vfchaos {{
@@ -140,12 +156,20 @@ class Chaos:
         # isolated it could hear nobody)
         self.expected_down: list[tuple[str, float, float]] = []
         self.on_progress: Callable[[str], None] = lambda _msg: None
+        # heartbeats captured by hb_forge, by (sender, network address), replayed by later ones
+        self.recorded: dict[tuple[str, str], list[bytes]] = {}
+        self.attacker_ns: str | None = None
 
     # ------------------------------------------------------------------ setup
     def install_probes(self) -> None:
         for node in self.lab.node_names:
             self.lab.exec(node, ["nft", "-f", "-"], input=CHAOS_TABLE, check=True)
         self.lab.exec(self.client, ["nft", "-f", "-"], input=CLIENT_TABLE, check=True)
+
+    def _attacker(self) -> str:
+        if self.attacker_ns is None:
+            self.attacker_ns = self.lab.add_host(ATTACKER, heartbeat=True)
+        return self.attacker_ns
 
     def _pairs(self, who: str, set_name: str) -> list[tuple[str, int]]:
         out = self.lab.exec(
@@ -291,11 +315,70 @@ class Chaos:
                 if self._converge(names) is None:
                     break
             recover = round((time.monotonic() - t) * 1000, 1)
+        elif kind == "hb_forge":
+            self._forge(node, others, hold_s)
+            recover = self._converge(names)
+        elif kind == "hb_flood":
+            self._flood(hold_s)
+            recover = self._converge(names)
+        elif kind == "api_flood":
+            attacker.hold_api(
+                self._attacker(),
+                str(node_lan4(_index(node))),
+                API_PORT,
+                API_FLOOD_CONNECTIONS,
+                hold_s,
+            )
+            recover = self._converge(names)
         else:
             raise ValueError(f"unknown fault {kind!r}: choose from {', '.join(FAULTS)}")
         if kind in NODE_DOWN_FAULTS:
             self.expected_down.append((node, wall, time.time() + 1.0))
         return FaultResult(kind, node, round(started, 3), converge, recover)
+
+    def _forge(self, node: str, others: list[str], hold_s: float) -> None:
+        """Replay a peer's heartbeats to `node` and forge some, all from the peer's address."""
+        if not others:
+            return
+        peer = self.rng.choice(others)
+        i, p = _index(node), _index(peer)
+        nets = [(str(node_lan4(p)), str(node_lan4(i))), (str(node_hb(p)), str(node_hb(i)))]
+        for src, _dst in nets:
+            got = attacker.capture(self.lab.ns(node), src, HB_PORT, seconds=0.5, limit=20)
+            self.recorded.setdefault((peer, src), []).extend(got)
+            del self.recorded[(peer, src)][:-60]  # the newest 60, older incarnations included
+        datagrams = []
+        for src, dst in nets:
+            for payload in self.recorded.get((peer, src), []):
+                datagrams.append((src, dst, payload))
+                forged = bytearray(payload)
+                forged[-1 - self.rng.randrange(min(len(forged), 32))] ^= 0xFF  # a bad tag
+                datagrams.append((src, dst, bytes(forged)))
+        self.rng.shuffle(datagrams)
+        if datagrams:
+            attacker.send_udp(
+                self._attacker(),
+                datagrams,
+                HB_PORT,
+                gap_s=hold_s / len(datagrams),
+                deadline_s=hold_s + 2,
+            )
+
+    def _flood(self, hold_s: float) -> None:
+        """Random datagrams to every node on both heartbeat networks."""
+        header = MAGIC + bytes([VERSION, 0]) + farm_id(self.lab.name)
+        count = len(self.lab.node_names)
+        for own, addr in ((extra_lan4, node_lan4), (extra_hb4, node_hb)):
+            nodes = [str(addr(i)) for i in range(1, count + 1)]
+            datagrams = attacker.random_datagrams(
+                self.rng,
+                [str(own(ATTACKER)), *nodes],
+                nodes,
+                FLOOD_PER_NETWORK,
+                max_size=9000,
+                prefix=header,
+            )
+            attacker.send_udp(self._attacker(), datagrams, HB_PORT, deadline_s=hold_s + 2)
 
     def _restart(self, node: str) -> None:
         self.lab.start_daemon(node, wait=False)
@@ -385,6 +468,10 @@ class Chaos:
                     if not expected:
                         found.append(f"{node}: {line}")
         return found
+
+
+def _index(node: str) -> int:
+    return int(node.removeprefix("node"))
 
 
 def run_chaos(

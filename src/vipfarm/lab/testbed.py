@@ -59,6 +59,7 @@ from vipfarm.lab.topology import (
     LabError,
     Topology,
     check_name,
+    extra_hb4,
     extra_lan4,
     host_batch,
     lab_namespaces,
@@ -472,27 +473,38 @@ class Lab:
             self._start(f"{node}-datapath", self.ns(node), argv)
         self._wait_owned(split, READY_TIMEOUT_S)
 
-    def add_host(self, i: int) -> str:
-        """Plug an extra host `<lab>-extra<i>` into the LAN with address 198.51.100.(60+i);
-        `down` removes it with the rest. Returns its namespace."""
+    def add_host(self, i: int, heartbeat: bool = False) -> str:
+        """Plug an extra host `<lab>-extra<i>` into the LAN with address 198.51.100.(60+i), and
+        with `heartbeat` into heartbeat network 2 too (192.0.2.(60+i), its eth1); `down` removes
+        it with the rest. Returns its namespace."""
         ns = f"{self.name}-extra{i}"
-        port = f"x{i}"
+        legs = [("eth0", f"x{i}", "br0", extra_lan4(i))]
+        if heartbeat:
+            legs.append(("eth1", f"x{i}h", "br1", extra_hb4(i)))
         _run([self.ip, "netns", "add", ns])
         _run(
             [self.ip, "-n", self.ns("switch"), "-batch", "-"],
-            input=f"link add {port} type veth peer name eth0 netns {ns}\n"
-            f"link set {port} master br0 up\n",
+            input="".join(
+                f"link add {port} type veth peer name {ifname} netns {ns}\n"
+                f"link set {port} master {bridge} up\n"
+                for ifname, port, bridge, _addr in legs
+            ),
         )
         _run(
             [self.ip, "-n", ns, "-batch", "-"],
-            input=f"link set lo up\naddr add {extra_lan4(i)}/24 dev eth0\nlink set eth0 up\n",
+            input="link set lo up\n"
+            + "".join(
+                f"addr add {addr}/24 dev {ifname}\nlink set {ifname} up\n"
+                for ifname, _port, _bridge, addr in legs
+            ),
         )
         return ns
 
     def remove_host(self, i: int) -> None:
         """Undo `add_host(i)`: the veth first (deleting a namespace frees its devices only
         later, so the port name would still be taken), then the namespace."""
-        _run([self.ip, "-n", self.ns("switch"), "link", "del", f"x{i}"], check=False)
+        for port in (f"x{i}", f"x{i}h"):
+            _run([self.ip, "-n", self.ns("switch"), "link", "del", port], check=False)
         _run([self.ip, "netns", "del", f"{self.name}-extra{i}"], check=False)
 
     # ---- node daemons (daemon mode)

@@ -97,6 +97,11 @@ def extra_lan4(i: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(f"198.51.100.{60 + i}")
 
 
+def extra_hb4(i: int) -> ipaddress.IPv4Address:
+    """An extra host's address on heartbeat network 2 (`Lab.add_host(i, heartbeat=True)`)."""
+    return ipaddress.IPv4Address(f"192.0.2.{60 + i}")
+
+
 def lab_namespaces(name: str, existing: list[str]) -> list[str]:
     """The namespaces among `existing` that belong to lab `name` (also those of a half-built lab).
 
