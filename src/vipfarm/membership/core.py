@@ -54,7 +54,7 @@ import logging
 import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from vipfarm.log import event as log_event
@@ -63,6 +63,8 @@ from vipfarm.membership.assignment import Members, Planner
 from vipfarm.membership.states import Trigger, next_state
 from vipfarm.membership.wire import (
     MAX_ACKS,
+    MIN_VERSION,
+    VERSION,
     MAX_NAME_BYTES,
     Ack,
     Codec,
@@ -97,6 +99,7 @@ class MembershipConfig:
     interval: float = 0.1
     dead_after: float = 0.5
     lease: float = 0.3
+    next_key: bytes | None = None  # the key being rolled out (accepted; sent once peers have it)
     nodes_sorted: tuple[tuple[str, int], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +160,8 @@ class MembershipConfig:
 class _Peer:
     __slots__ = (
         "alive",
+        "cand",
+        "cand_heard",
         "hb",
         "heard",
         "id",
@@ -164,12 +169,14 @@ class _Peer:
         "index",
         "indirect",
         "name",
+        "need_ack",
         "net_heard",
         "net_lost",
         "net_seq",
         "prio",
         "seq",
         "slot",
+        "version",
         "vouched",
     )
 
@@ -189,6 +196,13 @@ class _Peer:
         self.net_seq = [0] * networks  # latest per network, kept only with several networks
         self.net_heard = [-math.inf] * networks
         self.net_lost = [True] * networks
+        # The latest heartbeat of an incarnation newer than `incarnation` that is not proven
+        # fresh yet (see Membership._hold), and when it came.
+        self.cand: Heartbeat | None = None
+        self.cand_heard = -math.inf
+        # (incarnation, seq) of its latest heartbeat that lists us in its need list (we ack it).
+        self.need_ack: tuple[int, int, float] | None = None  # and when it came
+        self.version = 0  # protocol version of its latest authenticated heartbeat (0: none)
 
 
 class Membership:
@@ -204,7 +218,7 @@ class Membership:
         self.name = config.node
         self.incarnation = incarnation
         if codec is None:
-            codec = Codec(config.farm, config.key, config.buckets)
+            codec = Codec(config.farm, config.key, config.buckets, config.next_key)
         elif codec.buckets != config.buckets or codec.farm_id != farm_id(config.farm):
             raise ValueError(
                 f"the codec is for another farm or bucket count ({codec.buckets} buckets); "
@@ -244,6 +258,9 @@ class Membership:
         self._vouched: dict[int, _Peer] = {}
         self._direct_mask = 0  # config-index bitmap of the peers in _direct
         self._wanting: dict[int, _Peer] = {}  # live peers whose latest heartbeat wants buckets
+        self._needing: dict[int, _Peer] = {}  # peers whose latest heartbeat needs our ack
+        self._cands: dict[int, _Peer] = {}  # peers with an unproven newer incarnation
+        self._send_version = VERSION  # the lowest version a peer was heard speaking
         self.drops: dict[str, int] = {}
 
         self.state = NodeState.STOP
@@ -255,6 +272,8 @@ class Membership:
         self._unconfirmed = False
         self._want = 0
         self._want_since: dict[int, int] = {}
+        self._want_at: dict[int, float] = {}  # when each wanted bucket was first wanted
+        self._cand_wake = math.inf  # when an unproven peer's block on a claim runs out
         self._learn_until = -math.inf
         self._view: tuple[Members, Members | None] | None = None
         self._view_dirty = True
@@ -295,6 +314,15 @@ class Membership:
         if hb.incarnation != peer.incarnation:
             if hb.incarnation < peer.incarnation:
                 return self._count(Drop.REPLAY)
+            c = peer.cand
+            if c is not None and c.incarnation == hb.incarnation and seq <= c.seq:
+                return self._count(Drop.DUPLICATE if seq == c.seq else Drop.REPLAY)
+            # A new incarnation counts only once it proves fresh: it acknowledges a heartbeat of
+            # our own current incarnation, which did not exist before we started, so a recording
+            # cannot (version 1 peers predate the proof: see docs/PROTOCOL.md).
+            a = hb.acks.get(self._id)
+            if hb.version > 1 and (a is None or a[0] != self.incarnation):
+                return self._hold(peer, hb, now)
             self._new_incarnation(peer, hb)
         else:
             # With one network, the latest sequence number applied is that network's latest
@@ -320,6 +348,7 @@ class Membership:
             if seq <= peer.seq:
                 return bool(self._events)  # a late copy from a slower network: liveness only
         peer.seq = seq
+        quick = (hb.need or peer.need_ack is not None) and self._note_need(peer, hb, now)
         old = peer.hb
         peer.hb = hb
         if hb.bye:
@@ -340,11 +369,13 @@ class Membership:
                 if ready:
                     self._evaluate(now)
                     return True
-            return bool(want or self._events)
+            return bool(want or quick or self._events)
         elif old is not None and (
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
             self._view_dirty = True
+        if hb.version != peer.version:
+            self._set_version(peer, hb.version)
         if old is None or old.owned != hb.owned:
             self._plan_stale = True
         if hb.want:
@@ -362,7 +393,9 @@ class Membership:
         self._check_lease(now)
         wanting = self._wanting
         acks = tuple(Ack(p.id, p.incarnation, p.seq) for p in wanting.values()) if wanting else ()
-        out = self._heartbeat(self._fresh(now), acks)
+        if self._needing or self._cands:
+            acks = self._proof_acks(acks, now)
+        out = self._heartbeat(now, self._fresh(now), acks, need=tuple(self._cands))
         self._last_send = now
         # While claiming, repeat the claim sooner: a lost claim or acknowledgement then costs
         # a fraction of an interval, not a whole one.
@@ -370,10 +403,52 @@ class Membership:
         self._timer_dirty = True
         return out
 
+    def _proof_acks(self, acks: tuple[Ack, ...], now: float) -> tuple[Ack, ...]:
+        """Forget unproven incarnations and need lists not heard for dead_after, and add an
+        acknowledgement for every peer whose latest heartbeat needs one (one ack per peer: of
+        the incarnation that asked, which is the newer one when a live peer restarted)."""
+        horizon = now - self._dead_after
+        for p in [p for p in self._cands.values() if p.cand_heard < horizon]:
+            p.cand = None
+            del self._cands[p.id]
+        if not self._needing:
+            return acks
+        by_id = {a.node_id: a for a in acks}
+        for p in list(self._needing.values()):
+            assert p.need_ack is not None
+            inc, seq, at = p.need_ack
+            if at < horizon:
+                p.need_ack = None
+                del self._needing[p.id]
+            elif p.id not in by_id or inc != p.incarnation:
+                by_id[p.id] = Ack(p.id, inc, seq)
+        return tuple(by_id.values())
+
+    def _use_next_key(self, now: float) -> bool:
+        """Send with the next key once every peer heard within dead_after (proven or not: a
+        peer that cannot read us yet cannot prove itself either) advertises that it accepts
+        it. A peer that comes back with an older configuration turns this off again at its
+        first heartbeat. Version 1 peers know only the primary key."""
+        nid = self._codec.next_key_id
+        if not nid or self._send_version < VERSION:
+            return False
+        horizon = now - self._dead_after
+        for p in self._peer_list:
+            for h, t in ((p.hb, p.heard), (p.cand, p.cand_heard)):
+                if h is not None and t >= horizon and nid not in (h.key_id, h.alt_key_id):
+                    return False
+        return True
+
     def _heartbeat(
-        self, fresh: int, acks: tuple[Ack, ...], bye: bool = False
+        self,
+        now: float,
+        fresh: int,
+        acks: tuple[Ack, ...],
+        bye: bool = False,
+        need: tuple[int, ...] = (),
     ) -> list[tuple[str, bytes]]:
         self._seq += 1
+        version = self._send_version
         payload = self._codec.encode(
             node_id=self._id,
             digest=self._digest,
@@ -387,6 +462,9 @@ class Membership:
             fresh_len=self._fresh_len,
             acks=acks,
             bye=bye,
+            need=need if version > 1 else (),
+            version=version,
+            use_next=self._use_next_key(now),
         )
         return [(net, payload) for net in self.config.networks]
 
@@ -401,6 +479,8 @@ class Membership:
             best = self._next_send
             if self._learning() and self._learn_until < best:
                 best = self._learn_until
+            if self._cand_wake < best:
+                best = self._cand_wake
             da = self._dead_after
             if self._heard_floor + da < best:
                 # A peer may be due before anything else: look at the exact earliest (the floor
@@ -449,6 +529,9 @@ class Membership:
         elif self._learning() and now >= self._learn_until:
             self._learn_until = -math.inf
             changed = True
+        if self._cand_wake <= now:
+            self._cand_wake = math.inf  # an unproven peer's block on a claim ran out
+            changed = True
         if not self._unconfirmed and self._held != self._requested and now >= self._next_send:
             self._request(self._requested, self._held)  # the kernel did not do what we asked
         if changed:
@@ -491,7 +574,7 @@ class Membership:
             return []
         self._next_send = math.inf
         self._timer_dirty = True
-        return self._heartbeat(0, (), bye=True)
+        return self._heartbeat(now, 0, (), bye=True)
 
     def set_weight(self, weight: int, now: float) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
@@ -501,6 +584,13 @@ class Membership:
             self._view_dirty = True
             self._schedule_send(now)
             self._evaluate(now)
+
+    def set_keys(self, key: bytes, next_key: bytes | None, now: float) -> None:
+        """Replace the farm keys live (a key rotation step); raises ValueError on a bad key,
+        changing nothing."""
+        self._codec.set_keys(key, next_key)
+        self.config = replace(self.config, key=key, next_key=next_key)
+        self._schedule_send(now)
 
     def set_app_healthy(self, healthy: bool, now: float) -> None:
         if healthy != self.app_healthy:
@@ -653,6 +743,9 @@ class Membership:
         self._emit(ev.NetworkRestored(p.name, self.config.networks[ni]))
 
     def _new_incarnation(self, p: _Peer, hb: Heartbeat) -> None:
+        if p.cand is not None and p.cand.incarnation <= hb.incarnation:
+            p.cand = None
+            self._cands.pop(p.id, None)
         restarted = p.alive
         p.incarnation = hb.incarnation
         p.seq = 0
@@ -661,6 +754,82 @@ class Membership:
         if restarted:
             self._view_dirty = True
             self._emit(ev.PeerUp(p.name, hb.incarnation, restarted=True))
+
+    def _hold(self, p: _Peer, hb: Heartbeat, now: float) -> bool | Drop:
+        """A heartbeat of an incarnation newer than the proven one (or of the first one heard)
+        that does not prove itself fresh: it may be a recording, so it gives no liveness, no
+        claim, no acknowledgement that counts and no goodbye, and does not supersede the proven
+        incarnation. It is kept (the latest per peer) for three things only: our need list
+        names the peer, so that a real peer acknowledges us at once and proves itself; we
+        acknowledge it if it needs us; and what it owns or wants delays our own claims on those
+        buckets for at most dead_after (a real peer that cannot hear us yet may hold them: see
+        `_unproven_block`)."""
+        new = p.cand is None or p.cand.incarnation != hb.incarnation
+        p.cand = hb
+        p.cand_heard = now
+        self._cands[p.id] = p
+        if hb.version != p.version:
+            self._set_version(p, hb.version)
+        quick = self._note_need(p, hb, now)
+        if new:
+            self._schedule_send(now)  # ask it for its proof at once
+            quick = True
+        self._count(Drop.UNPROVEN)
+        if self._want & (hb.owned | hb.want):
+            self._evaluate(now)
+            return True
+        return True if quick else Drop.UNPROVEN
+
+    def _note_need(self, p: _Peer, hb: Heartbeat, now: float) -> bool:
+        """Track whether `p`'s latest heartbeat asks us for an acknowledgement; True when it
+        newly does (a quick heartbeat is then scheduled)."""
+        if self._id in hb.need:
+            fresh_ask = p.need_ack is None or p.need_ack[0] != hb.incarnation
+            p.need_ack = (hb.incarnation, hb.seq, now)
+            self._needing[p.id] = p
+            if fresh_ask:
+                self._schedule_send(now)
+            return fresh_ask
+        if p.need_ack is not None and p.need_ack[0] <= hb.incarnation:
+            p.need_ack = None
+            del self._needing[p.id]
+        return False
+
+    def _set_version(self, p: _Peer, version: int) -> None:
+        """Send the lowest version any peer was last heard speaking (a rolling upgrade: a peer
+        that still speaks only the older version must read us)."""
+        p.version = version
+        self._send_version = max(
+            MIN_VERSION, min((q.version for q in self._peer_list if q.version), default=VERSION)
+        )
+
+    def _unproven_block(self, now: float) -> int:
+        """Our wanted buckets that an unproven incarnation heard within dead_after owns or
+        wants, and that we have wanted for less than dead_after.
+
+        Without the proof (after our restart, say) we cannot tell a recording from a real peer
+        that does not hear us yet; the real one acknowledges our claim within a round trip and
+        is then proven, so the claim waits for that. A recording never proves, and after
+        dead_after it is treated like any peer we do not hear: as dead."""
+        da = self._dead_after
+        horizon = now - da
+        claims = 0
+        for p in self._cands.values():
+            c = p.cand
+            if c is not None and p.cand_heard >= horizon:
+                claims |= c.owned | c.want
+        claims &= self._want
+        young = 0
+        wake = math.inf
+        for b in bits_of(claims):
+            until = self._want_at[b] + da
+            if until > now:
+                young |= 1 << b
+                wake = min(wake, until)
+        if wake < self._cand_wake:
+            self._cand_wake = wake
+            self._timer_dirty = True
+        return young
 
     def _fresh(self, now: float) -> int:
         """Config-index bitmap of the peers we heard directly within _FRESH_INTERVALS."""
@@ -691,6 +860,7 @@ class Membership:
             self._emit(ev.LeaseLost(round(now - last, 6)))
             self._want = 0
             self._want_since.clear()
+            self._want_at.clear()
             self._request(0, self._held | self._requested)
         self._learn_until = now + self.config.dead_after
         self._timer_dirty = True
@@ -766,20 +936,25 @@ class Membership:
         self._want &= mine
         for b in [b for b in self._want_since if not self._want >> b & 1]:
             del self._want_since[b]
+            del self._want_at[b]
         new_wants = mine & ~requested & ~self._want
         if new_wants:
             since = self._seq + 1  # the next heartbeat is the first to carry the claim
             for b in bits_of(new_wants):
                 self._want_since[b] = since
+                self._want_at[b] = now
             self._want |= new_wants
             self._schedule_send(now)
 
         self._blocked = others | prio_want
+        if self._cands and self._want:
+            self._blocked |= self._unproven_block(now)
         ready = self._acquirable()
         if ready:
             self._want &= ~ready
             for b in bits_of(ready):
                 del self._want_since[b]
+                del self._want_at[b]
             requested |= ready
         if requested != self._requested:
             self._request(requested, self._requested)
