@@ -261,8 +261,14 @@ def test_replays_duplicates_strangers_and_own_datagrams_are_counted() -> None:
     h = Harness(["a", "b"])
     a, b = h.cores["a"], h.cores["b"]
     b.join(0.0)
-    first = b.datagrams_to_send(0.0)[0][1]
-    second = b.datagrams_to_send(0.125)[0][1]
+    unproven = b.datagrams_to_send(0.0)[0][1]
+    # b's incarnation is new to a and acks nothing of a's: held, not applied
+    assert a.receive_datagram(unproven, "lan", 0.1) is True  # a asks for the proof at once
+    assert a.receive_datagram(unproven, "lan", 0.1) is Drop.DUPLICATE
+    # a's heartbeat names b in its need list; b's answer acks a's incarnation: proven
+    assert b.receive_datagram(a.datagrams_to_send(0.1)[0][1], "lan", 0.1) is True
+    first = b.datagrams_to_send(0.1)[0][1]
+    second = b.datagrams_to_send(0.225)[0][1]
     assert a.receive_datagram(second, "lan", 0.2) is True
     assert a.receive_datagram(second, "lan", 0.2) is Drop.DUPLICATE
     assert a.receive_datagram(first, "lan", 0.2) is Drop.REPLAY
@@ -274,12 +280,16 @@ def test_replays_duplicates_strangers_and_own_datagrams_are_counted() -> None:
     )
     assert a.receive_datagram(b"garbage", "lan", 0.2) is Drop.MALFORMED
     old = Membership(config("b", ["a", "b"]), 1, codec=h.codec)
-    b2 = Membership(config("b", ["a", "b"]), 2, codec=h.codec)
-    assert a.receive_datagram(b2.datagrams_to_send(0.3)[0][1], "lan", 0.3)
+    b2 = Membership(config("b", ["a", "b"]), b.incarnation + 1, codec=h.codec)
+    # b restarted: its new incarnation supersedes the proven one once it proves itself
+    assert a.receive_datagram(b2.datagrams_to_send(0.3)[0][1], "lan", 0.3) is True
+    assert b2.receive_datagram(a.datagrams_to_send(0.31)[0][1], "lan", 0.31)
+    assert a.receive_datagram(b2.datagrams_to_send(0.32)[0][1], "lan", 0.32) is True
     old._seq = 99
-    assert a.receive_datagram(old.datagrams_to_send(0.3)[0][1], "lan", 0.3) is Drop.REPLAY
+    assert a.receive_datagram(old.datagrams_to_send(0.32)[0][1], "lan", 0.32) is Drop.REPLAY
     assert a.drops == {
-        "duplicate": 1,
+        "unproven": 2,
+        "duplicate": 2,
         "replay": 2,
         "own": 1,
         "unknown_network": 1,
