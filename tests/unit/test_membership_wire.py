@@ -260,7 +260,10 @@ def test_keys_are_named_and_both_accepted_during_a_rotation() -> None:
     assert (rotating.key_id, rotating.next_key_id) == (key_id(old), key_id(new))
     only_old, only_new = Codec("farm", old, B), Codec("farm", new, B)
     with_old, with_new = encode(rotating), encode(rotating, use_next=True)
-    for data, kid, alt in ((with_old, key_id(old), key_id(new)), (with_new, key_id(new), key_id(old))):
+    for data, kid, alt in (
+        (with_old, key_id(old), key_id(new)),
+        (with_new, key_id(new), key_id(old)),
+    ):
         hb = rotating.decode(data)
         assert isinstance(hb, Heartbeat) and (hb.key_id, hb.alt_key_id) == (kid, alt)
     assert isinstance(only_old.decode(with_old), Heartbeat)

@@ -177,6 +177,7 @@ class _Peer:
         "seq",
         "slot",
         "version",
+        "version_inc",
         "vouched",
     )
 
@@ -202,7 +203,8 @@ class _Peer:
         self.cand_heard = -math.inf
         # (incarnation, seq) of its latest heartbeat that lists us in its need list (we ack it).
         self.need_ack: tuple[int, int, float] | None = None  # and when it came
-        self.version = 0  # protocol version of its latest authenticated heartbeat (0: none)
+        self.version = 0  # highest protocol version heard from incarnation version_inc
+        self.version_inc = 0
 
 
 class Membership:
@@ -260,7 +262,8 @@ class Membership:
         self._wanting: dict[int, _Peer] = {}  # live peers whose latest heartbeat wants buckets
         self._needing: dict[int, _Peer] = {}  # peers whose latest heartbeat needs our ack
         self._cands: dict[int, _Peer] = {}  # peers with an unproven newer incarnation
-        self._send_version = VERSION  # the lowest version a peer was heard speaking
+        self._low: dict[int, _Peer] = {}  # peers whose incarnation speaks an older version
+        self._probe_until: float | None = None  # end of our first dead_after (see _version_now)
         self.drops: dict[str, int] = {}
 
         self.state = NodeState.STOP
@@ -374,8 +377,8 @@ class Membership:
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
             self._view_dirty = True
-        if hb.version != peer.version:
-            self._set_version(peer, hb.version)
+        if hb.version != peer.version or hb.incarnation != peer.version_inc:
+            self._set_version(peer, hb)
         if old is None or old.owned != hb.owned:
             self._plan_stale = True
         if hb.want:
@@ -430,7 +433,7 @@ class Membership:
         it. A peer that comes back with an older configuration turns this off again at its
         first heartbeat. Version 1 peers know only the primary key."""
         nid = self._codec.next_key_id
-        if not nid or self._send_version < VERSION:
+        if not nid or self._low:
             return False
         horizon = now - self._dead_after
         for p in self._peer_list:
@@ -448,7 +451,7 @@ class Membership:
         need: tuple[int, ...] = (),
     ) -> list[tuple[str, bytes]]:
         self._seq += 1
-        version = self._send_version
+        version = self._version_now(now)
         payload = self._codec.encode(
             node_id=self._id,
             digest=self._digest,
@@ -768,8 +771,8 @@ class Membership:
         p.cand = hb
         p.cand_heard = now
         self._cands[p.id] = p
-        if hb.version != p.version:
-            self._set_version(p, hb.version)
+        if hb.version != p.version or hb.incarnation != p.version_inc:
+            self._set_version(p, hb)
         quick = self._note_need(p, hb, now)
         if new:
             self._schedule_send(now)  # ask it for its proof at once
@@ -795,13 +798,36 @@ class Membership:
             del self._needing[p.id]
         return False
 
-    def _set_version(self, p: _Peer, version: int) -> None:
-        """Send the lowest version any peer was last heard speaking (a rolling upgrade: a peer
-        that still speaks only the older version must read us)."""
-        p.version = version
-        self._send_version = max(
-            MIN_VERSION, min((q.version for q in self._peer_list if q.version), default=VERSION)
-        )
+    def _set_version(self, p: _Peer, hb: Heartbeat) -> None:
+        """Track the highest version `p`'s current incarnation was heard speaking (a node of
+        this release starts with the newest version, see `_version_now`, so its peers learn
+        it is upgraded even while an older peer keeps everybody on the older version)."""
+        if hb.incarnation != p.version_inc:
+            p.version_inc = hb.incarnation
+            p.version = hb.version
+        elif hb.version > p.version:
+            p.version = hb.version
+        if p.version < VERSION:
+            self._low[p.id] = p
+        else:
+            self._low.pop(p.id, None)
+
+    def _version_now(self, now: float) -> int:
+        """The version to send: the newest during our first dead_after (peers learn that we
+        speak it), then the lowest one that a peer heard within dead_after speaks (a rolling
+        upgrade: a peer of the previous release must read us). A peer of the previous release
+        that comes back is heard at its first heartbeat and read at once; it cannot read us
+        before our answer, as a node that is still listening before it claims anything."""
+        if self._probe_until is None:
+            self._probe_until = now + self._dead_after
+        if not self._low or now < self._probe_until:
+            return VERSION
+        horizon = now - self._dead_after
+        version = VERSION
+        for p in self._low.values():
+            if max(p.heard, p.cand_heard) >= horizon:
+                version = min(version, p.version)
+        return max(version, MIN_VERSION)
 
     def _unproven_block(self, now: float) -> int:
         """Our wanted buckets that an unproven incarnation heard within dead_after owns or

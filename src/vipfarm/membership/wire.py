@@ -233,9 +233,7 @@ class Codec:
         "next_key_id",
     )
 
-    def __init__(
-        self, farm: str, key: bytes, buckets: int, next_key: bytes | None = None
-    ) -> None:
+    def __init__(self, farm: str, key: bytes, buckets: int, next_key: bytes | None = None) -> None:
         if not 1 <= buckets <= MAX_BUCKETS:
             raise ValueError(f"bucket count {buckets} is out of range: use 1..{MAX_BUCKETS}")
         self.farm_id = farm_id(farm)
