@@ -63,9 +63,9 @@ from vipfarm.membership.assignment import Members, Planner
 from vipfarm.membership.states import Trigger, next_state
 from vipfarm.membership.wire import (
     MAX_ACKS,
+    MAX_NAME_BYTES,
     MIN_VERSION,
     VERSION,
-    MAX_NAME_BYTES,
     Ack,
     Codec,
     Drop,
