@@ -99,6 +99,9 @@ def _farm_name_pattern() -> str:
 class FarmSection(Strict):
     name: str
     key_file: Path
+    # The key being rolled out: accepted beside key_file, and sent with once every live peer
+    # accepts it too (docs/CONFIG.md, "Rotating the farm key").
+    next_key_file: Path | None = None
     buckets: int = DatapathSpec.model_fields["buckets"].default
     seed: int = DatapathSpec.model_fields["seed"].default
 
@@ -112,10 +115,10 @@ class FarmSection(Strict):
             )
         return name
 
-    @field_validator("key_file")
+    @field_validator("key_file", "next_key_file")
     @classmethod
-    def _key_file(cls, path: Path, info: ValidationInfo) -> Path:
-        return _secret_file(path, info, "key", KEY_MIN_BYTES)
+    def _key_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _secret_file(path, info, "key", KEY_MIN_BYTES)
 
 
 class TimingSection(Strict):
@@ -463,3 +466,8 @@ class FarmConfig(Strict):
     def key(self) -> bytes:
         """The farm's shared HMAC key (see `key_bytes`)."""
         return key_bytes(self.farm.key_file.read_bytes())
+
+    def next_key(self) -> bytes | None:
+        """The key being rolled out (`farm.next_key_file`), or None."""
+        path = self.farm.next_key_file
+        return None if path is None else key_bytes(path.read_bytes())

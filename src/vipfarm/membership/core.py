@@ -588,6 +588,11 @@ class Membership:
             self._schedule_send(now)
             self._evaluate(now)
 
+    def count_drop(self, reason: Drop) -> None:
+        """Count a datagram its driver dropped before the core saw it (e.g. `unknown_source`),
+        so that `drops` stays the one count of every drop."""
+        self._count(reason)
+
     def set_keys(self, key: bytes, next_key: bytes | None, now: float) -> None:
         """Replace the farm keys live (a key rotation step); raises ValueError on a bad key,
         changing nothing."""

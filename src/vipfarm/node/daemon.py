@@ -53,9 +53,15 @@ class DaemonError(VipfarmError):
     """The daemon cannot run; the text says why and what to do."""
 
 
-def default_dirs(farm: str, node: str) -> tuple[Path, Path]:
-    """Per farm *and node*, so several nodes of one farm can share a filesystem (the lab)."""
-    return Path("/run/vipfarm") / farm / node, Path("/var/log/vipfarm") / farm / node
+def default_dirs(farm: str, node: str) -> tuple[Path, Path, Path]:
+    """(run, log, state) directories. Per farm *and node*, so several nodes of one farm can
+    share a filesystem (the lab). The state directory survives reboots: it keeps the pulse's
+    last incarnation, which must grow across every restart (docs/PROTOCOL.md)."""
+    return (
+        Path("/run/vipfarm") / farm / node,
+        Path("/var/log/vipfarm") / farm / node,
+        Path("/var/lib/vipfarm") / farm / node,
+    )
 
 
 class _Child:
@@ -84,14 +90,24 @@ class _Child:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, node: str, *, run_dir: Path, log_dir: Path) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        node: str,
+        *,
+        run_dir: Path,
+        log_dir: Path,
+        state_dir: Path | None = None,
+    ) -> None:
         self.config_path = config_path
         self.node = node
         self.run_dir = run_dir
         self.log_dir = log_dir
+        self.state_dir = state_dir
         common = ["--config", str(config_path), "--node", node, "--run-dir", str(run_dir)]
+        state = [] if state_dir is None else ["--state-dir", str(state_dir)]
         self.children = {
-            "pulse": _Child([sys.executable, "-m", "vipfarm.node.pulse", *common]),
+            "pulse": _Child([sys.executable, "-m", "vipfarm.node.pulse", *common, *state]),
             "manager": _Child(
                 [
                     sys.executable,

@@ -25,9 +25,10 @@ down fetches the current version from a peer when it hears that peer again (rejo
 daemon). A dry run stops after the prepare phase.
 
 What can change live and what cannot: see `LIVE_KEYS` and docs/API.md. Everything that the
-heartbeat protocol or the node's identity depends on (farm name, key, buckets, seed, timing,
+heartbeat protocol or the node's identity depends on (farm name, buckets, seed, timing,
 networks, the node list, names, addresses, interfaces) and the application module and the API
-section need a restart of every daemon, which a deployment refuses with the list of keys.
+section need a restart of every daemon, which a deployment refuses with the list of keys. The
+farm key files are the exception: the pulse takes new heartbeat keys live (key rotation).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ PREPARE_TTL_S = 30.0
 HEADER_PREFIX = "# vipfarm config version "
 _HEADER_RE = re.compile(r"^# vipfarm config version (\d+)\b[^\n]*(?:\n|$)")
 # Keys whose change is applied without a restart (a key matches itself and everything under it).
-LIVE_KEYS = ("rule", "drain", "node[*].weight")
+# The farm key files are live too: the pulse swaps the heartbeat keys without a gap, which is
+# what makes a key rotation (two deployments, docs/CONFIG.md) possible without downtime.
+LIVE_KEYS = ("rule", "drain", "node[*].weight", "farm.key_file", "farm.next_key_file")
 
 T = TypeVar("T")
 
