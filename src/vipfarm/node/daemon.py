@@ -24,6 +24,10 @@ pulse: systemd sees one unit and one main process.
   module's scripts and keeps running.
 * SIGTERM: the manager drains (buckets given away, connections finished, application stopped)
   and tells the pulse to say goodbye; then the pulse exits, having removed the data path.
+
+Directories (`default_dirs`, each per farm and node): the run directory (/run: sockets, pid
+files, the data path's state), the log directory, and the state directory (/var/lib: what must
+survive a reboot, the pulse's last incarnation; the lab puts it in its own directory).
 """
 
 from __future__ import annotations
