@@ -202,7 +202,7 @@ def test_a_flood_of_large_datagrams_keeps_the_pulse_flat_and_the_farm_intact(
 
     def counted() -> bool:
         st = lab.daemon_state("node1")
-        return sum(st["drops"].values()) >= 1000
+        return bool(sum(st["drops"].values()) >= 1000)
 
     wait_for("node1 to count the flood", counted)
     after = rss_kib(pid)
