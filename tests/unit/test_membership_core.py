@@ -768,3 +768,25 @@ def test_a_farm_with_one_node_still_on_version_1() -> None:
     assert versions_sent(h, 4.0) == {n: {2} for n in h.names}
     assert not any(isinstance(e, ev.PeerDown) for _, _, e in h.log)
     only_owners(h)
+
+
+def test_recordings_of_two_incarnations_played_in_turn_do_not_speed_up_heartbeats() -> None:
+    h = Harness(["a", "b"])
+    h.start("a", 0.0)
+    h.start("b", 0.0)
+    h.run_until(1.0)
+    first = [d for _, src, _, d in h.tap if src == "b"]
+    h.restart("b", 1.0, 2)
+    h.run_until(2.0)
+    second = [d for _, src, _, d in h.tap if src == "b"][len(first) :]
+    h.crash("b")
+    h.restart("a", 2.0, 3)
+    h.run_until(3.0)
+    sent_before = len(h.tap)
+    turns = [d for pair in zip(first, second, strict=False) for d in pair]
+    end = replay(h, "a", turns, 3.0, INTERVAL / 10)
+    h.run_until(end)
+    sent = len(h.tap) - sent_before
+    # one heartbeat per interval, plus a quick one for each new highest incarnation at most
+    assert sent <= (end - 3.0) / INTERVAL + 3, sent
+    assert h.kernel["a"] == frozenset(range(16))

@@ -162,6 +162,7 @@ class _Peer:
         "alive",
         "cand",
         "cand_heard",
+        "cand_top",
         "hb",
         "heard",
         "id",
@@ -201,6 +202,7 @@ class _Peer:
         # fresh yet (see Membership._hold), and when it came.
         self.cand: Heartbeat | None = None
         self.cand_heard = -math.inf
+        self.cand_top = 0  # the highest unproven incarnation heard (a real restart is higher)
         # (incarnation, seq) of its latest heartbeat that lists us in its need list (we ack it).
         self.need_ack: tuple[int, int, float] | None = None  # and when it came
         self.version = 0  # highest protocol version heard from incarnation version_inc
@@ -772,27 +774,31 @@ class Membership:
         acknowledge it if it needs us; and what it owns or wants delays our own claims on those
         buckets for at most dead_after (a real peer that cannot hear us yet may hold them: see
         `_unproven_block`)."""
-        new = p.cand is None or p.cand.incarnation != hb.incarnation
         p.cand = hb
         p.cand_heard = now
         self._cands[p.id] = p
         if hb.version != p.version or hb.incarnation != p.version_inc:
             self._set_version(p, hb)
         quick = self._note_need(p, hb, now)
-        if new:
-            self._schedule_send(now)  # ask it for its proof at once
+        if hb.incarnation > p.cand_top:
+            # Ask it for its proof at once. Only for a new highest incarnation: recordings of
+            # older ones played in turn must not make us send faster.
+            p.cand_top = hb.incarnation
+            self._schedule_send(now)
             quick = True
         self._count(Drop.UNPROVEN)
-        if self._want & (hb.owned | hb.want):
-            self._evaluate(now)
-            return True
+        # No evaluation: a held heartbeat can only hold our claims back, and every acquisition
+        # is decided in `_evaluate`, which reads the held heartbeats (`_unproven_block`).
         return True if quick else Drop.UNPROVEN
 
     def _note_need(self, p: _Peer, hb: Heartbeat, now: float) -> bool:
         """Track whether `p`'s latest heartbeat asks us for an acknowledgement; True when it
         newly does (a quick heartbeat is then scheduled)."""
         if self._id in hb.need:
-            fresh_ask = p.need_ack is None or p.need_ack[0] != hb.incarnation
+            last = p.need_ack
+            if last is not None and hb.incarnation < last[0]:
+                return False  # an older incarnation asking (a recording): keep the newest
+            fresh_ask = last is None or hb.incarnation > last[0]
             p.need_ack = (hb.incarnation, hb.seq, now)
             self._needing[p.id] = p
             if fresh_ask:
