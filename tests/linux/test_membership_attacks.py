@@ -127,12 +127,21 @@ def test_a_replay_of_a_dead_peer_to_a_restarted_node_changes_nothing(
         lambda: lab.kernel_owned(["node1"])["node1"] == list(range(BUCKETS)),
     )
 
-    # node1's daemon restarts; once its new pulse runs, node2's recording plays to it from
-    # node2's address, in order and at its own pace (about 8 s of a live-looking node2)
+    # node1's daemon restarts; once it answers (its pulse runs and its manager is connected,
+    # so it joins within moments), node2's recording plays to it from node2's address, in order
+    # and at its own pace (about 8 s of a live-looking node2)
     old_pulse = pulse_pid(lab, "node1")
     lab.kill("node1")
     lab.start_daemon("node1", wait=False)
-    wait_for("node1's new pulse", lambda: pulse_pid(lab, "node1") != old_pulse)
+
+    def answers() -> bool:
+        try:
+            st = lab.daemon_state("node1", timeout=2.0)
+        except Exception:  # not yet: the daemon is starting
+            return False
+        return bool(st["processes"]["pulse_pid"] != old_pulse)
+
+    wait_for("node1's new daemon to answer", answers, timeout=60)
     stop = threading.Event()
     sent: list[int] = []
     player = threading.Thread(
