@@ -39,6 +39,16 @@ Theory of operation (docs/MEMBERSHIP.md has the long version and the safety argu
   claiming anything.
 - **Goodbye.** A node that stopped and holds nothing says so (`shutdown`), and peers stop
   waiting for it at once.
+- **Fresh incarnations.** A node that restarted remembers no peer, so a recorded heartbeat
+  would pass every sequence check. A newer incarnation of a peer (or the first one heard) counts
+  only once one of its heartbeats acknowledges our *current* incarnation; until then it is held
+  (`_hold`: no liveness, claim, acknowledgement or goodbye; it does not supersede the proven
+  one). Heartbeats carry a need list (peers not proven yet), and a node acknowledges every peer
+  that lists it, at once: the proof costs one quick round trip. A held heartbeat's claims delay
+  ours for at most dead_after (`_unproven_block`). Version 1 heartbeats (rolling upgrade) predate
+  the proof and count as proven; a node sends the lowest version a live peer speaks.
+- **Keys.** The codec holds the farm key and, during a rotation, the next one; heartbeats name
+  their key, and the core sends with the next key once every peer heard advertises it.
 - **Timers.** `get_timer()` is the next heartbeat, the end of a listening period, or the
   earliest peer deadline, and never late. The receive path is O(1) and touches little memory
   (the simulator runs 26 million receptions per 10 minutes of 64 nodes): a heartbeat from a
