@@ -215,6 +215,7 @@ def test_a_flood_of_large_datagrams_keeps_the_pulse_flat_and_the_farm_intact(
 
     wait_for("node1 to count the flood", counted)
     after = rss_kib(pid)
+    print(f"pulse RSS {before} KiB -> {after} KiB after the flood ({took:.1f} s)")
     assert after - before < 16 * 1024, (before, after)
     st = lab.daemon_state("node1")
     drops = st["drops"]
