@@ -16,7 +16,7 @@ import pytest
 
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
-from vipfarm.membership.wire import Codec, Drop, NodeState
+from vipfarm.membership.wire import Codec, Drop, Heartbeat, NodeState
 
 KEY = b"test-farm-key-0123456789abcdef-0123"
 INTERVAL, LEASE, DEAD_AFTER, DELAY = 0.125, 0.25, 0.5, 1 / 64
@@ -44,6 +44,7 @@ class Harness:
     over: dict[str, Any] = field(default_factory=dict)
     delay: float = DELAY
     confirm: bool = True  # apply BucketsChanged to the "kernel" and confirm at once
+    shared: bool = True  # one codec for every core (False: each its own, for key changes)
 
     def __post_init__(self) -> None:
         cfg = config(self.names[0], self.names, **self.over)
@@ -57,8 +58,20 @@ class Harness:
         self.kernel: dict[str, frozenset[int]] = {}
         self.now = 0.0
         self._seq = 0
+        self.tap: list[tuple[float, str, str, bytes]] = []  # everything sent: (t, src, net, data)
         for n in self.names:
-            self.cores[n] = Membership(config(n, self.names, **self.over), 1, codec=self.codec)
+            self.cores[n] = self.make(n, 1)
+
+    def make(
+        self, name: str, incarnation: int, cls: type[Membership] = Membership, **over: Any
+    ) -> Membership:
+        cfg = config(name, self.names, **{**self.over, **over})
+        return cls(cfg, incarnation, codec=self.codec if self.shared else None)
+
+    def inject(self, dst: str, payload: bytes, at: float, net: str = "lan") -> None:
+        """Deliver `payload` to `dst` at `at` (an attacker on the network)."""
+        self._seq += 1
+        heapq.heappush(self.queue, (at, self._seq, dst, net, payload))
 
     def start(self, name: str, now: float, healthy: bool = True) -> None:
         self.running.add(name)
@@ -70,15 +83,21 @@ class Harness:
     def crash(self, name: str) -> None:
         self.running.discard(name)
 
-    def restart(self, name: str, now: float, incarnation: int) -> None:
-        self.cores[name] = Membership(
-            config(name, self.names, **self.over), incarnation, codec=self.codec
-        )
+    def restart(
+        self,
+        name: str,
+        now: float,
+        incarnation: int,
+        cls: type[Membership] = Membership,
+        **over: Any,
+    ) -> None:
+        self.cores[name] = self.make(name, incarnation, cls, **over)
         self.kernel[name] = frozenset()
         self.start(name, now)
 
     def send(self, name: str, datagrams: list[tuple[str, bytes]], now: float) -> None:
         for net, payload in datagrams:
+            self.tap.append((now, name, net, payload))
             for dst in self.running:
                 if (
                     dst == name
@@ -261,8 +280,14 @@ def test_replays_duplicates_strangers_and_own_datagrams_are_counted() -> None:
     h = Harness(["a", "b"])
     a, b = h.cores["a"], h.cores["b"]
     b.join(0.0)
-    first = b.datagrams_to_send(0.0)[0][1]
-    second = b.datagrams_to_send(0.125)[0][1]
+    unproven = b.datagrams_to_send(0.0)[0][1]
+    # b's incarnation is new to a and acks nothing of a's: held, not applied
+    assert a.receive_datagram(unproven, "lan", 0.1) is True  # a asks for the proof at once
+    assert a.receive_datagram(unproven, "lan", 0.1) is Drop.DUPLICATE
+    # a's heartbeat names b in its need list; b's answer acks a's incarnation: proven
+    assert b.receive_datagram(a.datagrams_to_send(0.1)[0][1], "lan", 0.1) is True
+    first = b.datagrams_to_send(0.1)[0][1]
+    second = b.datagrams_to_send(0.225)[0][1]
     assert a.receive_datagram(second, "lan", 0.2) is True
     assert a.receive_datagram(second, "lan", 0.2) is Drop.DUPLICATE
     assert a.receive_datagram(first, "lan", 0.2) is Drop.REPLAY
@@ -274,12 +299,16 @@ def test_replays_duplicates_strangers_and_own_datagrams_are_counted() -> None:
     )
     assert a.receive_datagram(b"garbage", "lan", 0.2) is Drop.MALFORMED
     old = Membership(config("b", ["a", "b"]), 1, codec=h.codec)
-    b2 = Membership(config("b", ["a", "b"]), 2, codec=h.codec)
-    assert a.receive_datagram(b2.datagrams_to_send(0.3)[0][1], "lan", 0.3)
+    b2 = Membership(config("b", ["a", "b"]), b.incarnation + 1, codec=h.codec)
+    # b restarted: its new incarnation supersedes the proven one once it proves itself
+    assert a.receive_datagram(b2.datagrams_to_send(0.3)[0][1], "lan", 0.3) is True
+    assert b2.receive_datagram(a.datagrams_to_send(0.31)[0][1], "lan", 0.31)
+    assert a.receive_datagram(b2.datagrams_to_send(0.32)[0][1], "lan", 0.32) is True
     old._seq = 99
-    assert a.receive_datagram(old.datagrams_to_send(0.3)[0][1], "lan", 0.3) is Drop.REPLAY
+    assert a.receive_datagram(old.datagrams_to_send(0.32)[0][1], "lan", 0.32) is Drop.REPLAY
     assert a.drops == {
-        "duplicate": 1,
+        "unproven": 2,
+        "duplicate": 2,
         "replay": 2,
         "own": 1,
         "unknown_network": 1,
@@ -505,3 +534,259 @@ def test_timer_may_be_early_once_a_peer_is_heard_again_but_is_never_late() -> No
     h.run_until(3.0)
     [(t_dead, _)] = h.events("a", ev.PeerDown)
     assert t_dead == 1.36 + DELAY + DEAD_AFTER  # exactly dead_after after the last one heard
+
+
+# ------------------------------------------------------------------------- freshness and replay
+def heard_up(h: Harness, name: str, peer: str, since: float = 0.0) -> list[float]:
+    return [t for t, e in h.events(name, ev.PeerUp) if e.name == peer and t >= since]
+
+
+def replay(h: Harness, dst: str, recorded: list[bytes], start: float, gap: float) -> float:
+    """Inject `recorded` into `dst`, one datagram every `gap` from `start`; returns the end."""
+    t = start
+    for payload in recorded:
+        h.inject(dst, payload, t)
+        t += gap
+    return t
+
+
+def test_a_restarted_node_ignores_a_replay_of_a_dead_peer() -> None:
+    """Row 1 of the issue: b's heartbeats are recorded, b dies, a restarts, the recording is
+    played to a. Nothing of it counts: a never hears b up and takes every bucket."""
+    h = Harness(["a", "b"])
+    h.start("a", 0.0)
+    h.start("b", 0.0)
+    h.run_until(1.0)
+    h.restart("b", 1.0, 2)  # two incarnations of b on the recording
+    h.run_until(3.0)
+    only_owners(h)
+    recorded = [d for _, src, _, d in h.tap if src == "b"]
+    assert len(recorded) > 20
+    h.crash("b")
+    h.restart("a", 3.0, 3)
+    end = replay(h, "a", recorded * 3, 3.0, INTERVAL / 2)
+    h.run_until(end)
+    a = h.cores["a"]
+    assert heard_up(h, "a", "b", since=3.0) == []
+    assert a.members == (("a", 1),)
+    assert h.kernel["a"] == frozenset(range(16))
+    # b's claims held a's own for at most dead_after past a's own start-up listening
+    t_all = max(t for t, _ in acquired(h, "a") if t >= 3.0)
+    assert t_all <= 3.0 + 2 * DEAD_AFTER
+    assert a.drops["unproven"] > 0
+    assert not any(isinstance(e, ev.PeerDown) for t, n, e in h.log if n == "a" and t >= 3.0)
+
+
+def test_a_replay_of_the_current_incarnation_to_a_node_that_did_not_restart() -> None:
+    h = Harness(["a", "b"])
+    h.start("a", 0.0)
+    h.start("b", 0.0)
+    h.run_until(2.0)
+    recorded = [d for _, src, _, d in h.tap if src == "b"]
+    h.crash("b")
+    h.run_until(3.0)
+    end = replay(h, "a", recorded, 3.0, INTERVAL / 2)
+    h.run_until(end)
+    assert heard_up(h, "a", "b", since=3.0) == []
+    assert h.kernel["a"] == frozenset(range(16))
+    assert h.cores["a"].drops["replay"] + h.cores["a"].drops.get("duplicate", 0) >= len(recorded)
+
+
+def test_a_huge_incarnation_and_its_goodbye_do_not_lock_a_node_out() -> None:
+    """A goodbye of an incarnation no one proved (a key holder's forgery, or a recording played
+    after a clock went back) neither kills b nor shadows b's later real incarnations."""
+    h = Harness(["a", "b"])
+    h.start("a", 0.0)
+    h.start("b", 0.0)
+    h.run_until(2.0)
+    forger = h.make("b", 2**64 - 1)
+    h.inject("a", forger.datagrams_to_send(2.0)[0][1], 2.0)
+    h.inject("a", forger.shutdown(2.0)[0][1], 2.01)
+    h.run_until(3.0)
+    assert not h.events("a", ev.PeerDown)
+    assert h.cores["a"].drops["unproven"] >= 1
+    only_owners(h)
+    # b's real restart (a lower incarnation than the forged one) is taken at once
+    h.restart("b", 3.0, 7)
+    h.run_until(5.0)
+    [t_up] = [t for t, e in h.events("a", ev.PeerUp) if e.restarted]
+    assert t_up < 3.0 + 4 * DELAY + INTERVAL
+    assert not h.events("a", ev.PeerDown)
+    only_owners(h)
+
+
+def test_a_restarted_peer_proves_itself_within_a_round_trip() -> None:
+    h = Harness(["a", "b"])
+    h.start("a", 0.0)
+    h.start("b", 0.0)
+    h.run_until(2.0)
+    h.restart("b", 2.0, 5)
+    h.run_until(4.0)
+    # b's first heartbeat (2.0) reaches a, a's quick heartbeat names b, b's quick answer acks a
+    [t_up] = [t for t, e in h.events("a", ev.PeerUp) if e.restarted]
+    gap = INTERVAL / 20
+    assert t_up <= 2.0 + 3 * DELAY + 2 * gap
+    assert not h.events("a", ev.PeerDown)
+    only_owners(h)
+
+
+def test_a_peer_that_never_hears_us_delays_a_claim_by_dead_after_at_most() -> None:
+    """After a restart a real peer that cannot hear us yet and a recording look alike: its
+    claims hold ours back for dead_after (a real peer proves itself long before), then it is
+    treated as any silent peer."""
+    h = Harness(["a", "b"])
+    h.start("a", 0.0)
+    h.start("b", 0.0)
+    h.run_until(2.0)
+    held_by_b = h.kernel["b"]
+    h.blocked.add(("a", "b"))  # b hears nothing of a from now on
+    h.restart("a", 2.0, 9)
+    h.run_until(4.0)
+    up = max(t for t, e in h.events("a", ev.StateChanged) if e.new is NodeState.UP)
+    assert heard_up(h, "a", "b", since=2.0) == []
+    # a took b's buckets once its claim had waited dead_after for b's acknowledgement
+    late = [(t, acq) for t, acq in acquired(h, "a") if t >= 2.0 and acq & held_by_b]
+    assert late and all(t >= up + DEAD_AFTER for t, _ in late)
+    assert h.kernel["a"] == frozenset(range(16))
+
+
+# ------------------------------------------------------------------------- key rotation
+OLD, NEW = KEY, b"the-next-farm-key-0123456789abcdef"
+
+
+def key_of(payload: bytes) -> int:
+    return int.from_bytes(payload[36:40], "big")
+
+
+def sent_keys(h: Harness, since: float) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for t, src, _, data in h.tap:
+        if t >= since:
+            out.setdefault(src, set()).add(key_of(data))
+    return out
+
+
+def test_key_rotation_without_downtime() -> None:
+    from vipfarm.membership.wire import key_id
+
+    h = Harness(["a", "b", "c"], shared=False)
+    for n in h.names:
+        h.start(n, 0.0)
+    h.run_until(2.0)
+    only_owners(h)
+    # step 1, node by node: accept both keys; send the new one once every peer accepts it
+    h.cores["a"].set_keys(OLD, NEW, 2.0)
+    h.cores["b"].set_keys(OLD, NEW, 2.0)
+    h.run_until(3.0)
+    assert sent_keys(h, 2.5) == {n: {key_id(OLD)} for n in h.names}  # c knows only the old
+    h.cores["c"].set_keys(OLD, NEW, 3.0)
+    h.run_until(4.0)
+    assert sent_keys(h, 3.5) == {n: {key_id(NEW)} for n in h.names}
+    # a node that comes back with the old configuration turns the new key off again
+    h.crash("c")
+    h.run_until(5.0)
+    h.restart("c", 5.0, 2, key=OLD)
+    h.run_until(7.0)
+    assert sent_keys(h, 6.5) == {n: {key_id(OLD)} for n in h.names}
+    only_owners(h)
+    h.cores["c"].set_keys(OLD, NEW, 7.0)
+    h.run_until(8.0)
+    # step 2: the old key retired, node by node
+    for n in h.names:
+        h.cores[n].set_keys(NEW, None, 8.0)
+        h.run_until(h.now + 0.3)
+    h.run_until(10.0)
+    assert sent_keys(h, 9.5) == {n: {key_id(NEW)} for n in h.names}
+    assert all(core.drops.get("unknown_key", 0) == 0 for core in h.cores.values())
+    assert all(core.drops.get("bad_mac", 0) == 0 for core in h.cores.values())
+    # nobody was ever taken for dead except c while it was down
+    assert [(n, e.name) for t, n, e in h.log if isinstance(e, ev.PeerDown)] == [
+        ("a", "c"),
+        ("b", "c"),
+    ]
+    only_owners(h)
+
+
+# ------------------------------------------------------------------------- rolling upgrade
+class V1Node(Membership):
+    """A node of the previous release as its peers see it: it sends heartbeat version 1 only,
+    and its decoder drops every other version (`Drop.VERSION`)."""
+
+    def receive_datagram(self, data: bytes, network: str, now: float) -> bool | Drop:
+        if len(data) > 2 and data[2] != 1:
+            return self._count(Drop.VERSION)
+        return super().receive_datagram(data, network, now)
+
+    def _version_now(self, now: float) -> int:
+        return 1  # it knows no other
+
+
+def versions_sent(h: Harness, since: float) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for t, src, _, data in h.tap:
+        if t >= since:
+            out.setdefault(src, set()).add(data[2])
+    return out
+
+
+def test_what_a_v1_node_sends_is_what_the_previous_release_decodes_and_vice_versa() -> None:
+    from tests.fakes import wire_v1
+
+    h = Harness(["a", "b", "c"])
+    h.cores["c"] = h.make("c", 1, V1Node)
+    for n in h.names:
+        h.start(n, 0.0)
+    h.run_until(2.0)
+    old = wire_v1.Codec("test", KEY, 16)
+    for _, src, _, data in h.tap[-12:]:
+        got = old.decode(data)  # the released decoder takes every heartbeat sent now
+        assert isinstance(got, wire_v1.Heartbeat), (src, got)
+    released = old.encode(
+        node_id=wire_v1.node_id("c"), digest=1, incarnation=5, seq=1, state=wire_v1.NodeState.UP,
+        weight=1, owned=1, want=2, fresh=1, fresh_len=1, acks=(wire_v1.Ack(7, 8, 9),),
+    )  # fmt: skip
+    hb = h.codec.decode(released)
+    assert isinstance(hb, Heartbeat)
+    assert (hb.version, hb.owned, hb.want, hb.acks) == (1, 1, 2, {7: (8, 9)})
+
+
+def test_a_farm_with_one_node_still_on_version_1() -> None:
+    h = Harness(["a", "b", "c"])
+    h.cores["c"] = h.make("c", 1, V1Node)
+    for n in h.names:
+        h.start(n, 0.0)
+    h.run_until(3.0)
+    only_owners(h)
+    assert versions_sent(h, 1.0) == {n: {1} for n in h.names}
+    # c dropped only what a and b sent in their first dead_after (which tells an upgraded
+    # peer that they speak version 2)
+    assert h.cores["c"].drops.get("version", 0) <= 2 * (DEAD_AFTER / INTERVAL + 4)
+    assert not any(isinstance(e, ev.PeerDown) for _, _, e in h.log)
+    # c is upgraded: its new incarnation speaks version 2, and so does everybody again
+    h.restart("c", 3.0, 2)
+    h.run_until(5.0)
+    assert versions_sent(h, 4.0) == {n: {2} for n in h.names}
+    assert not any(isinstance(e, ev.PeerDown) for _, _, e in h.log)
+    only_owners(h)
+
+
+def test_recordings_of_two_incarnations_played_in_turn_do_not_speed_up_heartbeats() -> None:
+    h = Harness(["a", "b"])
+    h.start("a", 0.0)
+    h.start("b", 0.0)
+    h.run_until(1.0)
+    first = [d for _, src, _, d in h.tap if src == "b"]
+    h.restart("b", 1.0, 2)
+    h.run_until(2.0)
+    second = [d for _, src, _, d in h.tap if src == "b"][len(first) :]
+    h.crash("b")
+    h.restart("a", 2.0, 3)
+    h.run_until(3.0)
+    sent_before = len(h.tap)
+    turns = [d for pair in zip(first, second, strict=False) for d in pair]
+    end = replay(h, "a", turns, 3.0, INTERVAL / 10)
+    h.run_until(end)
+    sent = len(h.tap) - sent_before
+    # one heartbeat per interval, plus a quick one for each new highest incarnation at most
+    assert sent <= (end - 3.0) / INTERVAL + 3, sent
+    assert h.kernel["a"] == frozenset(range(16))

@@ -95,6 +95,24 @@ def test_rules_weights_and_drain_are_live_everything_else_needs_a_restart(
     assert dep.classify(old, macro)[1] == ["module.macros.start_cmd"]
 
 
+def test_the_farm_key_files_are_live_for_a_rotation(farm_dir: Path) -> None:
+    nxt = farm_dir / "farm-2.key"
+    nxt.write_text("n" * 40)
+    nxt.chmod(0o600)
+    old = load(FARM, farm_dir)
+    step1 = load(
+        FARM.replace(
+            'key_file = "farm.key"', 'key_file = "farm.key"\nnext_key_file = "farm-2.key"'
+        ),
+        farm_dir,
+    )
+    assert dep.classify(old, step1) == (["farm.next_key_file"], [])
+    assert step1.next_key() == b"n" * 40
+    step2 = load(FARM.replace('key_file = "farm.key"', 'key_file = "farm-2.key"'), farm_dir)
+    assert dep.classify(step1, step2) == (["farm.key_file", "farm.next_key_file"], [])
+    assert step2.key() == b"n" * 40 and step2.next_key() is None
+
+
 def test_validate_for_node_names_what_is_wrong(farm_dir: Path) -> None:
     running = load(FARM, farm_dir)
 

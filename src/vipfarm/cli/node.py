@@ -28,6 +28,9 @@ def daemon(
     node: str | None = typer.Option(None, "--node", help="this node's name (default: by address)"),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="runtime state directory"),
     log_dir: Path | None = typer.Option(None, "--log-dir", help="module.log and app.log go here"),
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="persistent state (the last incarnation); survives reboots"
+    ),
 ) -> None:
     """Run the node daemon in the foreground (systemd Type=notify): it starts the node's pulse
     and manager processes and restarts whichever dies."""
@@ -54,9 +57,13 @@ def daemon(
     if pid is not None:
         typer.echo(f"error: {already_runs(cfg.farm.name, pid)}", err=True)
         raise typer.Exit(1)
-    default_run, default_log = default_dirs(cfg.farm.name, me.name)
+    default_run, default_log, default_state = default_dirs(cfg.farm.name, me.name)
     d = Daemon(
-        config.resolve(), me.name, run_dir=run_dir or default_run, log_dir=log_dir or default_log
+        config.resolve(),
+        me.name,
+        run_dir=run_dir or default_run,
+        log_dir=log_dir or default_log,
+        state_dir=state_dir or default_state,
     )
     try:
         asyncio.run(d.run())

@@ -132,6 +132,9 @@ def _farm_name_pattern() -> str:
 class FarmSection(Strict):
     name: str
     key_file: Path
+    # The key being rolled out: accepted beside key_file, and sent with once every live peer
+    # accepts it too (docs/CONFIG.md, "Rotating the farm key").
+    next_key_file: Path | None = None
     buckets: int = DatapathSpec.model_fields["buckets"].default
     seed: int = DatapathSpec.model_fields["seed"].default
 
@@ -145,9 +148,11 @@ class FarmSection(Strict):
             )
         return name
 
-    @field_validator("key_file")
+    @field_validator("key_file", "next_key_file")
     @classmethod
-    def _key_file(cls, path: Path, info: ValidationInfo) -> Path:
+    def _key_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
         return secret_file(
             path, info, what="farm key", min_bytes=KEY_MIN_BYTES, max_bytes=KEY_MAX_BYTES
         )
@@ -580,3 +585,10 @@ class FarmConfig(Strict):
         """The farm's shared HMAC key (see `key_bytes`), read again with the checks of
         validation; raises FileRefused."""
         return key_bytes(read_secret(self.farm.key_file, what="farm key", max_bytes=KEY_MAX_BYTES))
+
+    def next_key(self) -> bytes | None:
+        """The key being rolled out (`farm.next_key_file`), or None; raises FileRefused."""
+        path = self.farm.next_key_file
+        if path is None:
+            return None
+        return key_bytes(read_secret(path, what="farm key", max_bytes=KEY_MAX_BYTES))

@@ -566,6 +566,9 @@ class Lab:
             str(self.dir / "run" / node),
             "--log-dir",
             str(self.dir / "nodelogs" / node),
+            # never the real /var/lib: the lab's own directory, removed with the lab
+            "--state-dir",
+            str(self.dir / "state" / node),
         ]
         rec = self._start(f"{node}-daemon", self.ns(node), argv)
         if wait:

@@ -39,6 +39,16 @@ Theory of operation (docs/MEMBERSHIP.md has the long version and the safety argu
   claiming anything.
 - **Goodbye.** A node that stopped and holds nothing says so (`shutdown`), and peers stop
   waiting for it at once.
+- **Fresh incarnations.** A node that restarted remembers no peer, so a recorded heartbeat
+  would pass every sequence check. A newer incarnation of a peer (or the first one heard) counts
+  only once one of its heartbeats acknowledges our *current* incarnation; until then it is held
+  (`_hold`: no liveness, claim, acknowledgement or goodbye; it does not supersede the proven
+  one). Heartbeats carry a need list (peers not proven yet), and a node acknowledges every peer
+  that lists it, at once: the proof costs one quick round trip. A held heartbeat's claims delay
+  ours for at most dead_after (`_unproven_block`). Version 1 heartbeats (rolling upgrade) predate
+  the proof and count as proven; a node sends the lowest version a live peer speaks.
+- **Keys.** The codec holds the farm key and, during a rotation, the next one; heartbeats name
+  their key, and the core sends with the next key once every peer heard advertises it.
 - **Timers.** `get_timer()` is the next heartbeat, the end of a listening period, or the
   earliest peer deadline, and never late. The receive path is O(1) and touches little memory
   (the simulator runs 26 million receptions per 10 minutes of 64 nodes): a heartbeat from a
@@ -54,7 +64,7 @@ import logging
 import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from vipfarm.log import event as log_event
@@ -64,6 +74,8 @@ from vipfarm.membership.states import Trigger, next_state
 from vipfarm.membership.wire import (
     MAX_ACKS,
     MAX_NAME_BYTES,
+    MIN_VERSION,
+    VERSION,
     Ack,
     Codec,
     Drop,
@@ -97,6 +109,7 @@ class MembershipConfig:
     interval: float = 0.1
     dead_after: float = 0.5
     lease: float = 0.3
+    next_key: bytes | None = None  # the key being rolled out (accepted; sent once peers have it)
     nodes_sorted: tuple[tuple[str, int], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +170,9 @@ class MembershipConfig:
 class _Peer:
     __slots__ = (
         "alive",
+        "cand",
+        "cand_heard",
+        "cand_top",
         "hb",
         "heard",
         "id",
@@ -164,12 +180,15 @@ class _Peer:
         "index",
         "indirect",
         "name",
+        "need_ack",
         "net_heard",
         "net_lost",
         "net_seq",
         "prio",
         "seq",
         "slot",
+        "version",
+        "version_inc",
         "vouched",
     )
 
@@ -189,6 +208,15 @@ class _Peer:
         self.net_seq = [0] * networks  # latest per network, kept only with several networks
         self.net_heard = [-math.inf] * networks
         self.net_lost = [True] * networks
+        # The latest heartbeat of an incarnation newer than `incarnation` that is not proven
+        # fresh yet (see Membership._hold), and when it came.
+        self.cand: Heartbeat | None = None
+        self.cand_heard = -math.inf
+        self.cand_top = 0  # the highest unproven incarnation heard (a real restart is higher)
+        # (incarnation, seq) of its latest heartbeat that lists us in its need list (we ack it).
+        self.need_ack: tuple[int, int, float] | None = None  # and when it came
+        self.version = 0  # highest protocol version heard from incarnation version_inc
+        self.version_inc = 0
 
 
 class Membership:
@@ -204,7 +232,7 @@ class Membership:
         self.name = config.node
         self.incarnation = incarnation
         if codec is None:
-            codec = Codec(config.farm, config.key, config.buckets)
+            codec = Codec(config.farm, config.key, config.buckets, config.next_key)
         elif codec.buckets != config.buckets or codec.farm_id != farm_id(config.farm):
             raise ValueError(
                 f"the codec is for another farm or bucket count ({codec.buckets} buckets); "
@@ -244,6 +272,10 @@ class Membership:
         self._vouched: dict[int, _Peer] = {}
         self._direct_mask = 0  # config-index bitmap of the peers in _direct
         self._wanting: dict[int, _Peer] = {}  # live peers whose latest heartbeat wants buckets
+        self._needing: dict[int, _Peer] = {}  # peers whose latest heartbeat needs our ack
+        self._cands: dict[int, _Peer] = {}  # peers with an unproven newer incarnation
+        self._low: dict[int, _Peer] = {}  # peers whose incarnation speaks an older version
+        self._probe_until: float | None = None  # end of our first dead_after (see _version_now)
         self.drops: dict[str, int] = {}
 
         self.state = NodeState.STOP
@@ -255,6 +287,8 @@ class Membership:
         self._unconfirmed = False
         self._want = 0
         self._want_since: dict[int, int] = {}
+        self._want_at: dict[int, float] = {}  # when each wanted bucket was first wanted
+        self._cand_wake = math.inf  # when an unproven peer's block on a claim runs out
         self._learn_until = -math.inf
         self._view: tuple[Members, Members | None] | None = None
         self._view_dirty = True
@@ -295,6 +329,15 @@ class Membership:
         if hb.incarnation != peer.incarnation:
             if hb.incarnation < peer.incarnation:
                 return self._count(Drop.REPLAY)
+            c = peer.cand
+            if c is not None and c.incarnation == hb.incarnation and seq <= c.seq:
+                return self._count(Drop.DUPLICATE if seq == c.seq else Drop.REPLAY)
+            # A new incarnation counts only once it proves fresh: it acknowledges a heartbeat of
+            # our own current incarnation, which did not exist before we started, so a recording
+            # cannot (version 1 peers predate the proof: see docs/PROTOCOL.md).
+            a = hb.acks.get(self._id)
+            if hb.version > 1 and (a is None or a[0] != self.incarnation):
+                return self._hold(peer, hb, now)
             self._new_incarnation(peer, hb)
         else:
             # With one network, the latest sequence number applied is that network's latest
@@ -320,6 +363,7 @@ class Membership:
             if seq <= peer.seq:
                 return bool(self._events)  # a late copy from a slower network: liveness only
         peer.seq = seq
+        quick = (hb.need or peer.need_ack is not None) and self._note_need(peer, hb, now)
         old = peer.hb
         peer.hb = hb
         if hb.bye:
@@ -340,11 +384,13 @@ class Membership:
                 if ready:
                     self._evaluate(now)
                     return True
-            return bool(want or self._events)
+            return bool(want or quick or self._events)
         elif old is not None and (
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
             self._view_dirty = True
+        if hb.version != peer.version or hb.incarnation != peer.version_inc:
+            self._set_version(peer, hb)
         if old is None or old.owned != hb.owned:
             self._plan_stale = True
         if hb.want:
@@ -362,7 +408,9 @@ class Membership:
         self._check_lease(now)
         wanting = self._wanting
         acks = tuple(Ack(p.id, p.incarnation, p.seq) for p in wanting.values()) if wanting else ()
-        out = self._heartbeat(self._fresh(now), acks)
+        if self._needing or self._cands:
+            acks = self._proof_acks(acks, now)
+        out = self._heartbeat(now, self._fresh(now), acks, need=tuple(self._cands))
         self._last_send = now
         # While claiming, repeat the claim sooner: a lost claim or acknowledgement then costs
         # a fraction of an interval, not a whole one.
@@ -370,10 +418,52 @@ class Membership:
         self._timer_dirty = True
         return out
 
+    def _proof_acks(self, acks: tuple[Ack, ...], now: float) -> tuple[Ack, ...]:
+        """Forget unproven incarnations and need lists not heard for dead_after, and add an
+        acknowledgement for every peer whose latest heartbeat needs one (one ack per peer: of
+        the incarnation that asked, which is the newer one when a live peer restarted)."""
+        horizon = now - self._dead_after
+        for p in [p for p in self._cands.values() if p.cand_heard < horizon]:
+            p.cand = None
+            del self._cands[p.id]
+        if not self._needing:
+            return acks
+        by_id = {a.node_id: a for a in acks}
+        for p in list(self._needing.values()):
+            assert p.need_ack is not None
+            inc, seq, at = p.need_ack
+            if at < horizon:
+                p.need_ack = None
+                del self._needing[p.id]
+            elif p.id not in by_id or inc != p.incarnation:
+                by_id[p.id] = Ack(p.id, inc, seq)
+        return tuple(by_id.values())
+
+    def _use_next_key(self, now: float) -> bool:
+        """Send with the next key once every peer heard within dead_after (proven or not: a
+        peer that cannot read us yet cannot prove itself either) advertises that it accepts
+        it. A peer that comes back with an older configuration turns this off again at its
+        first heartbeat. Version 1 peers know only the primary key."""
+        nid = self._codec.next_key_id
+        if not nid or self._low:
+            return False
+        horizon = now - self._dead_after
+        for p in self._peer_list:
+            for h, t in ((p.hb, p.heard), (p.cand, p.cand_heard)):
+                if h is not None and t >= horizon and nid not in (h.key_id, h.alt_key_id):
+                    return False
+        return True
+
     def _heartbeat(
-        self, fresh: int, acks: tuple[Ack, ...], bye: bool = False
+        self,
+        now: float,
+        fresh: int,
+        acks: tuple[Ack, ...],
+        bye: bool = False,
+        need: tuple[int, ...] = (),
     ) -> list[tuple[str, bytes]]:
         self._seq += 1
+        version = self._version_now(now)
         payload = self._codec.encode(
             node_id=self._id,
             digest=self._digest,
@@ -387,6 +477,9 @@ class Membership:
             fresh_len=self._fresh_len,
             acks=acks,
             bye=bye,
+            need=need if version > 1 else (),
+            version=version,
+            use_next=self._use_next_key(now),
         )
         return [(net, payload) for net in self.config.networks]
 
@@ -401,6 +494,8 @@ class Membership:
             best = self._next_send
             if self._learning() and self._learn_until < best:
                 best = self._learn_until
+            if self._cand_wake < best:
+                best = self._cand_wake
             da = self._dead_after
             if self._heard_floor + da < best:
                 # A peer may be due before anything else: look at the exact earliest (the floor
@@ -449,6 +544,9 @@ class Membership:
         elif self._learning() and now >= self._learn_until:
             self._learn_until = -math.inf
             changed = True
+        if self._cand_wake <= now:
+            self._cand_wake = math.inf  # an unproven peer's block on a claim ran out
+            changed = True
         if not self._unconfirmed and self._held != self._requested and now >= self._next_send:
             self._request(self._requested, self._held)  # the kernel did not do what we asked
         if changed:
@@ -491,7 +589,7 @@ class Membership:
             return []
         self._next_send = math.inf
         self._timer_dirty = True
-        return self._heartbeat(0, (), bye=True)
+        return self._heartbeat(now, 0, (), bye=True)
 
     def set_weight(self, weight: int, now: float) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
@@ -501,6 +599,18 @@ class Membership:
             self._view_dirty = True
             self._schedule_send(now)
             self._evaluate(now)
+
+    def count_drop(self, reason: Drop) -> None:
+        """Count a datagram its driver dropped before the core saw it (e.g. `unknown_source`),
+        so that `drops` stays the one count of every drop."""
+        self._count(reason)
+
+    def set_keys(self, key: bytes, next_key: bytes | None, now: float) -> None:
+        """Replace the farm keys live (a key rotation step); raises ValueError on a bad key,
+        changing nothing."""
+        self._codec.set_keys(key, next_key)
+        self.config = replace(self.config, key=key, next_key=next_key)
+        self._schedule_send(now)
 
     def set_app_healthy(self, healthy: bool, now: float) -> None:
         if healthy != self.app_healthy:
@@ -653,6 +763,9 @@ class Membership:
         self._emit(ev.NetworkRestored(p.name, self.config.networks[ni]))
 
     def _new_incarnation(self, p: _Peer, hb: Heartbeat) -> None:
+        if p.cand is not None and p.cand.incarnation <= hb.incarnation:
+            p.cand = None
+            self._cands.pop(p.id, None)
         restarted = p.alive
         p.incarnation = hb.incarnation
         p.seq = 0
@@ -661,6 +774,109 @@ class Membership:
         if restarted:
             self._view_dirty = True
             self._emit(ev.PeerUp(p.name, hb.incarnation, restarted=True))
+
+    def _hold(self, p: _Peer, hb: Heartbeat, now: float) -> bool | Drop:
+        """A heartbeat of an incarnation newer than the proven one (or of the first one heard)
+        that does not prove itself fresh: it may be a recording, so it gives no liveness, no
+        claim, no acknowledgement that counts and no goodbye, and does not supersede the proven
+        incarnation. It is kept (the latest per peer) for three things only: our need list
+        names the peer, so that a real peer acknowledges us at once and proves itself; we
+        acknowledge it if it needs us; and what it owns or wants delays our own claims on those
+        buckets for at most dead_after (a real peer that cannot hear us yet may hold them: see
+        `_unproven_block`)."""
+        p.cand = hb
+        p.cand_heard = now
+        self._cands[p.id] = p
+        if hb.version != p.version or hb.incarnation != p.version_inc:
+            self._set_version(p, hb)
+        quick = self._note_need(p, hb, now)
+        if hb.incarnation > p.cand_top:
+            # Ask it for its proof at once. Only for a new highest incarnation: recordings of
+            # older ones played in turn must not make us send faster.
+            p.cand_top = hb.incarnation
+            self._schedule_send(now)
+            quick = True
+        self._count(Drop.UNPROVEN)
+        # No evaluation: a held heartbeat can only hold our claims back, and every acquisition
+        # is decided in `_evaluate`, which reads the held heartbeats (`_unproven_block`).
+        return True if quick else Drop.UNPROVEN
+
+    def _note_need(self, p: _Peer, hb: Heartbeat, now: float) -> bool:
+        """Track whether `p`'s latest heartbeat asks us for an acknowledgement; True when it
+        newly does (a quick heartbeat is then scheduled)."""
+        if self._id in hb.need:
+            last = p.need_ack
+            if last is not None and hb.incarnation < last[0]:
+                return False  # an older incarnation asking (a recording): keep the newest
+            fresh_ask = last is None or hb.incarnation > last[0]
+            p.need_ack = (hb.incarnation, hb.seq, now)
+            self._needing[p.id] = p
+            if fresh_ask:
+                self._schedule_send(now)
+            return fresh_ask
+        if p.need_ack is not None and p.need_ack[0] <= hb.incarnation:
+            p.need_ack = None
+            del self._needing[p.id]
+        return False
+
+    def _set_version(self, p: _Peer, hb: Heartbeat) -> None:
+        """Track the highest version `p`'s current incarnation was heard speaking (a node of
+        this release starts with the newest version, see `_version_now`, so its peers learn
+        it is upgraded even while an older peer keeps everybody on the older version)."""
+        if hb.incarnation != p.version_inc:
+            p.version_inc = hb.incarnation
+            p.version = hb.version
+        elif hb.version > p.version:
+            p.version = hb.version
+        if p.version < VERSION:
+            self._low[p.id] = p
+        else:
+            self._low.pop(p.id, None)
+
+    def _version_now(self, now: float) -> int:
+        """The version to send: the newest during our first dead_after (peers learn that we
+        speak it), then the lowest one that a peer heard within dead_after speaks (a rolling
+        upgrade: a peer of the previous release must read us). A peer of the previous release
+        that comes back is heard at its first heartbeat and read at once; it cannot read us
+        before our answer, as a node that is still listening before it claims anything."""
+        if self._probe_until is None:
+            self._probe_until = now + self._dead_after
+        if not self._low or now < self._probe_until:
+            return VERSION
+        horizon = now - self._dead_after
+        version = VERSION
+        for p in self._low.values():
+            if max(p.heard, p.cand_heard) >= horizon:
+                version = min(version, p.version)
+        return max(version, MIN_VERSION)
+
+    def _unproven_block(self, now: float) -> int:
+        """Our wanted buckets that an unproven incarnation heard within dead_after owns or
+        wants, and that we have wanted for less than dead_after.
+
+        Without the proof (after our restart, say) we cannot tell a recording from a real peer
+        that does not hear us yet; the real one acknowledges our claim within a round trip and
+        is then proven, so the claim waits for that. A recording never proves, and after
+        dead_after it is treated like any peer we do not hear: as dead."""
+        da = self._dead_after
+        horizon = now - da
+        claims = 0
+        for p in self._cands.values():
+            c = p.cand
+            if c is not None and p.cand_heard >= horizon:
+                claims |= c.owned | c.want
+        claims &= self._want
+        young = 0
+        wake = math.inf
+        for b in bits_of(claims):
+            until = self._want_at[b] + da
+            if until > now:
+                young |= 1 << b
+                wake = min(wake, until)
+        if wake < self._cand_wake:
+            self._cand_wake = wake
+            self._timer_dirty = True
+        return young
 
     def _fresh(self, now: float) -> int:
         """Config-index bitmap of the peers we heard directly within _FRESH_INTERVALS."""
@@ -691,6 +907,7 @@ class Membership:
             self._emit(ev.LeaseLost(round(now - last, 6)))
             self._want = 0
             self._want_since.clear()
+            self._want_at.clear()
             self._request(0, self._held | self._requested)
         self._learn_until = now + self.config.dead_after
         self._timer_dirty = True
@@ -766,20 +983,25 @@ class Membership:
         self._want &= mine
         for b in [b for b in self._want_since if not self._want >> b & 1]:
             del self._want_since[b]
+            del self._want_at[b]
         new_wants = mine & ~requested & ~self._want
         if new_wants:
             since = self._seq + 1  # the next heartbeat is the first to carry the claim
             for b in bits_of(new_wants):
                 self._want_since[b] = since
+                self._want_at[b] = now
             self._want |= new_wants
             self._schedule_send(now)
 
         self._blocked = others | prio_want
+        if self._cands and self._want:
+            self._blocked |= self._unproven_block(now)
         ready = self._acquirable()
         if ready:
             self._want &= ~ready
             for b in bits_of(ready):
                 del self._want_since[b]
+                del self._want_at[b]
             requested |= ready
         if requested != self._requested:
             self._request(requested, self._requested)

@@ -81,12 +81,15 @@ class Stopped(_Msg):
 
 
 class ApplyConfig(_Msg):
-    """Replace the data path's rules and VIPs (leases kept) and the weight."""
+    """Replace the data path's rules and VIPs (leases kept), the weight and the heartbeat keys
+    (the pulse reads the key files itself: no key material crosses the channel)."""
 
     type: Literal["apply_config"] = "apply_config"
     id: int
     spec: dict[str, Any]  # vipfarm.datapath.spec.DatapathSpec, as JSON
     weight: int
+    key_file: str | None = None  # farm.key_file; None: keep the keys
+    next_key_file: str | None = None  # farm.next_key_file
 
 
 class Query(_Msg):

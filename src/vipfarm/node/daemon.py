@@ -24,6 +24,10 @@ pulse: systemd sees one unit and one main process.
   module's scripts and keeps running.
 * SIGTERM: the manager drains (buckets given away, connections finished, application stopped)
   and tells the pulse to say goodbye; then the pulse exits, having removed the data path.
+
+Directories (`default_dirs`, each per farm and node): the run directory (/run: sockets, pid
+files, the data path's state), the log directory, and the state directory (/var/lib: what must
+survive a reboot, the pulse's last incarnation; the lab puts it in its own directory).
 """
 
 from __future__ import annotations
@@ -53,9 +57,15 @@ class DaemonError(VipfarmError):
     """The daemon cannot run; the text says why and what to do."""
 
 
-def default_dirs(farm: str, node: str) -> tuple[Path, Path]:
-    """Per farm *and node*, so several nodes of one farm can share a filesystem (the lab)."""
-    return Path("/run/vipfarm") / farm / node, Path("/var/log/vipfarm") / farm / node
+def default_dirs(farm: str, node: str) -> tuple[Path, Path, Path]:
+    """(run, log, state) directories. Per farm *and node*, so several nodes of one farm can
+    share a filesystem (the lab). The state directory survives reboots: it keeps the pulse's
+    last incarnation, which must grow across every restart (docs/PROTOCOL.md)."""
+    return (
+        Path("/run/vipfarm") / farm / node,
+        Path("/var/log/vipfarm") / farm / node,
+        Path("/var/lib/vipfarm") / farm / node,
+    )
 
 
 class _Child:
@@ -84,14 +94,24 @@ class _Child:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, node: str, *, run_dir: Path, log_dir: Path) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        node: str,
+        *,
+        run_dir: Path,
+        log_dir: Path,
+        state_dir: Path | None = None,
+    ) -> None:
         self.config_path = config_path
         self.node = node
         self.run_dir = run_dir
         self.log_dir = log_dir
+        self.state_dir = state_dir
         common = ["--config", str(config_path), "--node", node, "--run-dir", str(run_dir)]
+        state = [] if state_dir is None else ["--state-dir", str(state_dir)]
         self.children = {
-            "pulse": _Child([sys.executable, "-m", "vipfarm.node.pulse", *common]),
+            "pulse": _Child([sys.executable, "-m", "vipfarm.node.pulse", *common, *state]),
             "manager": _Child(
                 [
                     sys.executable,

@@ -25,10 +25,11 @@ down fetches the current version from a peer when it hears that peer again (rejo
 daemon). A dry run stops after the prepare phase.
 
 What can change live and what cannot: see `LIVE_KEYS` and docs/API.md. Everything that the
-heartbeat protocol or the node's identity depends on (farm name, key, buckets, seed, timing,
+heartbeat protocol or the node's identity depends on (farm name, buckets, seed, timing,
 networks, the node list, names, addresses, interfaces), the application module and where and
 how the API listens (port, network, TLS) need a restart of every daemon, which a deployment
-refuses with the list of keys. The API's tokens and limits change live.
+refuses with the list of keys. The API's tokens and limits change live, and so do the farm key
+files: the pulse swaps the heartbeat keys without a gap (key rotation).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ LIVE_KEYS = (
     "rule",
     "drain",
     "node[*].weight",
+    # the farm key files: the pulse swaps the heartbeat keys without a gap (a key rotation,
+    # docs/CONFIG.md)
+    "farm.key_file",
+    "farm.next_key_file",
     # the API's tokens (a rotation, docs/API.md) and limits; not where or how it listens
     "api.token_file",
     "api.next_token_file",

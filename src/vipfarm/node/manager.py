@@ -829,8 +829,16 @@ class Manager:
         the kernel refuses), then the manager's own copy."""
         spec = new.datapath_spec(self.node.name).model_dump(mode="json")
         weight = new.node(self.node.name).weight
+        farm = new.farm
         reply = await self.pulse.request(
-            lambda i: ch.ApplyConfig(id=i, spec=spec, weight=weight), PULSE_APPLY_TIMEOUT_S
+            lambda i: ch.ApplyConfig(
+                id=i,
+                spec=spec,
+                weight=weight,
+                key_file=str(farm.key_file),
+                next_key_file=None if farm.next_key_file is None else str(farm.next_key_file),
+            ),
+            PULSE_APPLY_TIMEOUT_S,
         )
         if not reply.ok:
             self.counters["datapath_errors"] = self.counters.get("datapath_errors", 0) + 1

@@ -28,6 +28,16 @@ its own scheduling priority (SCHED_RR, or a lower nice value where real-time is 
   no manager is connected they are printed, kept (bounded) and replayed on the next connection.
 * SIGTERM or `Shutdown`: leave (if still in the farm) and wait, bounded, for the buckets to be
   given away, then say goodbye, remove the data path and exit.
+* A heartbeat socket drops, before any decoding, every datagram whose source address is not a
+  configured peer's address on that network (`unknown_source`); what passes goes to the core,
+  which rejects the rest cheaply (docs/PROTOCOL.md, "Receiving"). Every drop is counted by
+  network and reason (exported as metrics); a peer that speaks a heartbeat version or key this
+  node cannot read is logged once, with the fix.
+* The incarnation is persisted in the state directory (`--state-dir`, default
+  /var/lib/vipfarm/FARM/NODE) before the first heartbeat, as max(now in ms, last + 1): peers
+  accept a new incarnation only once it proves fresh, and never one lower than the last.
+* `ApplyConfig` may name new farm key files (a key rotation step): they are read and checked
+  first, then the data path is updated, then the keys are swapped in the core without a gap.
 
 Start-up order keeps every intermediate state safe: the data path comes first with no bucket
 (the VIP exists but this node accepts no new flow), then the heartbeat sockets, the channel.
@@ -60,7 +70,7 @@ from vipfarm.log import event, kv, setup
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
 from vipfarm.membership.driver import Driver
-from vipfarm.membership.wire import NodeState
+from vipfarm.membership.wire import MIN_VERSION, VERSION, Codec, Drop, NodeState
 from vipfarm.node import channel as ch
 from vipfarm.node.host import die_with_parent, link_up, next_incarnation, peer_uid
 
@@ -107,7 +117,7 @@ class _HeartbeatProtocol(asyncio.DatagramProtocol):
         self.network = network
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.pulse.on_datagram(data, self.network)
+        self.pulse.on_datagram(data, self.network, addr[0])
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for a peer that is down come back here: count, never raise.
@@ -122,6 +132,20 @@ class PulseSettings:
     spec: DatapathSpec
     listen: dict[str, tuple[str, int]]  # network -> (own address, port)
     peers: dict[str, list[tuple[str, int]]]  # network -> every peer's (address, port)
+    # network -> each peer's address (as the socket reports a source) -> its name
+    sources: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+
+def read_keys(key_file: Path, next_key_file: Path | None) -> tuple[bytes, bytes | None]:
+    """The farm keys from their files, for a live key change: read with the checks of
+    validation (`read_secret`: FileRefused, a ValueError, names the file and the fix)."""
+    from vipfarm.config.schema import KEY_MAX_BYTES, key_bytes
+    from vipfarm.config.secrets import read_secret
+
+    def read(path: Path) -> bytes:
+        return key_bytes(read_secret(path, what="farm key", max_bytes=KEY_MAX_BYTES))
+
+    return read(key_file), None if next_key_file is None else read(next_key_file)
 
 
 def settings_from_config(path: Path, node: str) -> PulseSettings:
@@ -135,6 +159,7 @@ def settings_from_config(path: Path, node: str) -> PulseSettings:
             farm=cfg.farm.name,
             node=me.name,
             key=cfg.key(),
+            next_key=cfg.next_key(),
             nodes={n.name: n.weight for n in cfg.nodes},
             networks=tuple(n.name for n in cfg.networks),
             buckets=cfg.farm.buckets,
@@ -148,16 +173,30 @@ def settings_from_config(path: Path, node: str) -> PulseSettings:
             net.name: [(str(n.address[net.name]), net.port) for n in cfg.nodes if n.name != node]
             for net in cfg.networks
         },
+        sources={
+            net.name: {str(n.address[net.name]): n.name for n in cfg.nodes if n.name != node}
+            for net in cfg.networks
+        },
     )
 
 
 class Pulse:
-    def __init__(self, settings: PulseSettings, *, run_dir: Path, kernel: Kernel | None = None):
+    def __init__(
+        self,
+        settings: PulseSettings,
+        *,
+        run_dir: Path,
+        state_dir: Path | None = None,
+        kernel: Kernel | None = None,
+    ):
         self.settings = settings
         self.run_dir = run_dir
+        self.state_dir = state_dir or run_dir
         self.name = settings.membership.node
         self.datapath = DatapathService(settings.spec, run_dir / "datapath", kernel)
-        self.incarnation = next_incarnation(run_dir / "incarnation")
+        # Persisted (written and fsynced) before the first heartbeat: a peer takes a new
+        # incarnation only when it is higher than the last one it proved.
+        self.incarnation = next_incarnation(self.state_dir / "incarnation")
         self.core = Membership(settings.membership, self.incarnation)
         self.driver = Driver(self.core, self)
         self.counters: Counter[str] = Counter(heartbeat_send_errors=0, datapath_errors=0)
@@ -165,6 +204,10 @@ class Pulse:
         self.hb_received: Counter[str] = Counter()
         self.hb_rejected: Counter[tuple[str, str]] = Counter()
         self.core_events: Counter[str] = Counter()
+        # Per network, the configured peers' addresses (what a heartbeat may come from) and
+        # their names, for the once-per-peer warnings (`_unreadable`).
+        self._sources = settings.sources
+        self._warned: set[tuple[str, str]] = set()
         self.kernel_owned: frozenset[int] = frozenset()
         self.priority = "normal"
         self._transports: dict[str, asyncio.DatagramTransport] = {}
@@ -339,11 +382,53 @@ class Pulse:
             self._timer = loop.call_at(when, self._fire)
 
     # ------------------------------------------------------------------ inputs
-    def on_datagram(self, data: bytes, network: str) -> None:
+    def on_datagram(self, data: bytes, network: str, source: str = "") -> None:
         self.hb_received[network] += 1
+        peer = self._sources.get(network, {}).get(source)
+        if peer is None:
+            # Before any decoding: a flood from elsewhere costs one dict lookup per datagram.
+            self.hb_rejected[(network, Drop.UNKNOWN_SOURCE.value)] += 1
+            self.core.count_drop(Drop.UNKNOWN_SOURCE)
+            return
         drop = self.driver.datagram(data, network, time.monotonic())
         if drop is not None:
             self.hb_rejected[(network, str(drop))] += 1
+            if drop is Drop.VERSION or drop is Drop.UNKNOWN_KEY:
+                self._unreadable(peer, source, drop, data)
+
+    def _unreadable(self, peer: str, source: str, drop: Drop, data: bytes) -> None:
+        """Say once per peer (and reason) that its heartbeats cannot be read, and the fix."""
+        if (peer, drop) in self._warned:
+            return
+        self._warned.add((peer, drop))
+        if drop is Drop.VERSION:
+            version = data[2]
+            fix = (
+                "upgrade vipfarm on this node: the peer speaks a newer heartbeat version"
+                if version > VERSION
+                else f"upgrade vipfarm on {peer}"
+            )
+            self._emit(
+                "heartbeat_version_unsupported",
+                logging.ERROR,
+                peer=peer,
+                source=source,
+                version=version,
+                speaks=f"{MIN_VERSION}..{VERSION}",
+                fix=fix,
+            )
+        else:
+            self._emit(
+                "heartbeat_key_unknown",
+                logging.ERROR,
+                peer=peer,
+                source=source,
+                fix=(
+                    "the peer sends with a farm key this node does not have: install the same "
+                    "farm.key_file and farm.next_key_file on every node (docs/CONFIG.md, "
+                    "rotating the farm key)"
+                ),
+            )
 
     def _fire(self) -> None:
         self._timer = None
@@ -466,8 +551,30 @@ class Pulse:
         self.driver.poke(now)
 
     async def _apply_config(self, msg: ch.ApplyConfig, writer: asyncio.StreamWriter) -> None:
+        keys: tuple[bytes, bytes | None] | None = None
+        if msg.key_file is not None:
+            try:
+                keys = read_keys(
+                    Path(msg.key_file),
+                    None if msg.next_key_file is None else Path(msg.next_key_file),
+                )
+                cfg = self.core.config
+                Codec(cfg.farm, keys[0], cfg.buckets, keys[1])  # refuses a bad key, changes nothing
+            except (OSError, ValueError) as e:
+                if not writer.is_closing():
+                    writer.write(ch.encode(ch.Reply(id=msg.id, ok=False, error=f"farm key: {e}")))
+                return
         async with self._apply_lock:
             reply = await self._apply_spec(msg)
+        if (
+            reply.ok
+            and keys is not None
+            and keys != (self.core.config.key, self.core.config.next_key)
+        ):
+            self.core.set_keys(keys[0], keys[1], time.monotonic())
+            self._warned.clear()
+            self._emit("farm_keys_changed", next_key=keys[1] is not None)
+            self.driver.poke(time.monotonic())
         if reply.ok and msg.weight != self.core.weight:
             self.core.set_weight(msg.weight, time.monotonic())
             self.driver.poke(time.monotonic())
@@ -552,12 +659,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--node", required=True)
     p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--state-dir", type=Path, help="persistent state (default: the run dir)")
     args = p.parse_args(argv)
     die_with_parent()
     setup()
     try:
         args.run_dir.mkdir(parents=True, exist_ok=True)
-        pulse = Pulse(settings_from_config(args.config, args.node), run_dir=args.run_dir)
+        if args.state_dir is not None:
+            args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pulse = Pulse(
+            settings_from_config(args.config, args.node),
+            run_dir=args.run_dir,
+            state_dir=args.state_dir,
+        )
         asyncio.run(pulse.run())
     except Exception as e:  # start-up failures: one clear line for the daemon to pass on
         print(f"error: {e}", file=sys.stderr)
