@@ -9,6 +9,18 @@ crash, so a later `stop` (or the next start's cleanup) restores the operator's v
 
 Owned buckets are leases: `set_owned` replaces the whole set in one transaction and `refresh`
 re-leases it; the return value is always read back from the kernel.
+
+Kept buckets: a bucket that leaves the owned set goes into the kept set in the same transaction
+(the ingress chain then still lets its established connections through, see `ruleset`), and one
+that comes back leaves it. `sweep` (run by `vipfarm.datapath.sweeper`, outside the lock that
+orders ownership changes) reads conntrack and takes out of the kept set every bucket that has
+held no live connection of this node since it entered the set and at least `KEEP_GRACE_S`
+(packets accepted just before the release may still be on their way to conntrack); it also
+adopts buckets that hold live connections but are neither owned nor kept (a lease that ran out
+while the daemon hung, a restart after a crash), so their connections go on. A bucket is only
+released by a sweep if it stayed in the kept set, untouched, from before the scan began to the
+change: a bucket acquired meanwhile may have new connections the scan did not see. `kept` is
+the kept set as last read back from the kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vipfarm.datapath import ruleset
@@ -28,6 +42,17 @@ from vipfarm.log import event
 log = logging.getLogger("vipfarm.datapath")
 
 VIP_INTERFACE = "lo"
+KEEP_GRACE_S = 1.0
+SCAN_BUDGET = 250_000  # conntrack entries one sweep parses at most (about 5 µs each)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    released: frozenset[int]
+    adopted: frozenset[int]
+    kept: frozenset[int]  # read back
+    parsed: int  # conntrack entries
+    complete: bool  # every entry read: releases were possible
 
 
 def sysctl_settings(interface: str) -> dict[str, str]:
@@ -43,11 +68,22 @@ def sysctl_settings(interface: str) -> dict[str, str]:
 
 
 class Datapath:
-    def __init__(self, spec: DatapathSpec, kernel: Kernel, state_dir: Path) -> None:
+    def __init__(
+        self,
+        spec: DatapathSpec,
+        kernel: Kernel,
+        state_dir: Path,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.spec = spec
         self.kernel = kernel
         self.state_dir = state_dir
+        self.clock = clock
         self._owned: frozenset[int] = frozenset()
+        # Kept buckets, each with the time it (last) entered the set: what we wrote, which is
+        # what the kernel holds (nothing else writes the set, and its elements never expire).
+        self._kept: dict[int, float] = {}
+        self.kept: frozenset[int] = frozenset()  # read back
         # A renewal may run in another thread than a change of ownership: each writes the owned
         # set whole, so the later one must also be the one that read the latest `_owned`, or a
         # renewal could put back a bucket just released.
@@ -92,8 +128,12 @@ class Datapath:
             for name, value in sysctl_settings(self.spec.interface).items():
                 if not name.startswith("net.netfilter"):
                     self.kernel.write_sysctl(name, value)
-            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec))
+            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec, fresh=True))
             undo.append(lambda: self.kernel.nft_apply(ruleset.remove_batch(self.spec.farm)))
+            # A crashed run's owned and kept buckets still hold its connections: the first
+            # `set_owned` keeps them (the sweeper releases the empty ones).
+            self._kept = dict.fromkeys(self.read_kept(), self.clock())
+            self._owned = self.read_owned()
             # conntrack is loaded by the ruleset's `ct` expressions, so its sysctl exists only now.
             self.kernel.write_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
             undo.append(self._remove_macs)
@@ -133,6 +173,8 @@ class Datapath:
             except Exception as e:
                 errors.append(str(e))
         self._owned = frozenset()
+        self._kept = {}
+        self.kept = frozenset()
         event(log, "datapath_stopped", farm=self.spec.farm, errors=len(errors))
         if errors:
             raise DatapathError("; ".join(errors))
@@ -144,7 +186,9 @@ class Datapath:
                 "farm name or interface changed: stop the data path and start it again"
             )
         if spec.buckets != self.spec.buckets or spec.seed != self.spec.seed:
-            # Every bucket means something else now: start from nothing owned.
+            # Every bucket means something else now: start from nothing owned. The conntrack
+            # marks of existing connections no longer match their new buckets either, so they
+            # are kept only while the old bucket numbers happen to be kept.
             self._owned = frozenset()
         old_vips = set(self.spec.vips)
         self.spec = spec
@@ -156,8 +200,10 @@ class Datapath:
         self._remove_macs(keep={spec.vmac(v) for v in spec.vips})
         return self.set_owned(self._owned)
 
-    # owned buckets
+    # owned and kept buckets
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
+        """Replace the owned set; released buckets become kept, acquired ones stop being kept,
+        in the same transaction. Returns the owned set read back (and updates `kept`)."""
         wanted = frozenset(buckets)
         bad = sorted(b for b in wanted if not 0 <= b < self.spec.buckets)
         if bad:
@@ -165,9 +211,20 @@ class Datapath:
                 f"bucket(s) {bad[:5]} out of range: buckets are 0..{self.spec.buckets - 1}"
             )
         with self._owned_lock:
-            self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s)
+            released = self._owned - wanted
+            unkeep = wanted & self._kept.keys()
+            self.kernel.nft_set_owned(
+                self.spec.farm, wanted, self.spec.lease_s, released, frozenset(unkeep)
+            )
             self._owned = wanted
-        return self.read_owned()
+            now = self.clock()
+            for b in unkeep:
+                del self._kept[b]
+            for b in released:
+                self._kept[b] = now
+        owned = self.read_owned()
+        self.read_kept()
+        return owned
 
     def refresh(self) -> frozenset[int]:
         """Renew the lease of every owned bucket (safe from another thread than `set_owned`)."""
@@ -178,6 +235,52 @@ class Datapath:
     def read_owned(self) -> frozenset[int]:
         got = self.kernel.nft_read_owned(self.spec.farm)
         return got if got is not None else frozenset()
+
+    def read_kept(self) -> frozenset[int]:
+        got = self.kernel.nft_read_kept(self.spec.farm)
+        self.kept = got if got is not None else frozenset()
+        return self.kept
+
+    def sweep(self, budget: int = SCAN_BUDGET) -> SweepResult:
+        """Release kept buckets whose last connection ended; adopt buckets whose connections
+        lost their way into the sets. Blocking (a conntrack dump): call it from a worker."""
+        with self._owned_lock:
+            before = dict(self._kept)
+        t0 = self.clock()
+        scan = self.kernel.ct_scan(budget)
+        kernel_owned = self.read_owned()
+        with self._owned_lock:
+            release = frozenset(
+                b
+                for b, since in before.items()
+                if scan.complete
+                and b not in scan.live
+                and b not in self._owned
+                and self._kept.get(b) == since  # untouched since before the scan
+                and t0 - since >= KEEP_GRACE_S
+            )
+            adopt = frozenset(
+                b
+                for b in scan.live - kernel_owned - self._kept.keys()
+                if 0 <= b < self.spec.buckets
+            )
+            if release or adopt:
+                self.kernel.nft_update_kept(self.spec.farm, adopt, release)
+                now = self.clock()
+                for b in release:
+                    del self._kept[b]
+                for b in adopt:
+                    self._kept[b] = now
+        kept = self.read_kept()
+        if release or adopt:
+            event(
+                log,
+                "kept_buckets_changed",
+                released=len(release),
+                adopted=len(adopt),
+                kept=len(kept),
+            )
+        return SweepResult(release, adopt, kept, scan.parsed, scan.complete)
 
     @property
     def intended(self) -> frozenset[int]:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from vipfarm.datapath.ruleset import OWNED_SET, parse_owned, table_name
+from vipfarm.datapath.ruleset import KEPT_SET, OWNED_SET, list_set_command, parse_owned
 from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
 from vipfarm.files import write_atomic
 from vipfarm.lab.apps import (
@@ -335,7 +335,15 @@ class Lab:
         but through the `nft` binary: a Python start per node per poll costs ~0.4 s of CPU,
         which a 32-node lab polling on 2 cores cannot afford.
         """
-        argv = ["nft", "-j", "list", "set", "inet", table_name(self.name), OWNED_SET]
+        return self._kernel_set(OWNED_SET, nodes)
+
+    def kernel_kept(self, nodes: Iterable[str] | None = None) -> dict[str, list[int] | None]:
+        """Buckets each node's kernel keeps (given away, established connections still served),
+        read like `kernel_owned`."""
+        return self._kernel_set(KEPT_SET, nodes)
+
+    def _kernel_set(self, name: str, nodes: Iterable[str] | None) -> dict[str, list[int] | None]:
+        argv = ["nft", "-j", *list_set_command(self.name, name).split()]
         procs = {
             node: subprocess.Popen(
                 [self.ip, "netns", "exec", self.ns(node), *argv],
