@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 NETLINK_NETFILTER = 12
@@ -107,7 +107,7 @@ def dump_request(mark: int, mask: int, seq: int = 1) -> bytes:
     )
 
 
-def _dump(mark: int, mask: int) -> Iterator[tuple[int | None, bool]]:
+def _dump(mark: int, mask: int) -> Generator[tuple[int | None, bool], None, None]:
     """(mark, live) of every matching entry; closing the generator ends the kernel's dump."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
