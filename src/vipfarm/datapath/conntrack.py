@@ -159,3 +159,18 @@ def scan(owned_mark: int, bucket_mask: int, budget: int) -> Scan:
     finally:
         entries.close()
     return Scan(frozenset(live), parsed, complete)
+
+
+def marks(mark: int = 0, mask: int = 0, budget: int = 1_000_000) -> list[tuple[int | None, bool]]:
+    """(mark, live) of up to `budget` entries with `mark & mask == mark` (default: every entry of
+    the namespace), for tests and diagnosis."""
+    out: list[tuple[int | None, bool]] = []
+    entries = _dump(mark, mask)
+    try:
+        for entry in entries:
+            out.append(entry)
+            if len(out) >= budget:
+                break
+    finally:
+        entries.close()
+    return out
