@@ -20,7 +20,7 @@ from vipfarm.datapath.ruleset import FOREIGN_COUNTER, OWNED_MARK, table_name
 from vipfarm.datapath.spec import Affinity, Proto, Rule
 from vipfarm.lab.buckets import even_split
 from vipfarm.lab.testbed import Lab, LabFactory, url_for
-from vipfarm.lab.topology import BUCKETS, ECHO_PORT, VIP4, VIP6, client_lan4
+from vipfarm.lab.topology import BUCKETS, ECHO_PORT, VIP4, VIP6, client_lan4, node_lan4
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -68,8 +68,12 @@ def kept(lab: Lab, node: str) -> list[int]:
 
 def test_1000_connections_survive_two_rebalances_away_and_back(lab_factory: LabFactory) -> None:
     lab = lab_factory(nodes=3, clients=1, app="nginx")
-    split = even_split(3)
-    rotated = {"node1": split["node3"], "node2": split["node1"], "node3": split["node2"]}
+    split: dict[int | str, list[int]] = {k: v for k, v in even_split(3).items()}
+    rotated: dict[int | str, list[int]] = {
+        "node1": split["node3"],
+        "node2": split["node1"],
+        "node3": split["node2"],
+    }
     with (
         lab.hold("client1", 1000) as v4,
         lab.hold("client1", 60, url=f"http://[{VIP6}]/") as v6,
@@ -253,3 +257,34 @@ def test_a_non_owner_tracks_nothing_under_a_flood_of_foreign_traffic(
         assert after["invalid"] == before[node]["invalid"], (node, after, before[node])
         assert foreign_dropped(lab, node) - dropped[node] >= 7000
     assert lab.http_get("client1", url_for()).node == "node1"
+
+
+def untracked_count(lab: Lab, node: str) -> int:
+    """Entries that are not vipfarm's (no owned bit): the node's own traffic."""
+    entries = ct_report(lab, node)["entries"]
+    assert isinstance(entries, list)
+    return sum(1 for m, _live in entries if not (m or 0) & OWNED_MARK)
+
+
+def test_notrack_other_exempts_the_nodes_own_traffic_and_still_tracks_the_vip(
+    lab_factory: LabFactory,
+) -> None:
+    lab = lab_factory(nodes=2, clients=1, app="builtin")
+    direct = f"http://{node_lan4(1)}/"
+    lab.update_spec(notrack_other=True)
+    before = untracked_count(lab, "node1")
+    for port in range(33000, 33010):
+        assert lab.http_get("client1", direct, source_port=port).node == "node1"
+    assert untracked_count(lab, "node1") == before  # not tracked at all
+    replies = lab.load("client1", count=40, timeout=5, source_port=33100)
+    assert not [r.error for r in replies if r.error]
+    served = sum(1 for r in replies if r.node == "node1")
+    entries = ct_report(lab, "node1")["entries"]
+    assert isinstance(entries, list)
+    marked = [m for m, _live in entries if (m or 0) & OWNED_MARK]
+    assert served and len(marked) >= served  # the VIP path is tracked as before
+
+    lab.update_spec(notrack_other=False)
+    before = untracked_count(lab, "node1")
+    assert lab.http_get("client1", direct, source_port=33200).node == "node1"
+    assert untracked_count(lab, "node1") == before + 1

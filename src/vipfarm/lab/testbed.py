@@ -419,6 +419,36 @@ class Lab:
             ms=round((time.monotonic() - t0) * 1000),
         )
 
+    def update_spec(self, timeout: float = 30.0, **changes: Any) -> None:
+        """Change the data path spec of every node's runner (e.g. `notrack_other=True`), owned
+        buckets unchanged: rewrite the spec files, SIGHUP the runners, and wait until each has
+        logged its reload (a runner that logs an error instead fails the call)."""
+        if not self.config.datapath:
+            raise LabError(f"lab {self.name!r} runs no data path (it was started without one)")
+        self.spec = DatapathSpec.model_validate({**self.spec.model_dump(), **changes})
+        runners = self.runners()
+
+        def seen(node: str, what: str) -> int:
+            try:
+                return Path(runners[node].log).read_text(errors="replace").count(what)
+            except OSError:
+                return 0
+
+        before = {n: (seen(n, "runner_reloaded"), seen(n, "runner_error")) for n in runners}
+        for node, rec in runners.items():
+            self._write_spec(node, self.spec_owned(node))
+            os.kill(rec.pid, signal.SIGHUP)
+
+        def done() -> bool:
+            for node, (_reloads, errors) in before.items():
+                if seen(node, "runner_error") > errors:
+                    raise LabError(
+                        f"{node}: its runner refused the new spec:\n{_tail(runners[node].log)}"
+                    )
+            return all(seen(n, "runner_reloaded") > r for n, (r, _e) in before.items())
+
+        _poll("the runners to apply the new spec", done, timeout)
+
     # ---- processes
 
     def records(self) -> list[ProcRecord]:
