@@ -204,27 +204,40 @@ THROUGHPUT = register(
 
 # ---- data path overhead on one node
 
-OVERHEAD_VARIANTS = ("node_vip", "node_direct", "node_bare")
+OVERHEAD_VARIANTS = ("node_vip", "node_direct", "node_direct_notrack", "node_bare")
+PROFILED_OVERHEAD = ("node_vip", "node_direct", "node_bare")
 
 
 def _overhead(ctx: Context) -> ScenarioResult:
     with ctx.lab(nodes=1) as lab, ctx.lab(nodes=1, datapath=False) as bare:
+
+        def notrack(on: bool) -> Callable[[], None]:
+            def before() -> None:
+                if lab.spec.notrack_other is not on:
+                    lab.update_spec(notrack_other=on)
+
+            return before
+
         targets = {
-            "node_vip": Target(lab, url_for()),
-            "node_direct": Target(lab, _direct()),
+            "node_vip": Target(lab, url_for(), before=notrack(False)),
+            "node_direct": Target(lab, _direct(), before=notrack(False)),
+            "node_direct_notrack": Target(lab, _direct(), before=notrack(True)),
             "node_bare": Target(bare, _direct()),
         }
         runs = ctx.interleave("overhead", targets)
-        profile = _profile(ctx, targets, OVERHEAD_VARIANTS)
+        notrack(False)()
+        profile = _profile(ctx, targets, PROFILED_OVERHEAD)
     f = FigureSet()
     f.add_wrk(runs, OVERHEAD_VARIANTS)
     for key, a, b, combine in (
         ("datapath_overhead_pct", "node_vip", "node_direct", _loss_pct),
         ("datapath_overhead_vs_bare_pct", "node_vip", "node_bare", _loss_pct),
         ("datapath_side_cost_pct", "node_direct", "node_bare", _loss_pct),
+        ("datapath_side_cost_notrack_pct", "node_direct_notrack", "node_bare", _loss_pct),
         ("datapath_cpu_pct", "node_vip", "node_direct", _cpu_extra_pct),
         ("datapath_cpu_vs_bare_pct", "node_vip", "node_bare", _cpu_extra_pct),
         ("datapath_side_cpu_pct", "node_direct", "node_bare", _cpu_extra_pct),
+        ("datapath_side_cpu_notrack_pct", "node_direct_notrack", "node_bare", _cpu_extra_pct),
     ):
         f.add(key, paired_values(runs, a, b, combine))
     return f.result(runs, profile=profile)
@@ -255,6 +268,8 @@ OVERHEAD = register(
                 {
                     "node_vip": "1-node farm through the VIP",
                     "node_direct": "the same node by its real address (data path loaded)",
+                    "node_direct_notrack": "the same, with notrack_other on (that traffic "
+                    "exempt from conntrack)",
                     "node_bare": "an identical node in a lab without the data path",
                 }
             ),
@@ -264,25 +279,31 @@ OVERHEAD = register(
             "vipfarm, %",
             "datapath_side_cost_pct": "requests/s lost by traffic to the real address when the "
             "data path is loaded (conntrack then tracks every flow of the namespace), %",
+            "datapath_side_cost_notrack_pct": "the same with notrack_other on, %",
             "datapath_cpu_pct": "extra CPU per request through the VIP vs the same node's real "
             "address, %: the data path's own cost, unblurred by other tenants",
             "datapath_cpu_vs_bare_pct": "extra CPU per request through the VIP vs a node "
             "without vipfarm, %",
             "datapath_side_cpu_pct": "extra CPU per request to the real address when the data "
             "path is loaded, %",
+            "datapath_side_cpu_notrack_pct": "the same with notrack_other on, %",
         },
         method=(
             "Two 1-node labs up side by side: one with the data path (all 256 buckets on the "
             "node), one without. wrk requests the VIP and the real address of the first, and the "
             "real address of the second. The VIP costs what the design adds: frames to the VMAC "
-            "are flooded (here to the node only), turned to `pkttype host` at ingress, and each "
-            "new flow is hashed and matched against the owned set after conntrack. Loading the "
+            "are flooded (here to the node only), turned to `pkttype host`, hashed into their "
+            "bucket and matched against the owned set at ingress, then tracked. Loading the "
             "data path also costs traffic that does not go to the VIP: conntrack then tracks "
-            "every flow of the namespace, and the prerouting chain sees every packet. Overheads "
+            "every flow of the namespace, and the prerouting chain sees every packet; the "
+            "`node_direct_notrack` variant measures that traffic again with `notrack_other` on "
+            "(the lab switches it between runs: a spec reload of the runner). Overheads "
             "are medians of per-round figures: `(1 - rps_vip / rps_other) * 100` for request "
             "rates, `(cpu_vip / cpu_other - 1) * 100` for CPU per request."
         ),
-        steps=lambda s: interleave_steps(s, len(OVERHEAD_VARIANTS), profiled=3),
+        steps=lambda s: interleave_steps(
+            s, len(OVERHEAD_VARIANTS), profiled=len(PROFILED_OVERHEAD)
+        ),
         run=_overhead,
         goals=(
             Goal("datapath_overhead_pct", "<=", 5.0, "1-node data path overhead ≤ 5% (requests/s)"),
