@@ -186,9 +186,9 @@ class Datapath:
                 "farm name or interface changed: stop the data path and start it again"
             )
         if spec.buckets != self.spec.buckets or spec.seed != self.spec.seed:
-            # Every bucket means something else now: start from nothing owned. The conntrack
-            # marks of existing connections no longer match their new buckets either, so they
-            # are kept only while the old bucket numbers happen to be kept.
+            # Every bucket means something else now: start from nothing owned. Existing
+            # connections hash into new buckets too, and ingress drops those this node neither
+            # owns nor keeps: a change of buckets or seed breaks connections (documented).
             self._owned = frozenset()
         old_vips = set(self.spec.vips)
         self.spec = spec
