@@ -65,7 +65,7 @@ def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(type, value start, value end) of the netlink attributes in buf[start:end]."""
     while start + 4 <= end:
         length, kind = _NLA.unpack_from(buf, start)
-        if length < 4:
+        if length < 4 or start + length > end:
             return
         yield kind & NLA_TYPE_MASK, start + 4, start + length
         start += (length + 3) & ~3
