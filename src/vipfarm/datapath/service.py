@@ -78,8 +78,11 @@ class DatapathService:
 
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
         wanted = frozenset(buckets)
+        released = self.datapath.intended - wanted
         changed = wanted != self.datapath.intended
         result = self.datapath.set_owned(wanted)
+        if released:
+            self.sweeper.poke()
         if changed:
             self.announce()
         return result
