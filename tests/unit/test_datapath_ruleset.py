@@ -94,10 +94,12 @@ def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
     assert len(texts) == 4  # anything else goes on to the inet table
     bucket = [rendered(r) for r in ruleset.bucket_rules(s)]
     assert '"@owned"' in bucket[0] and '"|"' in bucket[0] and bucket[0].endswith('"accept": null}]')
-    assert '"@kept"' in bucket[1] and '"syn", "ack"' in bucket[1]
+    # not kept either: dropped after one more lookup
+    assert '"@kept"' in bucket[1] and '"op": "!="' in bucket[1]
     assert bucket[1].endswith('{"counter": "foreign"}, {"drop": null}]')
-    assert '"@kept"' in bucket[2] and bucket[2].endswith('{"accept": null}]')
-    assert bucket[3] == '[{"counter": "foreign"}, {"drop": null}]'
+    # kept: a pure SYN is the new owner's, anything else goes on to conntrack
+    assert '"syn", "ack"' in bucket[2] and bucket[2].endswith('{"drop": null}]')
+    assert bucket[3] == '[{"accept": null}]'
 
 
 def test_prerouting_decision_point_drops_nothing_at_ingress() -> None:

@@ -233,11 +233,12 @@ def bucket_rules(spec: DatapathSpec) -> list[list[Json]]:
     if spec.decide_at is DecisionPoint.PREROUTING:
         out.append([{"accept": None}])  # the old decision point: conntrack, then -150 drops
         return out
+    # Most frames here are other nodes': one more lookup and they are gone.
+    not_kept = _match(_MARK, f"@{KEPT_SET}", op="!=")
+    out.append([not_kept, {"counter": FOREIGN_COUNTER}, {"drop": None}])
     pure_syn = _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn")
-    kept = _match(_MARK, f"@{KEPT_SET}")
-    out.append([kept, pure_syn, {"counter": FOREIGN_COUNTER}, {"drop": None}])
-    out.append([kept, {"accept": None}])
-    out.append([{"counter": FOREIGN_COUNTER}, {"drop": None}])
+    out.append([pure_syn, {"counter": FOREIGN_COUNTER}, {"drop": None}])
+    out.append([{"accept": None}])  # kept: established connections this node serves
     return out
 
 
