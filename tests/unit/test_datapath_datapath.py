@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,22 @@ def test_sweeper_counts_failures_and_goes_on(tmp_path: Path) -> None:
     clock.t += 2
     result = sweeper.sweep_once()
     assert result is not None and result.released == {1} and sweeper.counters["sweeps"] == 1
+
+
+def test_sweeper_rests_long_with_nothing_kept_and_a_poke_wakes_it(tmp_path: Path) -> None:
+    dp, _, _ = make_kept(tmp_path)
+    dp.start([1])
+    sweeper = Sweeper(dp, period_s=0.01, idle_s=3600)
+    sweeper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sweeper.counters["sweeps"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sweeper.counters["sweeps"] == 1  # nothing kept: resting for the idle period
+        dp.set_owned([])
+        sweeper.poke()
+        while sweeper.counters["sweeps"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # kept now: sweeping at the short period
+        assert sweeper.counters["sweeps"] >= 3
+    finally:
+        sweeper.stop()
