@@ -2,9 +2,10 @@
 
 It models what the logic relies on: tables appear and disappear with the JSON batches, the sets
 live in the netdev table, owned buckets expire with their lease on an injected clock, kept ones
-never do; `conntrack` counts this node's live connections per bucket (what `ct_scan` reads);
-addresses and sysctls are dictionaries. `fail_on` makes a named operation raise, to test
-rollback; `scan_hook` runs in the middle of a scan, to test races with it.
+never do, and `frame` adds an owned bucket to them as the packet path does; `conntrack` counts
+this node's live connections per bucket (what `ct_scan` reads); addresses and sysctls are
+dictionaries. `fail_on` makes a named operation raise, to test rollback; `scan_hook` runs in the
+middle of a scan, to test races with it.
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ class FakeKernel:
         if (ruleset.SETS_FAMILY, t) not in self.tables:
             return None
         return frozenset(self.kept.get(t, set()))
+
+    def frame(self, farm: str, bucket: int) -> str:
+        """What the ingress chain does with a frame of `bucket`: owned (and kept from now on,
+        as the packet path does), kept, or dropped."""
+        t = self._table(farm)
+        kept = self.kept.setdefault(t, set())
+        if self.owned.get(t, {}).get(bucket, -1.0) > self.clock():
+            kept.add(bucket)
+            return "owned"
+        return "kept" if bucket in kept else "dropped"
 
     def ct_scan(self, budget: int) -> Scan:
         self._maybe_fail("ct_scan")

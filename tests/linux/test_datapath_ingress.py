@@ -66,6 +66,11 @@ def kept(lab: Lab, node: str) -> list[int]:
     return lab.kernel_kept([node])[node] or []
 
 
+def lingering(lab: Lab, node: str) -> set[int]:
+    """Kept buckets the node does not own (the kernel also keeps owned buckets with traffic)."""
+    return set(kept(lab, node)) - set(lab.kernel_owned([node])[node] or [])
+
+
 def test_1000_connections_survive_two_rebalances_away_and_back(lab_factory: LabFactory) -> None:
     lab = lab_factory(nodes=3, clients=1, app="nginx")
     split: dict[int | str, list[int]] = {k: v for k, v in even_split(3).items()}
@@ -83,9 +88,8 @@ def test_1000_connections_survive_two_rebalances_away_and_back(lab_factory: LabF
         # Away: every bucket moves to another node (release first, then acquire).
         lab.set_owned(rotated)
         for node in lab.node_names:
-            got = set(kept(lab, node))
+            got = lingering(lab, node)
             assert got and got <= set(split[node]), (node, sorted(got))
-            assert not got & set(rotated[node])  # owned and kept never overlap
         after = v4.probe()
         assert after["ok"] == 1000 and after["moved"] == 0, after
         assert v6.probe()["ok"] == 60
@@ -101,8 +105,8 @@ def test_1000_connections_survive_two_rebalances_away_and_back(lab_factory: LabF
         back = v4.probe()
         assert back["ok"] == 1000 and back["moved"] == 0, back
         assert v6.probe()["ok"] == 60
-        for node in lab.node_names:
-            assert not set(kept(lab, node)) & set(split[node])
+        for node in lab.node_names:  # what lingers now is from the 60 new connections
+            assert lingering(lab, node) <= set(rotated[node]), node
 
 
 def test_a_kept_bucket_is_released_once_its_last_connection_ends(

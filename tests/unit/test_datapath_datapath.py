@@ -126,9 +126,7 @@ def make_kept(tmp_path: Path) -> tuple[Datapath, FakeKernel, Clock]:
     return Datapath(spec, k, tmp_path, clock=clock), k, clock
 
 
-def test_a_released_bucket_is_kept_in_the_same_transaction_and_an_acquired_one_is_not(
-    tmp_path: Path,
-) -> None:
+def test_a_released_bucket_is_kept_in_the_same_transaction(tmp_path: Path) -> None:
     dp, k, _ = make_kept(tmp_path)
     dp.start([1, 2, 3])
     assert dp.kept == set()
@@ -137,7 +135,22 @@ def test_a_released_bucket_is_kept_in_the_same_transaction_and_an_acquired_one_i
     assert dp.kept == {1, 2} and k.kept["vipfarm_web"] == {1, 2}
     assert len(k.batches) == calls  # sets only: no ruleset apply
     assert dp.set_owned([1, 3]) == {1, 3}
-    assert dp.kept == {2, 4}  # 1 came back: owned again, not kept
+    assert dp.kept == {1, 2, 4} and dp.lingering == {2, 4}  # 1 is owned again
+
+
+def test_traffic_keeps_an_owned_bucket_so_its_connections_outlive_the_lease(
+    tmp_path: Path,
+) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    dp.start([1, 2])
+    assert k.frame("web", 1) == "owned" and k.frame("web", 9) == "dropped"
+    k.conntrack = {1: 1}
+    clock.t += 3.5  # the daemon died: nothing renews the leases
+    assert dp.read_owned() == set()
+    assert k.frame("web", 1) == "kept"  # its connection goes on
+    assert k.frame("web", 2) == "dropped"  # no traffic, nothing kept
+    clock.t += 5
+    assert dp.sweep().released == set()  # still intended: not released
 
 
 def test_sweep_releases_a_kept_bucket_once_its_last_connection_is_gone(tmp_path: Path) -> None:
@@ -186,18 +199,15 @@ def test_a_bucket_acquired_during_the_scan_is_not_released(tmp_path: Path) -> No
     assert dp.sweep().released == {1}
 
 
-def test_sweep_adopts_connections_whose_bucket_is_neither_owned_nor_kept(tmp_path: Path) -> None:
+def test_sweep_adopts_connections_whose_bucket_is_in_neither_set(tmp_path: Path) -> None:
     dp, k, clock = make_kept(tmp_path)
-    dp.start([1, 2])
+    dp.start([1])
     k.conntrack = {1: 2, 7: 1, 9999: 1}  # 9999: not a bucket of this spec, never adopted
-    clock.t += 3.5  # the daemon hung: the leases ran out
-    assert dp.read_owned() == set()
     result = dp.sweep()
-    assert result.adopted == {1, 7} and dp.kept == {1, 7}
-    assert dp.refresh() == {1, 2}  # renewed: owned again, and still kept until given away
-    k.conntrack = {}
+    assert result.adopted == {7} and dp.kept == {7}  # 1 is owned: nothing to adopt
+    k.conntrack = {1: 2}
     clock.t += 2
-    assert dp.sweep().released == {7}  # 1 is owned: not released while owned
+    assert dp.sweep().released == {7}
 
 
 def test_start_keeps_the_kept_buckets_a_crashed_run_left(tmp_path: Path) -> None:

@@ -94,6 +94,9 @@ def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
     assert len(texts) == 4  # anything else goes on to the inet table
     bucket = [rendered(r) for r in ruleset.bucket_rules(s)]
     assert '"@owned"' in bucket[0] and '"|"' in bucket[0] and bucket[0].endswith('"accept": null}]')
+    assert {"set": {"op": "add", "elem": {"meta": {"key": "mark"}}, "set": "@kept"}} in (
+        ruleset.bucket_rules(s)[0]
+    )
     # not kept either: dropped after one more lookup
     assert '"@kept"' in bucket[1] and '"op": "!="' in bucket[1]
     assert bucket[1].endswith('{"counter": "foreign"}, {"drop": null}]')
@@ -126,8 +129,10 @@ def test_batch_is_one_idempotent_transaction() -> None:
     sets = [c["add"]["set"] for c in batch if "set" in c.get("add", {})]
     assert [(x["family"], x["name"], x.get("flags")) for x in sets] == [
         ("netdev", "owned", ["timeout"]),
-        ("netdev", "kept", None),
+        ("netdev", "kept", None),  # nft makes it dynamic: a rule adds to it
     ]
+    again = ruleset.ruleset_batch(s, kept_exists=True)  # an update: the set is not added again
+    assert [c for c in batch if c not in again] == [{"add": {"set": {**sets[1], "type": "mark"}}}]
     flushed = [c["flush"]["chain"] for c in batch if "flush" in c]
     assert {(c["family"], c["name"]) for c in flushed} == {
         ("netdev", "ingress"), ("netdev", "vip"), ("netdev", "bucket"),

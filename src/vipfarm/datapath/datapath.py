@@ -10,17 +10,18 @@ crash, so a later `stop` (or the next start's cleanup) restores the operator's v
 Owned buckets are leases: `set_owned` replaces the whole set in one transaction and `refresh`
 re-leases it; the return value is always read back from the kernel.
 
-Kept buckets: a bucket that leaves the owned set goes into the kept set in the same transaction
-(the ingress chain then still lets its established connections through, see `ruleset`), and one
-that comes back leaves it. `sweep` (run by `vipfarm.datapath.sweeper`, outside the lock that
-orders ownership changes) reads conntrack and takes out of the kept set every bucket that has
-held no live connection of this node since it entered the set and at least `KEEP_GRACE_S`
-(packets accepted just before the release may still be on their way to conntrack); it also
-adopts buckets that hold live connections but are neither owned nor kept (a lease that ran out
-while the daemon hung, a restart after a crash), so their connections go on. A bucket is only
-released by a sweep if it stayed in the kept set, untouched, from before the scan began to the
-change: a bucket acquired meanwhile may have new connections the scan did not see. `kept` is
-the kept set as last read back from the kernel.
+Kept buckets: the kernel adds every owned bucket that carries traffic to the kept set from the
+packet path (see `ruleset`), so the connections of a node whose daemon died go on after its
+lease ran out; a bucket that leaves the owned set is also added in the same transaction (a
+no-op when traffic already did). `sweep` (run by `vipfarm.datapath.sweeper`, outside the lock
+that orders ownership changes) reads conntrack and takes out of the kept set every bucket that
+is not owned, has held no live connection of this node, and left the owned set at least
+`KEEP_GRACE_S` before the scan began (packets accepted just before the release may still be on
+their way to conntrack; a bucket owned again meanwhile may have new connections the scan did
+not see). It also adopts buckets that hold live connections but are in neither set (a restart
+after a crash), so their connections go on. `kept` is the kept set as last read back from the
+kernel (owned buckets with traffic included); `lingering` the kept buckets this node does not
+own.
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ class Datapath:
         self.state_dir = state_dir
         self.clock = clock
         self._owned: frozenset[int] = frozenset()
-        # Kept buckets, each with the time it (last) entered the set: what we wrote, which is
-        # what the kernel holds (nothing else writes the set, and its elements never expire).
-        self._kept: dict[int, float] = {}
+        # When each bucket not owned now last left the owned set (or, for a bucket this run
+        # never owned, when it was found kept): the sweeper's grace counts from there.
+        self._left_owned: dict[int, float] = {}
         self.kept: frozenset[int] = frozenset()  # read back
         # A renewal may run in another thread than a change of ownership: each writes the owned
         # set whole, so the later one must also be the one that read the latest `_owned`, or a
@@ -128,11 +129,12 @@ class Datapath:
             for name, value in sysctl_settings(self.spec.interface).items():
                 if not name.startswith("net.netfilter"):
                     self.kernel.write_sysctl(name, value)
-            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec, fresh=True))
+            kept_exists = self.kernel.nft_read_kept(self.spec.farm) is not None
+            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec, True, kept_exists))
             undo.append(lambda: self.kernel.nft_apply(ruleset.remove_batch(self.spec.farm)))
             # A crashed run's owned and kept buckets still hold its connections: the first
             # `set_owned` keeps them (the sweeper releases the empty ones).
-            self._kept = dict.fromkeys(self.read_kept(), self.clock())
+            self._left_owned = dict.fromkeys(self.read_kept(), self.clock())
             self._owned = self.read_owned()
             # conntrack is loaded by the ruleset's `ct` expressions, so its sysctl exists only now.
             self.kernel.write_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
@@ -173,7 +175,7 @@ class Datapath:
             except Exception as e:
                 errors.append(str(e))
         self._owned = frozenset()
-        self._kept = {}
+        self._left_owned = {}
         self.kept = frozenset()
         event(log, "datapath_stopped", farm=self.spec.farm, errors=len(errors))
         if errors:
@@ -192,7 +194,7 @@ class Datapath:
             self._owned = frozenset()
         old_vips = set(self.spec.vips)
         self.spec = spec
-        self.kernel.nft_apply(ruleset.ruleset_batch(spec))
+        self.kernel.nft_apply(ruleset.ruleset_batch(spec, kept_exists=True))
         self._add_macs(spec)
         self._add_vips(spec)
         for vip in old_vips - set(spec.vips):
@@ -202,8 +204,8 @@ class Datapath:
 
     # owned and kept buckets
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
-        """Replace the owned set; released buckets become kept, acquired ones stop being kept,
-        in the same transaction. Returns the owned set read back (and updates `kept`)."""
+        """Replace the owned set; released buckets are kept, in the same transaction. Returns
+        the owned set read back (and updates `kept`)."""
         wanted = frozenset(buckets)
         bad = sorted(b for b in wanted if not 0 <= b < self.spec.buckets)
         if bad:
@@ -212,16 +214,13 @@ class Datapath:
             )
         with self._owned_lock:
             released = self._owned - wanted
-            unkeep = wanted & self._kept.keys()
-            self.kernel.nft_set_owned(
-                self.spec.farm, wanted, self.spec.lease_s, released, frozenset(unkeep)
-            )
+            self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s, released)
             self._owned = wanted
             now = self.clock()
-            for b in unkeep:
-                del self._kept[b]
+            for b in wanted:
+                self._left_owned.pop(b, None)
             for b in released:
-                self._kept[b] = now
+                self._left_owned[b] = now
         owned = self.read_owned()
         self.read_kept()
         return owned
@@ -241,36 +240,40 @@ class Datapath:
         self.kept = got if got is not None else frozenset()
         return self.kept
 
+    @property
+    def lingering(self) -> frozenset[int]:
+        """Kept buckets this node does not own: given away, connections still served."""
+        return self.kept - self._owned
+
     def sweep(self, budget: int = SCAN_BUDGET) -> SweepResult:
         """Release kept buckets whose last connection ended; adopt buckets whose connections
         lost their way into the sets. Blocking (a conntrack dump): call it from a worker."""
-        with self._owned_lock:
-            before = dict(self._kept)
         t0 = self.clock()
+        kept = self.read_kept()
         scan = self.kernel.ct_scan(budget)
         kernel_owned = self.read_owned()
         with self._owned_lock:
             release = frozenset(
                 b
-                for b, since in before.items()
+                for b in kept
                 if scan.complete
                 and b not in scan.live
                 and b not in self._owned
-                and self._kept.get(b) == since  # untouched since before the scan
-                and t0 - since >= KEEP_GRACE_S
+                and b not in kernel_owned
+                and t0 - self._left_owned.setdefault(b, t0) >= KEEP_GRACE_S
             )
             adopt = frozenset(
                 b
-                for b in scan.live - kernel_owned - self._kept.keys()
-                if 0 <= b < self.spec.buckets
+                for b in scan.live - kernel_owned - kept
+                if 0 <= b < self.spec.buckets and b not in self._owned
             )
             if release or adopt:
                 self.kernel.nft_update_kept(self.spec.farm, adopt, release)
                 now = self.clock()
-                for b in release:
-                    del self._kept[b]
                 for b in adopt:
-                    self._kept[b] = now
+                    self._left_owned[b] = now
+                for b in release:
+                    self._left_owned.pop(b, None)
         kept = self.read_kept()
         if release or adopt:
             event(

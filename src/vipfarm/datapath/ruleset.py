@@ -8,9 +8,11 @@ Two tables per farm; docs/DATAPATH.md draws the whole path.
   chain ``vip``. There each balanced rule computes the bucket with the same expression as before
   (``meta mark set jhash <key> mod B seed S``, so `vipfarm.datapath.jhash` still predicts it),
   and the chain ``bucket`` decides: a bucket in the set ``owned`` passes with the *owned bit*
-  (`OWNED_MARK`) added to the mark; a bucket in the set ``kept`` (given away, but this node still
-  serves established connections in it) passes without it, except a pure TCP SYN, which is a
-  new flow the new owner takes; any other bucket is dropped and counted (``foreign``). So a
+  (`OWNED_MARK`) added to the mark, and enters the set ``kept`` (from the packet path: the
+  buckets this node may hold connections in); a bucket only in ``kept`` (given away, or its
+  lease ran out, but this node still serves established connections in it) passes without the
+  bit, except a pure TCP SYN, which is a new flow for the owner; any other bucket is dropped
+  and counted (``foreign``). So a
   frame for a bucket this node neither owns nor keeps costs the hash and two set lookups, and
   never reaches conntrack. What no rule matches (non-first fragments, which conntrack must
   reassemble first; ports no rule balances; replies to connections this node opened from a
@@ -229,7 +231,10 @@ def bucket_rules(spec: DatapathSpec) -> list[list[Json]]:
     """The netdev chain `bucket`: owned passes with the owned bit, kept passes (but for a pure
     SYN, a new flow that is the new owner's), anything else is dropped before conntrack."""
     with_bit = {"mangle": {"key": _MARK, "value": {"|": [_MARK, OWNED_MARK]}}}
-    out: list[list[Json]] = [[_match(_MARK, f"@{OWNED_SET}"), with_bit, {"accept": None}]]
+    # An owned bucket that carries traffic is kept from its first frame on, by the kernel
+    # itself: if the daemon dies and the lease runs out, the connections it accepted go on.
+    keep = {"set": {"op": "add", "elem": _MARK, "set": f"@{KEPT_SET}"}}
+    out: list[list[Json]] = [[_match(_MARK, f"@{OWNED_SET}"), keep, with_bit, {"accept": None}]]
     if spec.decide_at is DecisionPoint.PREROUTING:
         out.append([{"accept": None}])  # the old decision point: conntrack, then -150 drops
         return out
@@ -317,13 +322,18 @@ def _base_chain(family: str, table: str, name: str, hook: str, prio: int, **extr
     return {"add": {"chain": {**chain, **extra, "prio": prio, "policy": "accept"}}}
 
 
-def ruleset_batch(spec: DatapathSpec, fresh: bool = False) -> list[Json]:
+def ruleset_batch(spec: DatapathSpec, fresh: bool = False, kept_exists: bool = False) -> list[Json]:
     """The JSON command list that installs or updates the whole ruleset in one transaction.
 
     Idempotent: applying it twice leaves the same kernel state, and the sets' elements (owned
     with their leases, kept) survive it. `fresh` (at start) also recreates the hooked ingress
     chain and the stateless inet table, which clears what a crashed run of another version or
     on another interface may have left there.
+
+    `kept_exists`: leave the kept set out of the batch. nft makes a set that a rule adds to
+    from the packet path ``dynamic`` when it creates it, but nftables 1.0.6's JSON cannot say
+    ``dynamic``, so adding the existing set again would differ from it and fail the batch
+    (verified); the caller says whether the set is there.
     """
     t = table_name(spec.farm)
     netdev = {"family": "netdev", "table": t}
@@ -334,9 +344,10 @@ def ruleset_batch(spec: DatapathSpec, fresh: bool = False) -> list[Json]:
     batch: list[Json] = [
         {"add": {"table": {"family": "netdev", "name": t}}},
         {"add": {"set": {**netdev, "name": OWNED_SET, "type": "mark", "flags": ["timeout"]}}},
-        {"add": {"set": {**netdev, "name": KEPT_SET, "type": "mark"}}},
         {"add": {"counter": {**netdev, "name": FOREIGN_COUNTER}}},
     ]
+    if not kept_exists:
+        batch.insert(2, {"add": {"set": {**netdev, "name": KEPT_SET, "type": "mark"}}})
     if fresh:
         batch += [ingress, {"delete": {"chain": {**netdev, "name": INGRESS_CHAIN}}}]
     batch += [

@@ -1,8 +1,9 @@
 """The sweeper: a thread that releases kept buckets once their last connection is gone.
 
 It calls `Datapath.sweep` (one conntrack dump, bounded; see `vipfarm.datapath.conntrack`) over
-and over. While buckets are kept it rests `PERIOD_S` between sweeps; with none it only looks
-for connections to adopt, every `IDLE_PERIOD_S` (a dump walks the whole conntrack hash table,
+and over. While buckets this node does not own are kept (`Datapath.lingering`) it rests
+`PERIOD_S` between sweeps; with none it only looks for connections to adopt, every
+`IDLE_PERIOD_S` (a dump walks the whole conntrack hash table,
 some 4 ms of kernel time for 262,144 slots, whatever it finds: measured, seven idle lab nodes
 sweeping every second put `ctnetlink_dump_table` at the top of the bench's profile). `poke`
 (a change of ownership that kept buckets) wakes it at once. Either rest is at least
@@ -74,7 +75,7 @@ class Sweeper:
             t0 = time.monotonic()
             self.sweep_once()
             took = time.monotonic() - t0
-            rest = self.period_s if self.datapath.kept else self.idle_s
+            rest = self.period_s if self.datapath.lingering else self.idle_s
             self._wake.wait(max(rest, REST_FACTOR * took))
             self._wake.clear()
 
