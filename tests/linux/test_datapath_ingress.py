@@ -9,6 +9,8 @@ the statistics).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -292,3 +294,17 @@ def test_notrack_other_exempts_the_nodes_own_traffic_and_still_tracks_the_vip(
     before = untracked_count(lab, "node1")
     assert lab.http_get("client1", direct, source_port=33200).node == "node1"
     assert untracked_count(lab, "node1") == before + 1
+
+
+def test_connections_outlive_the_lease_of_a_node_whose_runner_died(
+    lab_factory: LabFactory,
+) -> None:
+    lab = lab_factory(nodes=3, clients=1, app="nginx")
+    with lab.hold("client1", 60) as held:
+        on_node2 = held.initial["nodes"].get("node2", 0)
+        assert held.initial["ok"] == 60 and on_node2 > 0, held.initial
+        os.kill(lab.runners()["node2"].pid, signal.SIGKILL)  # its tables stay, nobody renews
+        wait_for("node2's leases to run out", lambda: lab.kernel_owned(["node2"])["node2"] == [])
+        probe = held.probe()
+        assert probe["ok"] == 60 and probe["moved"] == 0, probe
+        assert probe["nodes"].get("node2") == on_node2
