@@ -84,14 +84,30 @@ def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
     assert vmac_for("web", V4) in hooked[0] and '"pkttype"' in hooked[0]
     assert '"jump": {"target": "vip"}' in hooked[1] and '"ip"' in hooked[1]
     assert '"ip6"' in hooked[2]
-    decide = ruleset.decide_rules(s)
-    texts = [rendered(r) for r in decide]
-    for rule, text in zip(s.rules, texts, strict=False):
+    # one map lookup per family sends a rule's frames to the chain of its hash key
+    texts = [rendered(r) for r in ruleset.decide_rules(s)]
+    assert '"vmap"' in texts[0] and '"@rules4"' in texts[0] and '"th"' in texts[0]
+    assert '"vmap"' in texts[1] and '"@rules6"' in texts[1] and '"ip6"' in texts[1]
+    assert "echo-request" in texts[2] and "echo-request" in texts[3]
+    assert len(texts) == 4  # anything else goes on to the inet table
+    maps = ruleset.rule_maps(s)
+    assert maps[4] == [[{"concat": [str(V4), "tcp", 80]}, {"goto": {"target": "h4_client-ip"}}]]
+    assert maps[6] == [
+        [{"concat": [str(V6), "udp", 53]}, {"goto": {"target": "h6_client-subnet_48"}}]
+    ]
+    chains = ruleset.hash_chains(s)
+    assert set(chains) == {"h4_client-ip", "h6_client-subnet_48"}
+    for rule in s.rules:
+        text = rendered(chains[ruleset.hash_chain(rule)])
         key = json.dumps(ruleset.hash_key(rule), sort_keys=True)
         assert '"jhash"' in text and '"mod": 512' in text and '"seed": 42' in text
         assert key in text and text.endswith('{"goto": {"target": "bucket"}}]')
-    assert "echo-request" in texts[2] and "echo-request" in texts[3]
-    assert len(texts) == 4  # anything else goes on to the inet table
+    # rules with the same hash key share its chain; a range is an interval element
+    many = spec(*(Rule(vip=V4, port=p, affinity=Affinity.CLIENT_IP_PORT) for p in (80, 443)),
+                Rule(vip=V4, proto=Proto.UDP, port=7000, port_end=7010,
+                     affinity=Affinity.CLIENT_IP_PORT))  # fmt: skip
+    assert set(ruleset.hash_chains(many)) == {"h4_client-ip-port_tcp", "h4_client-ip-port_udp"}
+    assert ruleset.rule_maps(many)[4][2][0] == {"concat": [str(V4), "udp", {"range": [7000, 7010]}]}
     bucket = [rendered(r) for r in ruleset.bucket_rules(s)]
     assert '"@owned"' in bucket[0] and '"|"' in bucket[0] and bucket[0].endswith('"accept": null}]')
     assert {"set": {"op": "add", "elem": {"meta": {"key": "mark"}}, "set": "@kept"}} in (
@@ -133,10 +149,10 @@ def test_batch_is_one_idempotent_transaction() -> None:
     ]
     again = ruleset.ruleset_batch(s, kept_exists=True)  # an update: the set is not added again
     assert [c for c in batch if c not in again] == [{"add": {"set": {**sets[1], "type": "mark"}}}]
-    flushed = [c["flush"]["chain"] for c in batch if "flush" in c]
+    flushed = [c["flush"].get("chain") or c["flush"]["map"] for c in batch if "flush" in c]
     assert {(c["family"], c["name"]) for c in flushed} == {
-        ("netdev", "ingress"), ("netdev", "vip"), ("netdev", "bucket"),
-        ("inet", "pre"), ("inet", "vip"),
+        ("netdev", "ingress"), ("netdev", "vip"), ("netdev", "bucket"), ("netdev", "h4_client-ip"),
+        ("netdev", "rules4"), ("inet", "pre"), ("inet", "vip"),
     }  # fmt: skip
     chains = [c["add"]["chain"] for c in batch if "chain" in c.get("add", {})]
     ingress = next(c for c in chains if c.get("hook") == "ingress")
@@ -290,6 +306,7 @@ def test_only_vip_traffic_enters_the_vip_chain() -> None:
     chains = {
         c["add"]["rule"]["chain"] for c in ruleset.ruleset_batch(s) if "rule" in c.get("add", {})
     }
-    assert chains == {"ingress", "pre", "vip", "bucket"}  # netdev: ingress, vip, bucket
+    # netdev: ingress, vip, bucket and the hash chain; inet: pre, vip
+    assert chains == {"ingress", "pre", "vip", "bucket", "h4_client-ip", "h6_client-ip"}
     only_v4 = ruleset.hook_rules(spec(Rule(vip=V4, port=80)))
     assert len(only_v4) == 1

@@ -5,22 +5,25 @@ Two tables per farm; docs/DATAPATH.md draws the whole path.
 * ``netdev vipfarm_<farm>`` decides, before conntrack, which frames this node looks at. Its ingress
   chain on the LAN interface turns frames addressed to a VMAC from ``PACKET_OTHERHOST`` into
   ``PACKET_HOST`` (so IP input accepts them), and sends every IPv4/IPv6 packet to a VIP to the
-  chain ``vip``. There each balanced rule computes the bucket with the same expression as before
-  (``meta mark set jhash <key> mod B seed S``, so `vipfarm.datapath.jhash` still predicts it),
-  and the chain ``bucket`` decides: a bucket in the set ``owned`` passes with the *owned bit*
-  (`OWNED_MARK`) added to the mark, and enters the set ``kept`` (from the packet path: the
-  buckets this node may hold connections in); a bucket only in ``kept`` (given away, or its
-  lease ran out, but this node still serves established connections in it) passes without the
-  bit, except a pure TCP SYN, which is a new flow for the owner; any other bucket is dropped
-  and counted (``foreign``). So a
-  frame for a bucket this node neither owns nor keeps costs the hash and two set lookups, and
-  never reaches conntrack. What no rule matches (non-first fragments, which conntrack must
+  chain ``vip``. There one lookup in a verdict map (``rules4``/``rules6``: VIP . protocol .
+  port or port range, an interval map) sends a balanced rule's frames to the chain of its hash
+  key (one per affinity, family and protocol or prefix, see `hash_chain`), which computes the
+  bucket with the same expression as before (``meta mark set jhash <key> mod B seed S``, so
+  `vipfarm.datapath.jhash` still predicts it): every frame to a VIP passes here, so its cost
+  must not grow with the number of rules. Then the chain ``bucket`` decides: a bucket in the
+  set ``owned`` passes with the *owned bit* (`OWNED_MARK`) added to the mark, and enters the set
+  ``kept`` (from the packet path: the buckets this node may hold connections in); a bucket only
+  in ``kept`` (given away, or its lease ran out, but this node still serves established
+  connections in it) passes without the bit, except a pure TCP SYN, which is a new flow for the
+  owner; any other bucket is dropped and counted (``foreign``). So a frame for a bucket this
+  node neither owns nor keeps costs a map lookup, the hash and two set lookups, and never
+  reaches conntrack. What no rule matches (non-first fragments, which conntrack must
   reassemble first; ports no rule balances; replies to connections this node opened from a
   VIP) goes on to the inet table unchanged, which decides it as it always did.
   This table holds the state (both sets, leases included) and is never recreated by an update:
-  an apply adds the table, sets and chains (no-ops when present) and flushes and refills the
-  chains, in one transaction. Only `start` recreates the hooked chain (``fresh``), since
-  adding a chain that exists on another device would add that device to it.
+  an apply adds the table, sets, maps and chains (no-ops when present) and flushes and refills
+  the chains and the rule maps, in one transaction. Only `start` recreates the hooked chain
+  (``fresh``), since adding a chain that exists on another device would add that device to it.
 * ``inet vipfarm_<farm>``: a prerouting chain after conntrack (priority -150) that sends traffic
   to a VIP to the chain ``vip``, which accepts established flows, drops TCP that is not a pure
   SYN (with tcp_loose=0 this node never picks up or resets a flow another node serves), and
@@ -209,17 +212,55 @@ def ingress_rules(spec: DatapathSpec) -> list[list[Json]]:
     return out
 
 
+def hash_chain(rule: Rule) -> str:
+    """The netdev chain that computes the bucket of `rule`'s frames: one per distinct hash key
+    (family, affinity, protocol for the source port, prefix), shared by every rule with it."""
+    name = f"h{rule.vip.version}_{rule.affinity.value}"
+    if rule.affinity is Affinity.CLIENT_IP_PORT:
+        name += f"_{rule.proto.value}"
+    elif rule.affinity is Affinity.CLIENT_SUBNET:
+        name += f"_{rule.prefix4 if rule.vip.version == 4 else rule.prefix6}"
+    return name
+
+
+def hash_chains(spec: DatapathSpec) -> dict[str, list[Json]]:
+    """Each hash chain's one rule: the bucket into the mark, then the decision."""
+    out: dict[str, list[Json]] = {}
+    for rule in spec.rules:
+        out.setdefault(hash_chain(rule), _to_bucket(spec, hash_key(rule)))
+    return out
+
+
+def rule_map_name(version: int) -> str:
+    return f"rules{version}"
+
+
+def rule_maps(spec: DatapathSpec) -> dict[int, list[list[Json]]]:
+    """Per family, the elements of the verdict map from (VIP, protocol, port or range) to the
+    rule's hash chain: one lookup per frame, however many rules the farm has."""
+    out: dict[int, list[list[Json]]] = {}
+    for rule in spec.rules:
+        port: Any = rule.port if rule.port_end is None else {"range": [rule.port, rule.port_end]}
+        key = {"concat": [str(rule.vip), rule.proto.value, port]}
+        out.setdefault(rule.vip.version, []).append([key, {"goto": {"target": hash_chain(rule)}}])
+    return out
+
+
 def decide_rules(spec: DatapathSpec) -> list[list[Json]]:
     """The netdev chain `vip`: each balanced rule's frames (and ping) into their bucket.
 
-    A frame no rule matches returns to the hooked chain, whose policy lets it on to the inet
-    table: fragments after the first (their ports are in the first one; conntrack reassembles
-    them before the inet chain decides, and the reassembled packet keeps the first fragment's
-    mark), ICMP errors, ports no rule balances.
+    A frame the map does not hold returns to the hooked chain, whose policy lets it on to the
+    inet table: fragments after the first (their ports are in the first one; conntrack
+    reassembles them before the inet chain decides, and the reassembled packet keeps the first
+    fragment's mark), ICMP errors, ports no rule balances.
     """
     out: list[list[Json]] = []
-    for rule in spec.rules:
-        out.append([_daddr(rule.vip), _dport(rule), *_to_bucket(spec, hash_key(rule))])
+    maps = rule_maps(spec)
+    for version, l3, _vips in _families(spec):
+        if version in maps:
+            fields = [_payload(l3, "daddr"), {"meta": {"key": "l4proto"}}, _payload("th", "dport")]
+            key = {"concat": fields}
+            out.append([{"vmap": {"key": key, "data": f"@{rule_map_name(version)}"}}])
     for vip in spec.vips:
         icmp = "icmp" if vip.version == 4 else "icmpv6"
         echo = _match(_payload(icmp, "type"), "echo-request")
@@ -350,16 +391,24 @@ def ruleset_batch(spec: DatapathSpec, fresh: bool = False, kept_exists: bool = F
         batch.insert(2, {"add": {"set": {**netdev, "name": KEPT_SET, "type": "mark"}}})
     if fresh:
         batch += [ingress, {"delete": {"chain": {**netdev, "name": INGRESS_CHAIN}}}]
+    hashes = hash_chains(spec)
+    maps = rule_maps(spec)
+    netdev_chains = (INGRESS_CHAIN, DECIDE_CHAIN, BUCKET_CHAIN, *hashes)
     batch += [
         ingress,
-        {"add": {"chain": {**netdev, "name": DECIDE_CHAIN}}},
-        {"add": {"chain": {**netdev, "name": BUCKET_CHAIN}}},
-        *(
-            {"flush": {"chain": {**netdev, "name": c}}}
-            for c in (INGRESS_CHAIN, DECIDE_CHAIN, BUCKET_CHAIN)
-        ),
-        {"add": {"table": {"family": "inet", "name": t}}},
+        *({"add": {"chain": {**netdev, "name": c}}} for c in netdev_chains[1:]),
+        *({"flush": {"chain": {**netdev, "name": c}}} for c in netdev_chains),
     ]
+    for version, l3type in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        if version in maps:
+            m = {**netdev, "name": rule_map_name(version)}
+            kind = [l3type, "inet_proto", "inet_service"]
+            batch.append(
+                {"add": {"map": {**m, "type": kind, "map": "verdict", "flags": ["interval"]}}}
+            )
+            batch.append({"flush": {"map": m}})
+            batch.append({"add": {"element": {**m, "elem": maps[version]}}})
+    batch.append({"add": {"table": {"family": "inet", "name": t}}})
     if fresh:
         batch += [
             {"delete": {"table": {"family": "inet", "name": t}}},
@@ -382,6 +431,7 @@ def ruleset_batch(spec: DatapathSpec, fresh: bool = False, kept_exists: bool = F
         for name in counter_names(rule)
     ]
     batch += [_rule(t, INGRESS_CHAIN, e, "netdev") for e in ingress_rules(spec)]
+    batch += [_rule(t, name, expr, "netdev") for name, expr in hashes.items()]
     batch += [_rule(t, DECIDE_CHAIN, e, "netdev") for e in decide_rules(spec)]
     batch += [_rule(t, BUCKET_CHAIN, e, "netdev") for e in bucket_rules(spec)]
     batch += [_rule(t, MAIN_CHAIN, expr) for expr in hook_rules(spec)]
