@@ -91,8 +91,10 @@ def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
     assert "echo-request" in texts[2] and "echo-request" in texts[3]
     assert len(texts) == 4  # anything else goes on to the inet table
     maps = ruleset.rule_maps(s)
-    assert maps[4] == [[{"concat": [str(V4), "tcp", 80]}, {"goto": {"target": "h4_client-ip"}}]]
-    assert maps[6] == [
+    assert maps["rules4"] == [
+        [{"concat": [str(V4), "tcp", 80]}, {"goto": {"target": "h4_client-ip"}}]
+    ]
+    assert maps["rules6"] == [
         [{"concat": [str(V6), "udp", 53]}, {"goto": {"target": "h6_client-subnet_48"}}]
     ]
     chains = ruleset.hash_chains(s)
@@ -107,7 +109,17 @@ def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
                 Rule(vip=V4, proto=Proto.UDP, port=7000, port_end=7010,
                      affinity=Affinity.CLIENT_IP_PORT))  # fmt: skip
     assert set(ruleset.hash_chains(many)) == {"h4_client-ip-port_tcp", "h4_client-ip-port_udp"}
-    assert ruleset.rule_maps(many)[4][2][0] == {"concat": [str(V4), "udp", {"range": [7000, 7010]}]}
+    # single ports in a hash map, ranges in an interval map (slower to fill: only when needed)
+    assert [len(v) for v in ruleset.rule_maps(many).values()] == [2, 1]
+    ranged = ruleset.rule_maps(many)["ranges4"][0][0]
+    assert ranged == {"concat": [str(V4), "udp", {"range": [7000, 7010]}]}
+    decide = [rendered(r) for r in ruleset.decide_rules(many)]
+    assert '"@rules4"' in decide[0] and '"@ranges4"' in decide[1]
+    made = [c["add"]["map"] for c in ruleset.ruleset_batch(many) if "map" in c.get("add", {})]
+    assert [(m["name"], m.get("flags")) for m in made] == [
+        ("rules4", None),
+        ("ranges4", ["interval"]),
+    ]
     bucket = [rendered(r) for r in ruleset.bucket_rules(s)]
     assert '"@owned"' in bucket[0] and '"|"' in bucket[0] and bucket[0].endswith('"accept": null}]')
     assert {"set": {"op": "add", "elem": {"meta": {"key": "mark"}}, "set": "@kept"}} in (
