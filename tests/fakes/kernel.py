@@ -1,8 +1,11 @@
 """In-memory stand-in for `LinuxKernel`, for unit tests of the data path logic.
 
-It models what the logic relies on: tables appear and disappear with the JSON batches, owned
-buckets expire with their lease on an injected clock, addresses and sysctls are dictionaries.
-`fail_on` makes a named operation raise, to test rollback.
+It models what the logic relies on: tables appear and disappear with the JSON batches, the sets
+live in the netdev table, owned buckets expire with their lease on an injected clock, kept ones
+never do, and `frame` adds an owned bucket to them as the packet path does; `conntrack` counts
+this node's live connections per bucket (what `ct_scan` reads); addresses and sysctls are
+dictionaries. `fail_on` makes a named operation raise, to test rollback; `scan_hook` runs in the
+middle of a scan, to test races with it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vipfarm.datapath import ruleset
+from vipfarm.datapath.conntrack import Scan
 from vipfarm.datapath.kernel import DatapathError
 from vipfarm.datapath.spec import IPAddress
 
@@ -21,7 +25,10 @@ class FakeKernel:
         self.links = links if links is not None else {"lo": "00:00:00:00:00:00"}
         self.tables: set[tuple[str, str]] = set()
         self.batches: list[list[dict[str, Any]]] = []
-        self.owned: dict[str, dict[int, float]] = {}  # farm -> bucket -> expiry
+        self.owned: dict[str, dict[int, float]] = {}  # table -> bucket -> expiry
+        self.kept: dict[str, set[int]] = {}  # table -> buckets
+        self.conntrack: dict[int, int] = {}  # bucket -> live connections of this node
+        self.scan_hook: Callable[[], None] | None = None
         self.addrs: dict[str, list[IPAddress]] = {name: [] for name in self.links}
         self.sysctls: dict[str, str] = {}
         self.uc_macs: dict[str, set[str]] = {}
@@ -42,24 +49,70 @@ class FakeKernel:
                         tables.add(key)
                     elif verb == "delete":
                         tables.discard(key)
-                        if key[0] == "inet":
+                        if key[0] == ruleset.SETS_FAMILY:
                             self.owned.pop(key[1], None)
+                            self.kept.pop(key[1], None)
         self.tables = tables
         self.batches.append(batch)
 
-    def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
-        self._maybe_fail("nft_set_owned")
-        if ("inet", ruleset.table_name(farm)) not in self.tables:
+    def _table(self, farm: str) -> str:
+        t = ruleset.table_name(farm)
+        if (ruleset.SETS_FAMILY, t) not in self.tables:
             raise DatapathError(f"no table for farm {farm}")
+        return t
+
+    def nft_set_owned(
+        self,
+        farm: str,
+        buckets: frozenset[int],
+        lease_s: float,
+        keep: frozenset[int] = frozenset(),
+        unkeep: frozenset[int] = frozenset(),
+    ) -> None:
+        self._maybe_fail("nft_set_owned")
+        t = self._table(farm)
         expiry = self.clock() + lease_s
-        self.owned[ruleset.table_name(farm)] = {b: expiry for b in buckets}
+        self.owned[t] = {b: expiry for b in buckets}
+        kept = self.kept.setdefault(t, set())
+        kept |= keep
+        kept -= unkeep
+
+    def nft_update_kept(self, farm: str, add: frozenset[int], remove: frozenset[int]) -> None:
+        self._maybe_fail("nft_update_kept")
+        kept = self.kept.setdefault(self._table(farm), set())
+        kept |= add
+        kept -= remove
 
     def nft_read_owned(self, farm: str) -> frozenset[int] | None:
         t = ruleset.table_name(farm)
-        if ("inet", t) not in self.tables:
+        if (ruleset.SETS_FAMILY, t) not in self.tables:
             return None
         now = self.clock()
         return frozenset(b for b, exp in self.owned.get(t, {}).items() if exp > now)
+
+    def nft_read_kept(self, farm: str) -> frozenset[int] | None:
+        t = ruleset.table_name(farm)
+        if (ruleset.SETS_FAMILY, t) not in self.tables:
+            return None
+        return frozenset(self.kept.get(t, set()))
+
+    def frame(self, farm: str, bucket: int) -> str:
+        """What the ingress chain does with a frame of `bucket`: owned (and kept from now on,
+        as the packet path does), kept, or dropped."""
+        t = self._table(farm)
+        kept = self.kept.setdefault(t, set())
+        if self.owned.get(t, {}).get(bucket, -1.0) > self.clock():
+            kept.add(bucket)
+            return "owned"
+        return "kept" if bucket in kept else "dropped"
+
+    def ct_scan(self, budget: int) -> Scan:
+        self._maybe_fail("ct_scan")
+        live = frozenset(b for b, n in self.conntrack.items() if n > 0)
+        if self.scan_hook is not None:
+            self.scan_hook()
+        parsed = sum(self.conntrack.values())
+        return Scan(live, min(parsed, budget), parsed <= budget)
 
     def link_exists(self, ifname: str) -> bool:
         return ifname in self.links

@@ -51,7 +51,7 @@ def alive(pid: int) -> bool:
 
 class KernelWatch:
     """Polls every node's kernel every 20 ms in a thread: what `node` lost of what it held at
-    the start, and any bucket held by two kernels at once."""
+    the start, and any bucket held by two kernels at once (in two readings in turn)."""
 
     def __init__(self, lab: Lab, node: str) -> None:
         self.lab, self.node = lab, node
@@ -63,17 +63,29 @@ class KernelWatch:
         self._thread = threading.Thread(target=self._run)
         self._thread.start()
 
+    @staticmethod
+    def _twice(owned: dict[str, list[int] | None]) -> set[int]:
+        seen: set[int] = set()
+        twice: set[int] = set()
+        for buckets in owned.values():
+            for b in buckets or []:
+                (twice if b in seen else seen).add(b)
+        return twice
+
     def _run(self) -> None:
+        names = list(self.lab.node_names)
         while not self._stop.is_set():
-            owned = self.lab.kernel_owned()
+            owned = self.lab.kernel_owned(names)
             mine = set(owned[self.node] or [])
             self.lost |= self.held - mine
-            seen: set[int] = set()
-            for buckets in owned.values():
-                for b in buckets or []:
-                    if b in seen:
-                        self.doubles.append((time.monotonic(), b))
-                    seen.add(b)
+            # The kernels are read one after the other: a bucket released by an early one and
+            # acquired by a later one in between looks held twice. A double counts only if a
+            # second reading, in the reverse order (which cannot see that handover), confirms it.
+            suspects = self._twice(owned)
+            if suspects:
+                again = self._twice(self.lab.kernel_owned(names[::-1]))
+                now = time.monotonic()
+                self.doubles += [(now, b) for b in sorted(suspects & again)]
             self.polls += 1
             self._stop.wait(0.02)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from tests.fakes.kernel import FakeKernel
 from vipfarm.datapath.datapath import Datapath, sysctl_settings
 from vipfarm.datapath.kernel import DatapathError
 from vipfarm.datapath.spec import DatapathSpec, Rule
+from vipfarm.datapath.sweeper import Sweeper
 
 V4 = ipaddress.ip_address("198.51.100.100")
 V4B = ipaddress.ip_address("198.51.100.101")
@@ -114,3 +116,139 @@ def test_update_changes_vips_and_keeps_leases(tmp_path: Path) -> None:
     assert k.uc_macs["eth0"] == {new.vmac(V4B)}
     with pytest.raises(DatapathError, match="interface changed"):
         dp.update(new.model_copy(update={"interface": "eth1"}))
+
+
+def make_kept(tmp_path: Path) -> tuple[Datapath, FakeKernel, Clock]:
+    clock = Clock()
+    k = FakeKernel(clock, links={"lo": "00:00:00:00:00:00", "eth0": "52:54:00:00:00:01"})
+    k.sysctls = {name: "0" for name in sysctl_settings("eth0")}
+    spec = DatapathSpec(farm="web", interface="eth0", rules=[Rule(vip=V4, port=80)], lease_s=3)
+    return Datapath(spec, k, tmp_path, clock=clock), k, clock
+
+
+def test_a_released_bucket_is_kept_in_the_same_transaction(tmp_path: Path) -> None:
+    dp, k, _ = make_kept(tmp_path)
+    dp.start([1, 2, 3])
+    assert dp.kept == set()
+    calls = len(k.batches)
+    assert dp.set_owned([3, 4]) == {3, 4}
+    assert dp.kept == {1, 2} and k.kept["vipfarm_web"] == {1, 2}
+    assert len(k.batches) == calls  # sets only: no ruleset apply
+    assert dp.set_owned([1, 3]) == {1, 3}
+    assert dp.kept == {1, 2, 4} and dp.lingering == {2, 4}  # 1 is owned again
+
+
+def test_traffic_keeps_an_owned_bucket_so_its_connections_outlive_the_lease(
+    tmp_path: Path,
+) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    dp.start([1, 2])
+    assert k.frame("web", 1) == "owned" and k.frame("web", 9) == "dropped"
+    k.conntrack = {1: 1}
+    clock.t += 3.5  # the daemon died: nothing renews the leases
+    assert dp.read_owned() == set()
+    assert k.frame("web", 1) == "kept"  # its connection goes on
+    assert k.frame("web", 2) == "dropped"  # no traffic, nothing kept
+    clock.t += 5
+    assert dp.sweep().released == set()  # still intended: not released
+
+
+def test_sweep_releases_a_kept_bucket_once_its_last_connection_is_gone(tmp_path: Path) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    dp.start([1, 2])
+    k.conntrack = {1: 3, 2: 1}
+    dp.set_owned([])
+    assert dp.kept == {1, 2}
+    # inside the grace period nothing is released, even with no connection
+    k.conntrack = {1: 3}
+    assert dp.sweep().released == set()
+    clock.t += 1.5
+    result = dp.sweep()
+    assert result.released == {2} and result.kept == {1} and dp.kept == {1}
+    k.conntrack = {1: 0}
+    assert dp.sweep().released == {1}
+    assert dp.kept == set() and k.kept["vipfarm_web"] == set()
+
+
+def test_an_incomplete_scan_releases_nothing(tmp_path: Path) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    dp.start([1, 2])
+    dp.set_owned([])
+    clock.t += 2
+    k.conntrack = {1: 10}
+    result = dp.sweep(budget=5)
+    assert not result.complete and result.released == set() and dp.kept == {1, 2}
+    assert dp.sweep().released == {2}
+
+
+def test_a_bucket_acquired_during_the_scan_is_not_released(tmp_path: Path) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    dp.start([1, 2])
+    dp.set_owned([])
+    clock.t += 2
+
+    def meanwhile() -> None:  # re-acquired and given away again while the scan ran
+        k.scan_hook = None
+        dp.set_owned([1])
+        dp.set_owned([])
+
+    k.scan_hook = meanwhile
+    result = dp.sweep()
+    assert result.released == {2} and dp.kept == {1}
+    clock.t += 2
+    assert dp.sweep().released == {1}
+
+
+def test_sweep_adopts_connections_whose_bucket_is_in_neither_set(tmp_path: Path) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    dp.start([1])
+    k.conntrack = {1: 2, 7: 1, 9999: 1}  # 9999: not a bucket of this spec, never adopted
+    result = dp.sweep()
+    assert result.adopted == {7} and dp.kept == {7}  # 1 is owned: nothing to adopt
+    k.conntrack = {1: 2}
+    clock.t += 2
+    assert dp.sweep().released == {7}
+
+
+def test_start_keeps_the_kept_buckets_a_crashed_run_left(tmp_path: Path) -> None:
+    dp, k, _ = make_kept(tmp_path)
+    dp.start([1, 2])
+    dp.set_owned([2])
+    dp2 = Datapath(dp.spec, k, tmp_path, clock=dp.clock)
+    dp2.start([])
+    assert dp2.kept == {1, 2}  # 2 was owned when it crashed: kept by the new start's release
+    dp2.stop()
+    assert dp2.kept == set()
+
+
+def test_sweeper_counts_failures_and_goes_on(tmp_path: Path) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    dp.start([1])
+    dp.set_owned([])
+    sweeper = Sweeper(dp)
+    k.fail_on.add("ct_scan")
+    assert sweeper.sweep_once() is None and sweeper.sweep_once() is None
+    assert sweeper.counters["sweep_errors"] == 2
+    k.fail_on.clear()
+    clock.t += 2
+    result = sweeper.sweep_once()
+    assert result is not None and result.released == {1} and sweeper.counters["sweeps"] == 1
+
+
+def test_sweeper_rests_long_with_nothing_kept_and_a_poke_wakes_it(tmp_path: Path) -> None:
+    dp, _, _ = make_kept(tmp_path)
+    dp.start([1])
+    sweeper = Sweeper(dp, period_s=0.01, idle_s=3600)
+    sweeper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sweeper.counters["sweeps"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sweeper.counters["sweeps"] == 1  # nothing kept: resting for the idle period
+        dp.set_owned([])
+        sweeper.poke()
+        while sweeper.counters["sweeps"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # kept now: sweeping at the short period
+        assert sweeper.counters["sweeps"] >= 3
+    finally:
+        sweeper.stop()

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from vipfarm.datapath import ruleset
-from vipfarm.datapath.spec import Affinity, DatapathSpec, Proto, Rule, vmac_for
+from vipfarm.datapath.spec import Affinity, DatapathSpec, DecisionPoint, Proto, Rule, vmac_for
 
 V4 = ipaddress.ip_address("198.51.100.100")
 V6 = ipaddress.ip_address("2001:db8:100::100")
@@ -42,7 +42,7 @@ def test_hash_key_per_affinity() -> None:
     assert sub6 == {"&": [{"payload": {"protocol": "ip6", "field": "saddr"}}, "ffff:ffff:ffff::"]}
 
 
-def test_chain_order_established_first_then_syn_guard_then_hash_then_drop() -> None:
+def test_inet_chain_order_established_first_then_syn_guard_then_owned_bit_then_drop() -> None:
     s = spec(
         Rule(vip=V4, port=80),
         Rule(vip=V4, proto=Proto.UDP, port=7000, port_end=7010),
@@ -53,42 +53,119 @@ def test_chain_order_established_first_then_syn_guard_then_hash_then_drop() -> N
     texts = [rendered(r) for r in rules]
     assert '"ct"' in texts[0] and '"accept"' in texts[0]
     assert '"icmp"' in texts[1] and "destination-unreachable" in texts[1]
-    # TCP: a non-SYN to the port is dropped before any hashing
+    # TCP: a non-SYN to the port is dropped before anything else
     assert '"syn", "ack"' in texts[2] and texts[2].endswith('{"drop": null}]')
-    assert '"jhash"' in texts[3] and '"mod": 512' in texts[3] and '"seed": 42' in texts[3]
-    # new flows only when the application listens: no RST from a node whose app died
-    assert rules[3].index(ruleset.LISTENING) < next(
-        i for i, e in enumerate(rules[3]) if "mangle" in e
-    )
-    # a new flow is accepted (and counted) only when its bucket is owned; else counted, dropped
-    assert '"@owned"' in texts[3] and texts[3].endswith('{"accept": null}]')
+    # the bucket was computed at ingress: here only the owned bit is tested, then the socket
+    owned_bit = {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 0x80000000]},
+                           "right": 0x80000000}}  # fmt: skip
+    assert owned_bit in rules[3]
+    assert rules[3].index(owned_bit) < rules[3].index(ruleset.LISTENING)
+    # the accepted flow's conntrack entry carries the mark: the owned bit and the bucket
+    ct_mark = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"meta": {"key": "mark"}}}}
+    assert ct_mark in rules[3] and texts[3].endswith('{"accept": null}]')
     accepted, dropped = ruleset.counter_names(s.rules[0])
     assert {"counter": accepted} in rules[3] and {"counter": dropped} in rules[4]
-    assert texts[4].endswith('{"drop": null}]') and '"jhash"' not in texts[4]
+    assert texts[4].endswith('{"drop": null}]')
     # UDP range has no SYN guard and matches the range
-    assert '"range": [7000, 7010]' in texts[5] and '"jhash"' in texts[5]
-    assert "echo-request" in texts[7]
+    assert '"range": [7000, 7010]' in texts[5] and owned_bit in rules[5]
+    assert "echo-request" in texts[7] and owned_bit in rules[7]
     assert texts[-1].endswith('{"drop": null}]') and "198.51.100.100" in texts[-1]
-    assert sum('"jhash"' in t for t in texts) == 3
+    assert not any('"jhash"' in t for t in texts)  # no hashing after conntrack
+
+
+def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
+    s = spec(
+        Rule(vip=V4, port=80),
+        Rule(vip=V6, proto=Proto.UDP, port=53, affinity=Affinity.CLIENT_SUBNET, prefix6=48),
+        buckets=512,
+        seed=42,
+    )
+    hooked = [rendered(r) for r in ruleset.ingress_rules(s)]
+    assert vmac_for("web", V4) in hooked[0] and '"pkttype"' in hooked[0]
+    assert '"jump": {"target": "vip"}' in hooked[1] and '"ip"' in hooked[1]
+    assert '"ip6"' in hooked[2]
+    # one map lookup per family sends a rule's frames to the chain of its hash key
+    texts = [rendered(r) for r in ruleset.decide_rules(s)]
+    assert '"vmap"' in texts[0] and '"@rules4"' in texts[0] and '"th"' in texts[0]
+    assert '"vmap"' in texts[1] and '"@rules6"' in texts[1] and '"ip6"' in texts[1]
+    assert "echo-request" in texts[2] and "echo-request" in texts[3]
+    assert len(texts) == 4  # anything else goes on to the inet table
+    maps = ruleset.rule_maps(s)
+    assert maps["rules4"] == [
+        [{"concat": [str(V4), "tcp", 80]}, {"goto": {"target": "h4_client-ip"}}]
+    ]
+    assert maps["rules6"] == [
+        [{"concat": [str(V6), "udp", 53]}, {"goto": {"target": "h6_client-subnet_48"}}]
+    ]
+    chains = ruleset.hash_chains(s)
+    assert set(chains) == {"h4_client-ip", "h6_client-subnet_48"}
+    for rule in s.rules:
+        text = rendered(chains[ruleset.hash_chain(rule)])
+        key = json.dumps(ruleset.hash_key(rule), sort_keys=True)
+        assert '"jhash"' in text and '"mod": 512' in text and '"seed": 42' in text
+        assert key in text and text.endswith('{"goto": {"target": "bucket"}}]')
+    # rules with the same hash key share its chain; a range is an interval element
+    many = spec(*(Rule(vip=V4, port=p, affinity=Affinity.CLIENT_IP_PORT) for p in (80, 443)),
+                Rule(vip=V4, proto=Proto.UDP, port=7000, port_end=7010,
+                     affinity=Affinity.CLIENT_IP_PORT))  # fmt: skip
+    assert set(ruleset.hash_chains(many)) == {"h4_client-ip-port_tcp", "h4_client-ip-port_udp"}
+    # single ports in a hash map, ranges in an interval map (slower to fill: only when needed)
+    assert [len(v) for v in ruleset.rule_maps(many).values()] == [2, 1]
+    ranged = ruleset.rule_maps(many)["ranges4"][0][0]
+    assert ranged == {"concat": [str(V4), "udp", {"range": [7000, 7010]}]}
+    decide = [rendered(r) for r in ruleset.decide_rules(many)]
+    assert '"@rules4"' in decide[0] and '"@ranges4"' in decide[1]
+    made = [c["add"]["map"] for c in ruleset.ruleset_batch(many) if "map" in c.get("add", {})]
+    assert [(m["name"], m.get("flags")) for m in made] == [
+        ("rules4", None),
+        ("ranges4", ["interval"]),
+    ]
+    bucket = [rendered(r) for r in ruleset.bucket_rules(s)]
+    assert '"@owned"' in bucket[0] and '"|"' in bucket[0] and bucket[0].endswith('"accept": null}]')
+    assert {"set": {"op": "add", "elem": {"meta": {"key": "mark"}}, "set": "@kept"}} in (
+        ruleset.bucket_rules(s)[0]
+    )
+    # not kept either: dropped after one more lookup
+    assert '"@kept"' in bucket[1] and '"op": "!="' in bucket[1]
+    assert bucket[1].endswith('{"counter": "foreign"}, {"drop": null}]')
+    # kept: a pure SYN is the new owner's, anything else goes on to conntrack
+    assert '"syn", "ack"' in bucket[2] and bucket[2].endswith('{"drop": null}]')
+    assert bucket[3] == '[{"accept": null}]'
+
+
+def test_prerouting_decision_point_drops_nothing_at_ingress() -> None:
+    s = spec(Rule(vip=V4, port=80), decide_at=DecisionPoint.PREROUTING)
+    bucket = [rendered(r) for r in ruleset.bucket_rules(s)]
+    assert len(bucket) == 2 and '"@owned"' in bucket[0] and bucket[1] == '[{"accept": null}]'
+    assert not any('"drop"' in t for t in bucket)
 
 
 def test_dual_stack_rules_per_family() -> None:
     s = spec(Rule(vip=V4, port=80), Rule(vip=V6, port=80))
     texts = [rendered(r) for r in ruleset.main_chain_rules(s)]
     assert any('"icmpv6"' in t and "packet-too-big" in t for t in texts)
-    assert any('"ip6"' in t and '"jhash"' in t for t in texts)
+    assert any('"ip6"' in t and '"jhash"' in t for t in map(rendered, ruleset.decide_rules(s)))
     assert sum(t.endswith('{"drop": null}]') and '"set"' in t for t in texts) == 2
 
 
 def test_batch_is_one_idempotent_transaction() -> None:
     s = spec(Rule(vip=V4, port=80))
     batch = ruleset.ruleset_batch(s)
-    verbs = [next(iter(c)) for c in batch]
-    # the stateless netdev table is recreated; the inet table is only flushed, so the owned set
-    # (and its leases) survives a re-apply
-    assert verbs[:3] == ["add", "delete", "add"]
-    assert {"delete": {"table": {"family": "inet", "name": "vipfarm_web"}}} not in batch
-    assert {"flush": {"chain": {"family": "inet", "table": "vipfarm_web", "name": "pre"}}} in batch
+    # no table is deleted: the netdev table holds the sets (leases, kept buckets), and both
+    # tables' chains are only flushed and refilled
+    assert not any("table" in c.get("delete", {}) for c in batch)
+    sets = [c["add"]["set"] for c in batch if "set" in c.get("add", {})]
+    assert [(x["family"], x["name"], x.get("flags")) for x in sets] == [
+        ("netdev", "owned", ["timeout"]),
+        ("netdev", "kept", None),  # nft makes it dynamic: a rule adds to it
+    ]
+    again = ruleset.ruleset_batch(s, kept_exists=True)  # an update: the set is not added again
+    assert [c for c in batch if c not in again] == [{"add": {"set": {**sets[1], "type": "mark"}}}]
+    flushed = [c["flush"].get("chain") or c["flush"]["map"] for c in batch if "flush" in c]
+    assert {(c["family"], c["name"]) for c in flushed} == {
+        ("netdev", "ingress"), ("netdev", "vip"), ("netdev", "bucket"), ("netdev", "h4_client-ip"),
+        ("netdev", "rules4"), ("inet", "pre"), ("inet", "vip"),
+    }  # fmt: skip
     chains = [c["add"]["chain"] for c in batch if "chain" in c.get("add", {})]
     ingress = next(c for c in chains if c.get("hook") == "ingress")
     assert ingress["dev"] == "eth0" and ingress["prio"] == -500
@@ -97,6 +174,38 @@ def test_batch_is_one_idempotent_transaction() -> None:
     vmac_rule = next(c for c in batch if c.get("add", {}).get("rule", {}).get("chain") == "ingress")
     assert vmac_for("web", V4) in rendered(vmac_rule["add"]["rule"]["expr"])
     assert ruleset.ruleset_batch(s) == batch  # deterministic
+    # notrack is off: its chains are removed (add first, so that works when they are absent)
+    raw = [c for c in batch if c.get("delete", {}).get("chain", {}).get("name") == "raw_pre"]
+    assert len(raw) == 1
+
+
+def test_fresh_batch_recreates_the_hooked_chain_and_the_inet_table_only() -> None:
+    batch = ruleset.ruleset_batch(spec(Rule(vip=V4, port=80)), fresh=True)
+    deleted = [c["delete"] for c in batch if "delete" in c]
+    assert {"chain": {"family": "netdev", "table": "vipfarm_web", "name": "ingress"}} in deleted
+    assert {"table": {"family": "inet", "name": "vipfarm_web"}} in deleted
+    assert not any(d.get("table", {}).get("family") == "netdev" for d in deleted)
+    assert not any("set" in d for d in deleted)
+
+
+def test_notrack_exempts_what_is_not_to_or_from_a_vip() -> None:
+    s = spec(Rule(vip=V4, port=80), notrack_other=True)
+    assert [rendered(r) for r in ruleset.notrack_rules(s, "in")] == [
+        rendered([{"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                             "right": {"set": [str(V4)]}}}, {"notrack": None}]),
+        rendered([{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}},
+                  {"notrack": None}]),
+    ]  # fmt: skip
+    assert '"saddr"' in rendered(ruleset.notrack_rules(s, "out")[0])
+    batch = ruleset.ruleset_batch(s)
+    hooks = {
+        c["add"]["chain"]["name"]: (c["add"]["chain"]["hook"], c["add"]["chain"]["prio"])
+        for c in batch
+        if "hook" in c.get("add", {}).get("chain", {})
+    }
+    assert hooks["raw_pre"] == ("prerouting", -300) and hooks["raw_out"] == ("output", -300)
+    chains = {c["add"]["rule"]["chain"] for c in batch if "rule" in c.get("add", {})}
+    assert {"raw_pre", "raw_out"} <= chains
 
 
 def test_counters_are_named_after_the_rule_and_declared_in_the_batch() -> None:
@@ -109,7 +218,7 @@ def test_counters_are_named_after_the_rule_and_declared_in_the_batch() -> None:
     assert ruleset.counter_names(udp6)[0] == "new_udp_2001_db8_100__100_53_accepted"
     batch = ruleset.ruleset_batch(spec(tcp, udp6))
     declared = [c["add"]["counter"]["name"] for c in batch if "counter" in c.get("add", {})]
-    assert declared == [*ruleset.counter_names(tcp), *ruleset.counter_names(udp6)]
+    assert declared == ["foreign", *ruleset.counter_names(tcp), *ruleset.counter_names(udp6)]
     first_rule = next(
         i for i, c in enumerate(batch) if c.get("add", {}).get("rule", {}).get("family") == "inet"
     )
@@ -131,10 +240,25 @@ def test_parse_counters_listing() -> None:
 def test_owned_text_leases_in_milliseconds() -> None:
     text = ruleset.owned_text("web", [5, 1, 5], 0.3)
     assert text.splitlines() == [
-        "flush set inet vipfarm_web owned",
-        "add element inet vipfarm_web owned { 1 timeout 300ms, 5 timeout 300ms }",
+        "flush set netdev vipfarm_web owned",
+        "add element netdev vipfarm_web owned { 1 timeout 300ms, 5 timeout 300ms }",
     ]
-    assert ruleset.owned_text("web", [], 1).splitlines() == ["flush set inet vipfarm_web owned"]
+    assert ruleset.owned_text("web", [], 1).splitlines() == ["flush set netdev vipfarm_web owned"]
+
+
+def test_sets_text_moves_buckets_between_owned_and_kept_in_one_batch() -> None:
+    text = ruleset.sets_text("web", [1], 1, keep=[7, 3], unkeep=[1])
+    assert text.splitlines() == [
+        "flush set netdev vipfarm_web owned",
+        "add element netdev vipfarm_web owned { 1 timeout 1000ms }",
+        "add element netdev vipfarm_web kept { 3, 7 }",
+        # a removal that succeeds whether or not the element is there
+        "add element netdev vipfarm_web kept { 1 }",
+        "delete element netdev vipfarm_web kept { 1 }",
+    ]
+    assert ruleset.sets_text("web", None, 0, keep=[2]).splitlines() == [
+        "add element netdev vipfarm_web kept { 2 }"
+    ]
 
 
 def test_parse_owned_listing() -> None:
@@ -194,6 +318,7 @@ def test_only_vip_traffic_enters_the_vip_chain() -> None:
     chains = {
         c["add"]["rule"]["chain"] for c in ruleset.ruleset_batch(s) if "rule" in c.get("add", {})
     }
-    assert chains == {"ingress", "pre", "vip", "bucket"}
+    # netdev: ingress, vip, bucket and the hash chain; inet: pre, vip
+    assert chains == {"ingress", "pre", "vip", "bucket", "h4_client-ip", "h6_client-ip"}
     only_v4 = ruleset.hook_rules(spec(Rule(vip=V4, port=80)))
     assert len(only_v4) == 1

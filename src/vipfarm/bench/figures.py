@@ -12,7 +12,9 @@ client namespace, every variant in both modes, rounds interleaved (see `vipfarm.
   every frame sent to the VMAC (the switch floods it) and drop it. The CPU this costs is the
   difference in CPU per request between runs where the switch floods the non-owners and runs
   where their switch ports do not flood unknown unicast (`bridge_slave flood off`), everything
-  else equal.
+  else equal; measured for each decision point (`DecisionPoint`: the netdev ingress chain, the
+  default, and the inet prerouting chain after conntrack, as before issue 14), switched on the
+  running lab between runs.
 
 In every lab the switch floods the VMAC to the nodes only (`vipfarm.bench.switch`), and CPU per
 request counts the lab's own tasks, softirq included (`vipfarm.bench.cpu`).
@@ -48,6 +50,7 @@ from vipfarm.bench.plots import bar_panels
 from vipfarm.bench.profile import profile_variants
 from vipfarm.bench.switch import node_port, set_flood, tx_packets
 from vipfarm.bench.wrk import Mode
+from vipfarm.datapath.spec import DecisionPoint
 from vipfarm.lab.testbed import Lab, url_for
 from vipfarm.lab.topology import BUCKETS, LabError, node_lan4, node_name
 
@@ -201,27 +204,40 @@ THROUGHPUT = register(
 
 # ---- data path overhead on one node
 
-OVERHEAD_VARIANTS = ("node_vip", "node_direct", "node_bare")
+OVERHEAD_VARIANTS = ("node_vip", "node_direct", "node_direct_notrack", "node_bare")
+PROFILED_OVERHEAD = ("node_vip", "node_direct", "node_bare")
 
 
 def _overhead(ctx: Context) -> ScenarioResult:
     with ctx.lab(nodes=1) as lab, ctx.lab(nodes=1, datapath=False) as bare:
+
+        def notrack(on: bool) -> Callable[[], None]:
+            def before() -> None:
+                if lab.spec.notrack_other is not on:
+                    lab.update_spec(notrack_other=on)
+
+            return before
+
         targets = {
-            "node_vip": Target(lab, url_for()),
-            "node_direct": Target(lab, _direct()),
+            "node_vip": Target(lab, url_for(), before=notrack(False)),
+            "node_direct": Target(lab, _direct(), before=notrack(False)),
+            "node_direct_notrack": Target(lab, _direct(), before=notrack(True)),
             "node_bare": Target(bare, _direct()),
         }
         runs = ctx.interleave("overhead", targets)
-        profile = _profile(ctx, targets, OVERHEAD_VARIANTS)
+        notrack(False)()
+        profile = _profile(ctx, targets, PROFILED_OVERHEAD)
     f = FigureSet()
     f.add_wrk(runs, OVERHEAD_VARIANTS)
     for key, a, b, combine in (
         ("datapath_overhead_pct", "node_vip", "node_direct", _loss_pct),
         ("datapath_overhead_vs_bare_pct", "node_vip", "node_bare", _loss_pct),
         ("datapath_side_cost_pct", "node_direct", "node_bare", _loss_pct),
+        ("datapath_side_cost_notrack_pct", "node_direct_notrack", "node_bare", _loss_pct),
         ("datapath_cpu_pct", "node_vip", "node_direct", _cpu_extra_pct),
         ("datapath_cpu_vs_bare_pct", "node_vip", "node_bare", _cpu_extra_pct),
         ("datapath_side_cpu_pct", "node_direct", "node_bare", _cpu_extra_pct),
+        ("datapath_side_cpu_notrack_pct", "node_direct_notrack", "node_bare", _cpu_extra_pct),
     ):
         f.add(key, paired_values(runs, a, b, combine))
     return f.result(runs, profile=profile)
@@ -252,6 +268,8 @@ OVERHEAD = register(
                 {
                     "node_vip": "1-node farm through the VIP",
                     "node_direct": "the same node by its real address (data path loaded)",
+                    "node_direct_notrack": "the same, with notrack_other on (that traffic "
+                    "exempt from conntrack)",
                     "node_bare": "an identical node in a lab without the data path",
                 }
             ),
@@ -261,25 +279,31 @@ OVERHEAD = register(
             "vipfarm, %",
             "datapath_side_cost_pct": "requests/s lost by traffic to the real address when the "
             "data path is loaded (conntrack then tracks every flow of the namespace), %",
+            "datapath_side_cost_notrack_pct": "the same with notrack_other on, %",
             "datapath_cpu_pct": "extra CPU per request through the VIP vs the same node's real "
             "address, %: the data path's own cost, unblurred by other tenants",
             "datapath_cpu_vs_bare_pct": "extra CPU per request through the VIP vs a node "
             "without vipfarm, %",
             "datapath_side_cpu_pct": "extra CPU per request to the real address when the data "
             "path is loaded, %",
+            "datapath_side_cpu_notrack_pct": "the same with notrack_other on, %",
         },
         method=(
             "Two 1-node labs up side by side: one with the data path (all 256 buckets on the "
             "node), one without. wrk requests the VIP and the real address of the first, and the "
             "real address of the second. The VIP costs what the design adds: frames to the VMAC "
-            "are flooded (here to the node only), turned to `pkttype host` at ingress, and each "
-            "new flow is hashed and matched against the owned set after conntrack. Loading the "
+            "are flooded (here to the node only), turned to `pkttype host`, hashed into their "
+            "bucket and matched against the owned set at ingress, then tracked. Loading the "
             "data path also costs traffic that does not go to the VIP: conntrack then tracks "
-            "every flow of the namespace, and the prerouting chain sees every packet. Overheads "
+            "every flow of the namespace, and the prerouting chain sees every packet; the "
+            "`node_direct_notrack` variant measures that traffic again with `notrack_other` on "
+            "(the lab switches it between runs: a spec reload of the runner). Overheads "
             "are medians of per-round figures: `(1 - rps_vip / rps_other) * 100` for request "
             "rates, `(cpu_vip / cpu_other - 1) * 100` for CPU per request."
         ),
-        steps=lambda s: interleave_steps(s, len(OVERHEAD_VARIANTS), profiled=3),
+        steps=lambda s: interleave_steps(
+            s, len(OVERHEAD_VARIANTS), profiled=len(PROFILED_OVERHEAD)
+        ),
         run=_overhead,
         goals=(
             Goal("datapath_overhead_pct", "<=", 5.0, "1-node data path overhead ≤ 5% (requests/s)"),
@@ -291,6 +315,10 @@ OVERHEAD = register(
 
 
 # ---- CPU cost of the traffic a node drops
+
+
+# Variant name suffix per decision point: the default keeps the historical names.
+DROP_POINTS = {DecisionPoint.INGRESS: "", DecisionPoint.PREROUTING: "_prerouting"}
 
 
 def _drop_cost(ctx: Context) -> ScenarioResult:
@@ -305,13 +333,21 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
         def counters() -> dict[str, int]:
             return {"dropper_rx_packets": tx_packets(lab, ports)}
 
+        def setup(point: DecisionPoint, flood: bool) -> Callable[[], None]:
+            def before() -> None:
+                if lab.spec.decide_at is not point:
+                    ctx.status(f"drop_cost: decision point {point}")
+                    lab.update_spec(decide_at=point)
+                set_flood(lab, ports, flood)
+
+            return before
+
         targets = {
-            "drop_flooded": Target(
-                lab, url_for(), before=lambda: set_flood(lab, ports, True), counters=counters
-            ),
-            "drop_isolated": Target(
-                lab, url_for(), before=lambda: set_flood(lab, ports, False), counters=counters
-            ),
+            f"drop_{kind}{suffix}": Target(
+                lab, url_for(), before=setup(point, kind == "flooded"), counters=counters
+            )
+            for point, suffix in DROP_POINTS.items()
+            for kind in ("flooded", "isolated")
         }
         runs = ctx.interleave("drop_cost", targets)
         profile = _profile(ctx, targets, list(targets))
@@ -336,11 +372,12 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
         )
 
     f = FigureSet()
-    f.add_wrk(runs, ["drop_flooded", "drop_isolated"])
-    flooded = ("drop_flooded", "drop_isolated")
-    f.add("drop_cpu_us", paired_values(runs, *flooded, per_node_us))
-    f.add("drop_cpu_pct", paired_values(runs, *flooded, per_node_pct))
-    f.add("drop_cpu_us_per_packet", paired_values(runs, *flooded, per_packet_us))
+    f.add_wrk(runs, list(targets))
+    for suffix in DROP_POINTS.values():
+        pair = (f"drop_flooded{suffix}", f"drop_isolated{suffix}")
+        f.add(f"drop_cpu_us{suffix}", paired_values(runs, *pair, per_node_us))
+        f.add(f"drop_cpu_pct{suffix}", paired_values(runs, *pair, per_node_pct))
+        f.add(f"drop_cpu_us_per_packet{suffix}", paired_values(runs, *pair, per_packet_us))
     for variant, key in (
         ("drop_flooded", "drop_packets_per_request"),
         ("drop_isolated", "drop_isolated_packets_per_request"),
@@ -390,13 +427,47 @@ def _plot_drop(figures: Mapping[str, Any], out: Path) -> list[Path]:
         "CPU per request, non-owners flooded or not",
         "µs per request",
         figures,
-        [("drop_flooded_cpu_us", "non-owners flooded"), ("drop_isolated_cpu_us", "not flooded")],
+        [
+            ("drop_flooded_cpu_us", "flooded, ingress drop"),
+            ("drop_isolated_cpu_us", "not flooded, ingress drop"),
+            ("drop_flooded_prerouting_cpu_us", "flooded, prerouting drop"),
+            ("drop_isolated_prerouting_cpu_us", "not flooded, prerouting drop"),
+        ],
     )
     return [made] if made else []
 
 
 def _drop_steps(s: Settings) -> int:
-    return interleave_steps(s, 2, profiled=2)
+    n = 2 * len(DROP_POINTS)
+    return interleave_steps(s, n, profiled=n)
+
+
+def _drop_meanings() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for point, suffix in DROP_POINTS.items():
+        where = {
+            DecisionPoint.INGRESS: "dropped at netdev ingress, before conntrack (the default)",
+            DecisionPoint.PREROUTING: "dropped in prerouting after conntrack (before issue 14)",
+        }[point]
+        out.update(
+            _wrk_meanings(
+                {
+                    f"drop_flooded{suffix}": "node1 owns every bucket, the non-owners receive "
+                    f"the flood, {where}",
+                    f"drop_isolated{suffix}": "the same, the non-owners' switch ports do not "
+                    f"flood, {where}",
+                }
+            )
+        )
+        out[f"drop_cpu_us{suffix}"] = (
+            "CPU one non-owner costs per request it drops (µs; includes the software switch "
+            f"copying the frame to it), {where}"
+        )
+        out[f"drop_cpu_pct{suffix}"] = (
+            f"that, as % of the CPU the whole lab spends per request served, {where}"
+        )
+        out[f"drop_cpu_us_per_packet{suffix}"] = f"CPU per frame a non-owner drops (µs), {where}"
+    return out
 
 
 DROP_COST = register(
@@ -404,32 +475,33 @@ DROP_COST = register(
         name="drop_cost",
         title="CPU cost of traffic a node drops",
         produces={
-            **_wrk_meanings(
-                {
-                    "drop_flooded": "node1 owns every bucket, the non-owners receive the flood",
-                    "drop_isolated": "the same, the non-owners' switch ports do not flood",
-                }
-            ),
-            "drop_cpu_us": "CPU one non-owner costs per request it drops (µs; includes the "
-            "software switch copying the frame to it)",
-            "drop_cpu_pct": "that, as % of the CPU the whole lab spends per request served",
-            "drop_cpu_us_per_packet": "CPU per frame a non-owner drops (µs)",
+            **_drop_meanings(),
             "drop_packets_per_request": "frames each non-owner receives per request (flooded)",
             "drop_isolated_packets_per_request": "frames each non-owner receives per request "
             "when not flooded (ARP and other broadcasts only)",
         },
         method=(
             "One lab: node1 owns all 256 buckets, the other nodes own none but run the data path "
-            "and receive every frame sent to the VMAC, which the switch floods, and drop it in "
-            "their prerouting chain. Two variants alternate in every round with the same wrk "
-            "load on the VIP: the non-owners' switch ports flood unknown unicast (normal), or "
-            "do not (`bridge_slave flood off`). The difference in CPU per request between the "
-            "variants, divided by the number of non-owners, is the CPU one non-owner spends on "
-            "the traffic it drops. It includes the software bridge copying each frame to that "
-            "port, which a hardware switch does for free, so it is an upper bound."
+            "and receive every frame sent to the VMAC, which the switch floods, and drop it. "
+            "Two variants alternate in every round with the same wrk load on the VIP: the "
+            "non-owners' switch ports flood unknown unicast (normal), or do not (`bridge_slave "
+            "flood off`). The difference in CPU per request between the variants, divided by "
+            "the number of non-owners, is the CPU one non-owner spends on the traffic it drops. "
+            "It includes the software bridge copying each frame to that port, which a hardware "
+            "switch does for free, so it is an upper bound. Both variants are measured for each "
+            "decision point: the netdev ingress chain (the default: the bucket is computed "
+            "there and foreign frames never reach conntrack) and, suffixed `_prerouting`, the "
+            "old one (the ingress chain drops nothing, so each foreign frame is looked up in "
+            "conntrack, a SYN's entry allocated and freed, and dropped by the inet chain at "
+            "-150). The lab switches decision point between runs (a spec reload of every "
+            "runner); XDP was not tried (a compiled BPF object needs clang and libbpf on every "
+            "node)."
         ),
         steps=_drop_steps,
         run=_drop_cost,
+        goals=(
+            Goal("drop_cpu_us_per_packet", "<=", 0.3, "CPU per frame a non-owner drops ≤ 0.3 µs"),
+        ),
         plot=_plot_drop,
     )
 )

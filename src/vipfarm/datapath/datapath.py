@@ -9,6 +9,19 @@ crash, so a later `stop` (or the next start's cleanup) restores the operator's v
 
 Owned buckets are leases: `set_owned` replaces the whole set in one transaction and `refresh`
 re-leases it; the return value is always read back from the kernel.
+
+Kept buckets: the kernel adds every owned bucket that carries traffic to the kept set from the
+packet path (see `ruleset`), so the connections of a node whose daemon died go on after its
+lease ran out; a bucket that leaves the owned set is also added in the same transaction (a
+no-op when traffic already did). `sweep` (run by `vipfarm.datapath.sweeper`, outside the lock
+that orders ownership changes) reads conntrack and takes out of the kept set every bucket that
+is not owned, has held no live connection of this node, and left the owned set at least
+`KEEP_GRACE_S` before the scan began (packets accepted just before the release may still be on
+their way to conntrack; a bucket owned again meanwhile may have new connections the scan did
+not see). It also adopts buckets that hold live connections but are in neither set (a restart
+after a crash), so their connections go on. `kept` is the kept set as last read back from the
+kernel (owned buckets with traffic included); `lingering` the kept buckets this node does not
+own.
 """
 
 from __future__ import annotations
@@ -16,7 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vipfarm.datapath import ruleset
@@ -28,6 +43,17 @@ from vipfarm.log import event
 log = logging.getLogger("vipfarm.datapath")
 
 VIP_INTERFACE = "lo"
+KEEP_GRACE_S = 1.0
+SCAN_BUDGET = 250_000  # conntrack entries one sweep parses at most (about 5 µs each)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    released: frozenset[int]
+    adopted: frozenset[int]
+    kept: frozenset[int]  # read back
+    parsed: int  # conntrack entries
+    complete: bool  # every entry read: releases were possible
 
 
 def sysctl_settings(interface: str) -> dict[str, str]:
@@ -43,11 +69,22 @@ def sysctl_settings(interface: str) -> dict[str, str]:
 
 
 class Datapath:
-    def __init__(self, spec: DatapathSpec, kernel: Kernel, state_dir: Path) -> None:
+    def __init__(
+        self,
+        spec: DatapathSpec,
+        kernel: Kernel,
+        state_dir: Path,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.spec = spec
         self.kernel = kernel
         self.state_dir = state_dir
+        self.clock = clock
         self._owned: frozenset[int] = frozenset()
+        # When each bucket not owned now last left the owned set (or, for a bucket this run
+        # never owned, when it was found kept): the sweeper's grace counts from there.
+        self._left_owned: dict[int, float] = {}
+        self.kept: frozenset[int] = frozenset()  # read back
         # A renewal may run in another thread than a change of ownership: each writes the owned
         # set whole, so the later one must also be the one that read the latest `_owned`, or a
         # renewal could put back a bucket just released.
@@ -92,8 +129,13 @@ class Datapath:
             for name, value in sysctl_settings(self.spec.interface).items():
                 if not name.startswith("net.netfilter"):
                     self.kernel.write_sysctl(name, value)
-            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec))
+            kept_exists = self.kernel.nft_read_kept(self.spec.farm) is not None
+            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec, True, kept_exists))
             undo.append(lambda: self.kernel.nft_apply(ruleset.remove_batch(self.spec.farm)))
+            # A crashed run's owned and kept buckets still hold its connections: the first
+            # `set_owned` keeps them (the sweeper releases the empty ones).
+            self._left_owned = dict.fromkeys(self.read_kept(), self.clock())
+            self._owned = self.read_owned()
             # conntrack is loaded by the ruleset's `ct` expressions, so its sysctl exists only now.
             self.kernel.write_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
             undo.append(self._remove_macs)
@@ -133,6 +175,8 @@ class Datapath:
             except Exception as e:
                 errors.append(str(e))
         self._owned = frozenset()
+        self._left_owned = {}
+        self.kept = frozenset()
         event(log, "datapath_stopped", farm=self.spec.farm, errors=len(errors))
         if errors:
             raise DatapathError("; ".join(errors))
@@ -144,11 +188,13 @@ class Datapath:
                 "farm name or interface changed: stop the data path and start it again"
             )
         if spec.buckets != self.spec.buckets or spec.seed != self.spec.seed:
-            # Every bucket means something else now: start from nothing owned.
+            # Every bucket means something else now: start from nothing owned. Existing
+            # connections hash into new buckets too, and ingress drops those this node neither
+            # owns nor keeps: a change of buckets or seed breaks connections (documented).
             self._owned = frozenset()
         old_vips = set(self.spec.vips)
         self.spec = spec
-        self.kernel.nft_apply(ruleset.ruleset_batch(spec))
+        self.kernel.nft_apply(ruleset.ruleset_batch(spec, kept_exists=True))
         self._add_macs(spec)
         self._add_vips(spec)
         for vip in old_vips - set(spec.vips):
@@ -156,8 +202,10 @@ class Datapath:
         self._remove_macs(keep={spec.vmac(v) for v in spec.vips})
         return self.set_owned(self._owned)
 
-    # owned buckets
+    # owned and kept buckets
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
+        """Replace the owned set; released buckets are kept, in the same transaction. Returns
+        the owned set read back (and updates `kept`)."""
         wanted = frozenset(buckets)
         bad = sorted(b for b in wanted if not 0 <= b < self.spec.buckets)
         if bad:
@@ -165,9 +213,17 @@ class Datapath:
                 f"bucket(s) {bad[:5]} out of range: buckets are 0..{self.spec.buckets - 1}"
             )
         with self._owned_lock:
-            self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s)
+            released = self._owned - wanted
+            self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s, released)
             self._owned = wanted
-        return self.read_owned()
+            now = self.clock()
+            for b in wanted:
+                self._left_owned.pop(b, None)
+            for b in released:
+                self._left_owned[b] = now
+        owned = self.read_owned()
+        self.read_kept()
+        return owned
 
     def refresh(self) -> frozenset[int]:
         """Renew the lease of every owned bucket (safe from another thread than `set_owned`)."""
@@ -178,6 +234,56 @@ class Datapath:
     def read_owned(self) -> frozenset[int]:
         got = self.kernel.nft_read_owned(self.spec.farm)
         return got if got is not None else frozenset()
+
+    def read_kept(self) -> frozenset[int]:
+        got = self.kernel.nft_read_kept(self.spec.farm)
+        self.kept = got if got is not None else frozenset()
+        return self.kept
+
+    @property
+    def lingering(self) -> frozenset[int]:
+        """Kept buckets this node does not own: given away, connections still served."""
+        return self.kept - self._owned
+
+    def sweep(self, budget: int = SCAN_BUDGET) -> SweepResult:
+        """Release kept buckets whose last connection ended; adopt buckets whose connections
+        lost their way into the sets. Blocking (a conntrack dump): call it from a worker."""
+        t0 = self.clock()
+        kept = self.read_kept()
+        scan = self.kernel.ct_scan(budget)
+        kernel_owned = self.read_owned()
+        with self._owned_lock:
+            release = frozenset(
+                b
+                for b in kept
+                if scan.complete
+                and b not in scan.live
+                and b not in self._owned
+                and b not in kernel_owned
+                and t0 - self._left_owned.setdefault(b, t0) >= KEEP_GRACE_S
+            )
+            adopt = frozenset(
+                b
+                for b in scan.live - kernel_owned - kept
+                if 0 <= b < self.spec.buckets and b not in self._owned
+            )
+            if release or adopt:
+                self.kernel.nft_update_kept(self.spec.farm, adopt, release)
+                now = self.clock()
+                for b in adopt:
+                    self._left_owned[b] = now
+                for b in release:
+                    self._left_owned.pop(b, None)
+        kept = self.read_kept()
+        if release or adopt:
+            event(
+                log,
+                "kept_buckets_changed",
+                released=len(release),
+                adopted=len(adopt),
+                kept=len(kept),
+            )
+        return SweepResult(release, adopt, kept, scan.parsed, scan.complete)
 
     @property
     def intended(self) -> frozenset[int]:

@@ -1,9 +1,10 @@
 """The narrow interface between the data path logic and the Linux kernel.
 
 `Kernel` lists every kernel operation the data path needs; `LinuxKernel` does them with
-libnftables (JSON API for the ruleset, its text syntax for leases), pyroute2 (addresses,
-unicast MAC filter) and /proc/sys; `tests.fakes.kernel.FakeKernel` keeps the same state in
-memory for unit tests. Every method acts on the network namespace of the calling process.
+libnftables (JSON API for the ruleset, its text syntax for leases and kept buckets), pyroute2
+(addresses, unicast MAC filter), ctnetlink (`vipfarm.datapath.conntrack`) and /proc/sys;
+`tests.fakes.kernel.FakeKernel` keeps the same state in memory for unit tests. Every
+method acts on the network namespace of the calling process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from vipfarm.datapath import ruleset
+from vipfarm.datapath import conntrack, ruleset
+from vipfarm.datapath.conntrack import Scan
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.errors import VipfarmError
 
@@ -27,9 +29,29 @@ class DatapathError(VipfarmError):
 
 class Kernel(Protocol):
     def nft_apply(self, batch: list[dict[str, Any]]) -> None: ...
-    def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None: ...
+    def nft_set_owned(
+        self,
+        farm: str,
+        buckets: frozenset[int],
+        lease_s: float,
+        keep: frozenset[int] = frozenset(),
+        unkeep: frozenset[int] = frozenset(),
+    ) -> None:
+        """Replace the owned set (each bucket leased for `lease_s`), add `keep` to the kept set
+        and take `unkeep` out of it: one transaction."""
+        ...
+
+    def nft_update_kept(self, farm: str, add: frozenset[int], remove: frozenset[int]) -> None: ...
     def nft_read_owned(self, farm: str) -> frozenset[int] | None:
         """The owned set, or None when the farm's table does not exist."""
+        ...
+
+    def nft_read_kept(self, farm: str) -> frozenset[int] | None:
+        """The kept set, or None when the farm's table does not exist."""
+        ...
+
+    def ct_scan(self, budget: int) -> Scan:
+        """The buckets with a live conntrack entry this node accepted (see `conntrack`)."""
         ...
 
     def link_mac(self, ifname: str) -> str: ...
@@ -111,20 +133,47 @@ class LinuxKernel:
             rc, _out, err = self._nft.cmd(text)
         self._check(rc, err, "apply the ruleset")
 
-    def nft_set_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
+    def _lease_cmd(self, text: str, what: str) -> None:
         with self._lease_lock:
-            rc, _out, err = self._lease_nft.cmd(ruleset.owned_text(farm, buckets, lease_s))
-        self._check(rc, err, "update the owned buckets")
+            rc, _out, err = self._lease_nft.cmd(text)
+        self._check(rc, err, what)
 
-    def nft_read_owned(self, farm: str) -> frozenset[int] | None:
-        t = ruleset.table_name(farm)
+    def nft_set_owned(
+        self,
+        farm: str,
+        buckets: frozenset[int],
+        lease_s: float,
+        keep: frozenset[int] = frozenset(),
+        unkeep: frozenset[int] = frozenset(),
+    ) -> None:
+        text = ruleset.sets_text(farm, buckets, lease_s, keep, unkeep)
+        self._lease_cmd(text, "update the owned buckets")
+
+    def nft_update_kept(self, farm: str, add: frozenset[int], remove: frozenset[int]) -> None:
+        if add or remove:
+            text = ruleset.sets_text(farm, None, 0, add, remove)
+            self._lease_cmd(text, "update the kept buckets")
+
+    def _read_set(self, farm: str, name: str) -> frozenset[int] | None:
         with self._lease_lock:
-            rc, out, err = self._lease_nft.cmd(f"list set inet {t} {ruleset.OWNED_SET}")
+            rc, out, err = self._lease_nft.cmd(ruleset.list_set_command(farm, name))
         if rc != 0:
             if "No such file or directory" in err or "does not exist" in err:
                 return None
-            self._check(rc, err, "read the owned buckets")
+            self._check(rc, err, f"read the {name} buckets")
         return ruleset.parse_owned(json.loads(out))
+
+    def nft_read_owned(self, farm: str) -> frozenset[int] | None:
+        return self._read_set(farm, ruleset.OWNED_SET)
+
+    def nft_read_kept(self, farm: str) -> frozenset[int] | None:
+        return self._read_set(farm, ruleset.KEPT_SET)
+
+    def ct_scan(self, budget: int) -> Scan:
+        try:
+            return conntrack.scan(ruleset.OWNED_MARK, ruleset.BUCKET_MASK, budget)
+        except OSError as e:
+            raise DatapathError(f"cannot read conntrack over netlink: {e}") from e
 
     # links and addresses
     def _index(self, ifname: str) -> int:

@@ -1,7 +1,9 @@
 """The data path as the asyncio programs (the stand-alone runner, the daemon) use it.
 
-`DatapathService` composes the kernel state (`Datapath`) with the ARP and NDP responders, and
-announces the VMACs (gratuitous ARP, unsolicited NA) on start and after every change of ownership.
+`DatapathService` composes the kernel state (`Datapath`) with the ARP and NDP responders and the
+sweeper of kept buckets (`vipfarm.datapath.sweeper`, a thread started and stopped with the
+data path), and announces the VMACs (gratuitous ARP, unsolicited NA) on start and after every
+change of ownership.
 """
 
 from __future__ import annotations
@@ -17,17 +19,24 @@ from vipfarm.datapath.kernel import Kernel, LinuxKernel
 from vipfarm.datapath.ndp import ETH_P_IPV6, NdpResponder, ns_filter
 from vipfarm.datapath.packet import PacketService
 from vipfarm.datapath.spec import DatapathSpec
+from vipfarm.datapath.sweeper import Sweeper
 
 
 class DatapathService:
     def __init__(self, spec: DatapathSpec, state_dir: Path, kernel: Kernel | None = None) -> None:
         self.kernel = kernel or LinuxKernel()
         self.datapath = Datapath(spec, self.kernel, state_dir)
+        self.sweeper = Sweeper(self.datapath)
         self.responders: list[PacketService] = []
 
     @property
     def spec(self) -> DatapathSpec:
         return self.datapath.spec
+
+    @property
+    def kept(self) -> frozenset[int]:
+        """The kept buckets as last read back from the kernel (by a change or a sweep)."""
+        return self.datapath.kept
 
     def _start_responders(self, spec: DatapathSpec) -> None:
         self._stop_responders()
@@ -64,12 +73,16 @@ class DatapathService:
             self._stop_responders()
             self.datapath.stop()
             raise
+        self.sweeper.start()
         return result
 
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
         wanted = frozenset(buckets)
+        released = self.datapath.intended - wanted
         changed = wanted != self.datapath.intended
         result = self.datapath.set_owned(wanted)
+        if released:
+            self.sweeper.poke()
         if changed:
             self.announce()
         return result
@@ -91,5 +104,6 @@ class DatapathService:
         return result
 
     def stop(self) -> None:
+        self.sweeper.stop()
         self._stop_responders()
         self.datapath.stop()

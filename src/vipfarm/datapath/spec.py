@@ -29,6 +29,13 @@ class Proto(StrEnum):
     UDP = "udp"
 
 
+class DecisionPoint(StrEnum):
+    """Where frames for other nodes' buckets are dropped (vipfarm.datapath.ruleset)."""
+
+    INGRESS = "ingress"  # the netdev ingress chain, before conntrack: the default
+    PREROUTING = "prerouting"  # after conntrack, as before issue 14: kept for comparison benches
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,6 +85,11 @@ class DatapathSpec(_Strict):
     buckets: int = Field(default=256, ge=1, le=4096)
     seed: int = Field(default=0x5EED, ge=0, le=0xFFFFFFFF)
     lease_s: float = Field(default=3.0, gt=0, le=3600)
+    decide_at: DecisionPoint = DecisionPoint.INGRESS
+    notrack_other: bool = Field(
+        default=False,
+        description="exempt traffic that is not to or from a VIP from conntrack (see ruleset)",
+    )
 
     @field_validator("rules")
     @classmethod

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from vipfarm.datapath.ruleset import OWNED_SET, parse_owned, table_name
+from vipfarm.datapath.ruleset import KEPT_SET, OWNED_SET, list_set_command, parse_owned
 from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
 from vipfarm.files import write_atomic
 from vipfarm.lab.apps import (
@@ -337,7 +337,15 @@ class Lab:
         but through the `nft` binary: a Python start per node per poll costs ~0.4 s of CPU,
         which a 32-node lab polling on 2 cores cannot afford.
         """
-        argv = ["nft", "-j", "list", "set", "inet", table_name(self.name), OWNED_SET]
+        return self._kernel_set(OWNED_SET, nodes)
+
+    def kernel_kept(self, nodes: Iterable[str] | None = None) -> dict[str, list[int] | None]:
+        """Buckets each node's kernel keeps (given away, established connections still served),
+        read like `kernel_owned`."""
+        return self._kernel_set(KEPT_SET, nodes)
+
+    def _kernel_set(self, name: str, nodes: Iterable[str] | None) -> dict[str, list[int] | None]:
+        argv = ["nft", "-j", *list_set_command(self.name, name).split()]
         procs = {
             node: subprocess.Popen(
                 [self.ip, "netns", "exec", self.ns(node), *argv],
@@ -412,6 +420,36 @@ class Lab:
             acquired=",".join(acquire),
             ms=round((time.monotonic() - t0) * 1000),
         )
+
+    def update_spec(self, timeout: float = 30.0, **changes: Any) -> None:
+        """Change the data path spec of every node's runner (e.g. `notrack_other=True`), owned
+        buckets unchanged: rewrite the spec files, SIGHUP the runners, and wait until each has
+        logged its reload (a runner that logs an error instead fails the call)."""
+        if not self.config.datapath:
+            raise LabError(f"lab {self.name!r} runs no data path (it was started without one)")
+        self.spec = DatapathSpec.model_validate({**self.spec.model_dump(), **changes})
+        runners = self.runners()
+
+        def seen(node: str, what: str) -> int:
+            try:
+                return Path(runners[node].log).read_text(errors="replace").count(what)
+            except OSError:
+                return 0
+
+        before = {n: (seen(n, "runner_reloaded"), seen(n, "runner_error")) for n in runners}
+        for node, rec in runners.items():
+            self._write_spec(node, self.spec_owned(node))
+            os.kill(rec.pid, signal.SIGHUP)
+
+        def done() -> bool:
+            for node, (_reloads, errors) in before.items():
+                if seen(node, "runner_error") > errors:
+                    raise LabError(
+                        f"{node}: its runner refused the new spec:\n{_tail(runners[node].log)}"
+                    )
+            return all(seen(n, "runner_reloaded") > r for n, (r, _e) in before.items())
+
+        _poll("the runners to apply the new spec", done, timeout)
 
     # ---- processes
 

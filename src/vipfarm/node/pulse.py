@@ -620,6 +620,8 @@ class Pulse:
             "priority": self.priority,
             "snapshot": dataclasses.asdict(self.core.snapshot(now)),
             "kernel_owned": sorted(self.kernel_owned),
+            # given away, established connections still served (read back by the sweeper)
+            "kernel_kept": sorted(self.datapath.kept),
             "app_healthy": self.core.app_healthy,
             "link_ok": self._link_ok,
             "counters": dict(self.counters),
