@@ -42,7 +42,7 @@ def test_hash_key_per_affinity() -> None:
     assert sub6 == {"&": [{"payload": {"protocol": "ip6", "field": "saddr"}}, "ffff:ffff:ffff::"]}
 
 
-def test_inet_chain_order_established_first_then_syn_guard_then_owned_bit_then_drop() -> None:
+def test_inet_chain_order_established_syn_guard_lo_owned_bit_then_drop() -> None:
     s = spec(
         Rule(vip=V4, port=80),
         Rule(vip=V4, proto=Proto.UDP, port=7000, port_end=7010),
@@ -55,20 +55,25 @@ def test_inet_chain_order_established_first_then_syn_guard_then_owned_bit_then_d
     assert '"icmp"' in texts[1] and "destination-unreachable" in texts[1]
     # TCP: a non-SYN to the port is dropped before anything else
     assert '"syn", "ack"' in texts[2] and texts[2].endswith('{"drop": null}]')
+    # the node's own processes (over lo, which ingress never sees) are served here
+    from_lo = {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}
+    assert from_lo in rules[3] and ruleset.LISTENING in rules[3]
+    assert texts[3].endswith('{"accept": null}]') and '"mark"' not in texts[3]
     # the bucket was computed at ingress: here only the owned bit is tested, then the socket
     owned_bit = {"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 0x80000000]},
                            "right": 0x80000000}}  # fmt: skip
-    assert owned_bit in rules[3]
-    assert rules[3].index(owned_bit) < rules[3].index(ruleset.LISTENING)
+    assert owned_bit in rules[4]
+    assert rules[4].index(owned_bit) < rules[4].index(ruleset.LISTENING)
     # the accepted flow's conntrack entry carries the mark: the owned bit and the bucket
     ct_mark = {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"meta": {"key": "mark"}}}}
-    assert ct_mark in rules[3] and texts[3].endswith('{"accept": null}]')
+    assert ct_mark in rules[4] and texts[4].endswith('{"accept": null}]')
     accepted, dropped = ruleset.counter_names(s.rules[0])
-    assert {"counter": accepted} in rules[3] and {"counter": dropped} in rules[4]
-    assert texts[4].endswith('{"drop": null}]')
+    assert {"counter": accepted} in rules[4] and {"counter": dropped} in rules[5]
+    assert texts[5].endswith('{"drop": null}]')
     # UDP range has no SYN guard and matches the range
-    assert '"range": [7000, 7010]' in texts[5] and owned_bit in rules[5]
-    assert "echo-request" in texts[7] and owned_bit in rules[7]
+    assert from_lo in rules[6]
+    assert '"range": [7000, 7010]' in texts[7] and owned_bit in rules[7]
+    assert "echo-request" in texts[9] and owned_bit in rules[9]
     assert texts[-1].endswith('{"drop": null}]') and "198.51.100.100" in texts[-1]
     assert not any('"jhash"' in t for t in texts)  # no hashing after conntrack
 
