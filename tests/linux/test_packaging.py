@@ -139,7 +139,7 @@ def test_wheel_in_a_fresh_venv_writes_and_checks_a_farm(installed: Path, tmp_pat
     assert (pkg / "examples" / "web.toml").is_file()
 
 
-def test_lab_of_installed_daemons_serves_the_vip_over_an_https_api(
+def test_lab_of_installed_daemons_serves_the_vip_and_the_console_over_https(
     installed: Path, lab_factory: LabFactory, tmp_path: Path
 ) -> None:
     vipfarm = installed / "bin" / "vipfarm"
@@ -201,6 +201,20 @@ def test_lab_of_installed_daemons_serves_the_vip_over_an_https_api(
     unverified = run(["ip", "netns", "exec", lab.ns("client1"), "curl", "-s", "-m", "5", url],
                      tmp_path, check=False)  # fmt: skip
     assert '"state"' not in unverified
+    # The console ships in the package and loads over the same HTTPS: the sign-in page, its
+    # stylesheet, and nothing else without a session.
+    n1ca = str(n1 / f"{farm}-ca.crt")
+    base = f"https://{node_lan4(2)}:9010/console"
+    page = run(["ip", "netns", "exec", lab.ns("client1"), "curl", "-sf", "-m", "5", "--cacert",
+                n1ca, f"{base}/login"], tmp_path)  # fmt: skip
+    assert "<title>vipfarm console: sign in</title>" in page
+    css = run(["ip", "netns", "exec", lab.ns("client1"), "curl", "-sf", "-m", "5", "--cacert",
+               n1ca, f"{base}/static/console.css"], tmp_path)  # fmt: skip
+    assert "{" in css
+    closed = run(["ip", "netns", "exec", lab.ns("client1"), "curl", "-s", "-m", "5", "-o",
+                  "/dev/null", "-w", "%{http_code}", "--cacert", n1ca, f"{base}/api/farm"],
+                 tmp_path, check=False)  # fmt: skip
+    assert closed.startswith("4"), closed
 
 
 def _all_up(state: dict[str, object]) -> bool:
