@@ -24,7 +24,7 @@ def test_probe_counts_connections_two_nodes_answered(lab_factory: LabFactory) ->
     os.kill(runner.pid, signal.SIGSTOP)
     try:
         elements = ", ".join(f"{b} timeout 60s" for b in range(256))
-        cmd = f"add element inet {table_name(lab.name)} {OWNED_SET} {{ {elements} }}\n"
+        cmd = f"add element netdev {table_name(lab.name)} {OWNED_SET} {{ {elements} }}\n"
         lab.exec("node2", ["nft", "-f", "-"], input=cmd, check=True)
         lab.load("client1", count=40, source_port=31000, timeout=2)
     finally:

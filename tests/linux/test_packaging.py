@@ -166,6 +166,7 @@ def test_lab_of_installed_daemons_serves_the_vip_and_the_console_over_https(
             "--config", str(bundle / "nodes" / node / f"{farm}.toml"),
             "--node", node, "--run-dir", str(tmp_path / "run" / node),
             "--log-dir", str(tmp_path / "log" / node),
+            "--state-dir", str(tmp_path / "state" / node),  # never the host's /var/lib
         ]  # fmt: skip
         lab._start(f"{node}-daemon", lab.ns(node), argv)
     n1 = bundle / "nodes" / "node1"

@@ -890,11 +890,11 @@ class Manager:
     async def metrics_text(self) -> bytes:
         spec = self.config.datapath_spec(self.node)
         try:
-            flows = await asyncio.to_thread(self._flows.read, spec.farm, spec.rules)
+            flows, foreign = await asyncio.to_thread(self._flows.read, spec.farm, spec.rules)
         except Exception as e:  # a scrape must not fail for want of kernel counters
             self.counters["metrics_errors"] = self.counters.get("metrics_errors", 0) + 1
             event(self.module_log, "flow_counters_failed", logging.WARNING, error=e)
-            flows = {}
+            flows, foreign = {}, 0
         data, _ = await self._query()
         snap = _SNAPSHOT.validate_python(data["snapshot"])
         return self.metrics.render(
@@ -912,6 +912,7 @@ class Manager:
                 errors={**data["counters"], **self.counters},
                 events=data["core_events"],
                 flows=flows,
+                foreign_dropped=foreign,
                 checkers=self.supervisor.checker_results(),
                 api_refused=dict(self.api_counters.refused),
                 api_connections=self.api_counters.connections,

@@ -52,6 +52,7 @@ class NodeFacts:
     errors: Mapping[str, int] = field(default_factory=dict)
     events: Mapping[str, int] = field(default_factory=dict)
     flows: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (rule, verdict)
+    foreign_dropped: int = 0  # frames of other nodes' buckets, dropped at ingress
     checkers: Iterable[tuple[str, bool, bool | None]] = ()  # (name, healthy, last probe ok)
     api_refused: Mapping[str, int] = field(default_factory=dict)  # reason -> count
     api_connections: int = 0
@@ -70,17 +71,26 @@ class FlowCounters:
         self._lock = threading.Lock()
         self._nft: Any = None
 
-    def read(self, farm: str, rules: Iterable[Rule]) -> dict[tuple[str, str], int]:
-        """Blocking (libnftables); call it from a worker thread. Empty when the table is gone."""
+    def read(self, farm: str, rules: Iterable[Rule]) -> tuple[dict[tuple[str, str], int], int]:
+        """Packets of new flows per (rule, verdict), and frames of other nodes' buckets dropped
+        at ingress (the netdev table's `foreign` counter). Blocking (libnftables); call it from
+        a worker thread. Empty and 0 when the tables are gone."""
+        table = ruleset.table_name(farm)
         with self._lock:
             if self._nft is None:
                 import nftables
 
                 self._nft = nftables.Nftables()
                 self._nft.set_json_output(True)
-            rc, out, _err = self._nft.cmd(f"list counters table inet {ruleset.table_name(farm)}")
+            rc, out, _err = self._nft.cmd(f"list counters table inet {table}")
+            rc_f, out_f, _err_f = self._nft.cmd(
+                f"list counter netdev {table} {ruleset.FOREIGN_COUNTER}"
+            )
+        foreign = 0
+        if rc_f == 0 and out_f.strip():
+            foreign = ruleset.parse_counters(json.loads(out_f)).get(ruleset.FOREIGN_COUNTER, 0)
         if rc != 0 or not out.strip():
-            return {}
+            return {}, foreign
         packets = ruleset.parse_counters(json.loads(out))
         result: dict[tuple[str, str], int] = {}
         for rule in rules:
@@ -89,7 +99,7 @@ class FlowCounters:
             ):
                 if name in packets:
                     result[(rule_label(rule), verdict)] = packets[name]
-        return result
+        return result, foreign
 
 
 class _FactsCollector(Collector):
@@ -147,11 +157,17 @@ class _FactsCollector(Collector):
         yield failovers
         yield _counter(
             "vipfarm_new_flows",
-            "new flows (packets opening one) per rule: accepted here or dropped (another "
-            "node's bucket, or nothing listening)",
+            "new flows (packets opening one) per rule: accepted here or dropped (a bucket "
+            "this node only keeps, or nothing listening)",
             ["rule", "verdict"],
             f.flows,
         )
+        foreign = CounterMetricFamily(
+            "vipfarm_foreign_frames_dropped",
+            "frames to a VIP in other nodes' buckets, dropped at ingress before conntrack",
+        )
+        foreign.add_metric([], f.foreign_dropped)
+        yield foreign
         healthy = GaugeMetricFamily(
             "vipfarm_checker_healthy", "1 while a checker is healthy", labels=["checker"]
         )
