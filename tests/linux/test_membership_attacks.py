@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from vipfarm.lab import attacker
 from vipfarm.lab.netns import run_in_netns
 from vipfarm.lab.testbed import Lab, LabFactory
 from vipfarm.lab.topology import node_lan4
@@ -30,7 +31,6 @@ from vipfarm.membership.wire import MAGIC, VERSION, farm_id
 
 PORT = 9001  # the lab's heartbeat port (vipfarm.lab.farm)
 BUCKETS = 256
-ETH_P_IP = 0x0800
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> float:
@@ -43,31 +43,9 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> floa
 
 
 def capture(lab: Lab, where: str, src: str, seconds: float, limit: int = 200) -> list[bytes]:
-    """UDP payloads from `src` to the heartbeat port seen in `where`'s namespace (a packet
-    socket: what an attacker on the LAN sees), for `seconds` or `limit` datagrams."""
-
-    def sniff() -> list[bytes]:
-        got: list[bytes] = []
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
-        try:
-            s.settimeout(0.2)
-            end = time.monotonic() + seconds
-            want = socket.inet_aton(src)
-            while time.monotonic() < end and len(got) < limit:
-                try:
-                    pkt = s.recv(65535)
-                except TimeoutError:
-                    continue
-                ihl = (pkt[0] & 0x0F) * 4
-                if len(pkt) < ihl + 8 or pkt[9] != socket.IPPROTO_UDP or pkt[12:16] != want:
-                    continue
-                if int.from_bytes(pkt[ihl + 2 : ihl + 4], "big") == PORT:
-                    got.append(bytes(pkt[ihl + 8 :]))
-        finally:
-            s.close()
-        return got
-
-    return run_in_netns(lab.ns(where), sniff, timeout=seconds + 10)
+    """UDP payloads from `src` to the heartbeat port seen in `where`'s namespace (what an
+    attacker on the LAN sees)."""
+    return attacker.capture(lab.ns(where), src, PORT, seconds, limit)
 
 
 def send_from(

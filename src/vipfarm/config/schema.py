@@ -282,21 +282,9 @@ class ApiSection(Strict):
     # At least 3: the nodes reuse their pooled connections to each other for 2 s.
     keepalive_timeout_s: int = Field(default=5, ge=3, le=3600)
 
-    @field_validator("token_file")
+    @field_validator("token_file", "next_token_file")
     @classmethod
-    def _token_file(cls, path: Path, info: ValidationInfo) -> Path:
-        return secret_file(
-            path,
-            info,
-            what="API token",
-            min_bytes=TOKEN_MIN_BYTES,
-            max_bytes=TOKEN_MAX_BYTES,
-            text=True,
-        )
-
-    @field_validator("next_token_file")
-    @classmethod
-    def _next_token_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+    def _token_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if path is None:
             return None
         return secret_file(

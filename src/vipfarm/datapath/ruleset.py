@@ -322,16 +322,17 @@ def main_chain_rules(spec: DatapathSpec) -> list[list[Json]]:
         to_vip = _match(_payload(l3, "daddr"), {"set": vips})
         ct_ok = _match({"ct": {"key": "state"}}, ["established", "related"], op="in")
         out.append([to_vip, ct_ok, {"accept": None}])
+        # This node's own processes reach a VIP over lo, which no ingress decision sees: they
+        # are served here, whatever the bucket or the port (no other node ever receives them,
+        # so none can answer twice). Not marked: the sweeper keeps buckets for the LAN's
+        # connections only.
+        out.append([to_vip, _FROM_LO, {"accept": None}])
         out.append([to_vip, _match(_payload(icmp, "type"), {"set": errors}), {"accept": None}])
     for rule in spec.rules:
         if rule.proto is Proto.TCP:
             not_pure_syn = _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn", op="!=")
             out.append([_daddr(rule.vip), _dport(rule), not_pure_syn, {"drop": None}])
         accepted, dropped = counter_names(rule)
-        # This node's own processes reach the VIP over lo, which no ingress decision sees: serve
-        # them here, as every node would (no other node ever receives them). Not marked: the
-        # sweeper keeps buckets for the LAN's connections only.
-        out.append([_daddr(rule.vip), _dport(rule), _FROM_LO, LISTENING, {"accept": None}])
         # The owned bit first: a register compare, cheaper than the socket lookup.
         out.append(
             [
