@@ -83,6 +83,31 @@ class Watch:
         self._thread.join(timeout=30)
 
 
+class Traffic:
+    """New connections to the VIP from client1, in batches of 40, until stopped (bounded by the
+    ports 40000-59999: each connection has its own source port)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.served = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        port = 40000
+        while not self._stop.is_set() and port + 40 <= 59999:
+            replies = self.lab.load("client1", count=40, timeout=3.0, source_port=port)
+            port += 40
+            self.served += sum(1 for r in replies if r.error is None)
+            self.failed += [r.error for r in replies if r.error is not None]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
 def test_the_farm_key_is_rotated_live_without_a_gap(lab_factory: LabFactory) -> None:
     lab = lab_factory(nodes=3, daemon=True, app="builtin")
     old_key = (lab.dir / "farm.key").read_bytes().rstrip(b"\n")
@@ -96,6 +121,7 @@ def test_the_farm_key_is_rotated_live_without_a_gap(lab_factory: LabFactory) -> 
     base = lab.farm_config.read_text()
     key_line = next(line for line in base.splitlines() if line.startswith("key_file = "))
     watch = Watch(lab)
+    traffic = Traffic(lab)
     try:
         deploy(
             lab, base.replace(key_line, f"{key_line}\nnext_key_file = {json.dumps(str(new_file))}")
@@ -113,9 +139,11 @@ def test_the_farm_key_is_rotated_live_without_a_gap(lab_factory: LabFactory) -> 
         )
         lab.wait_farm_up(10)
     finally:
+        traffic.stop()
         watch.stop()
     assert watch.polls > 10
     assert watch.bad == []
+    assert traffic.served > 100 and traffic.failed == [], (traffic.served, traffic.failed[:5])
     for node in lab.node_names:
         log = (lab.dir / "nodelogs" / node / "module.log").read_text()
         assert "peer_down" not in log, log[-3000:]
