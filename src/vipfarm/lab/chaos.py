@@ -54,7 +54,15 @@ from pathlib import Path
 from vipfarm.lab import attacker, testbed
 from vipfarm.lab.load import Reply
 from vipfarm.lab.testbed import API_PORT, Lab
-from vipfarm.lab.topology import BUCKETS, VIP4, extra_hb4, extra_lan4, node_hb, node_lan4
+from vipfarm.lab.topology import (
+    BUCKETS,
+    VIP4,
+    extra_hb4,
+    extra_lan4,
+    node_hb,
+    node_index,
+    node_lan4,
+)
 from vipfarm.membership.wire import MAGIC, VERSION, farm_id
 
 FAULTS = (
@@ -324,7 +332,7 @@ class Chaos:
         elif kind == "api_flood":
             attacker.hold_api(
                 self._attacker(),
-                str(node_lan4(_index(node))),
+                str(node_lan4(node_index(node))),
                 API_PORT,
                 API_FLOOD_CONNECTIONS,
                 hold_s,
@@ -341,7 +349,7 @@ class Chaos:
         if not others:
             return
         peer = self.rng.choice(others)
-        i, p = _index(node), _index(peer)
+        i, p = node_index(node), node_index(peer)
         nets = [(str(node_lan4(p)), str(node_lan4(i))), (str(node_hb(p)), str(node_hb(i)))]
         for src, _dst in nets:
             got = attacker.capture(self.lab.ns(node), src, HB_PORT, seconds=0.5, limit=20)
@@ -468,10 +476,6 @@ class Chaos:
                     if not expected:
                         found.append(f"{node}: {line}")
         return found
-
-
-def _index(node: str) -> int:
-    return int(node.removeprefix("node"))
 
 
 def run_chaos(

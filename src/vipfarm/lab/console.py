@@ -125,13 +125,13 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 def for_lab(name: str, node: str = "node1", port: int = 9010) -> tuple[Forwarder, str]:
     """A forwarder to `node`'s console in lab `name` (not started) and the farm's API token."""
     from vipfarm.lab.testbed import API_PORT, Lab
-    from vipfarm.lab.topology import LabError, node_lan4
+    from vipfarm.lab.topology import LabError, node_index, node_lan4
 
     lab = Lab.attach(name)
     if node not in lab.node_names:
         raise LabError(f"lab {name} has no node {node!r}: use one of {', '.join(lab.node_names)}")
     if not lab.config.daemon:
         raise LabError(f"lab {name} runs no daemons (--static): it has no console")
-    index = int(node.removeprefix("node"))
+    index = node_index(node)
     token = lab.api_token_file.read_text().strip()
     return Forwarder(lab.ns(node), node_lan4(index), API_PORT, port), token

@@ -63,6 +63,7 @@ from vipfarm.lab.topology import (
     extra_lan4,
     host_batch,
     lab_namespaces,
+    node_index,
     node_lan4,
     node_name,
 )
@@ -564,7 +565,7 @@ class Lab:
 
     def api_url(self, node: str, path: str = "") -> str:
         """`node`'s HTTP API on its LAN address, reachable from the lab's clients."""
-        return f"http://{node_lan4(int(node.removeprefix('node')))}:{API_PORT}{path}"
+        return f"http://{node_lan4(node_index(node))}:{API_PORT}{path}"
 
     def _start_daemons(self) -> None:
         key = self.dir / "farm.key"

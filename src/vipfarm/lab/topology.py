@@ -68,6 +68,11 @@ def node_name(i: int) -> str:
     return f"node{i}"
 
 
+def node_index(name: str) -> int:
+    """The number of a node by its name: node3 -> 3 (the inverse of `node_name`)."""
+    return int(name.removeprefix("node"))
+
+
 def node_lan4(i: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(f"198.51.100.{10 + i}")
 

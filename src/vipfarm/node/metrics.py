@@ -82,16 +82,22 @@ class FlowCounters:
 
                 self._nft = nftables.Nftables()
                 self._nft.set_json_output(True)
-            rc, out, _err = self._nft.cmd(f"list counters table inet {table}")
-            rc_f, out_f, _err_f = self._nft.cmd(
-                f"list counter netdev {table} {ruleset.FOREIGN_COUNTER}"
-            )
-        foreign = 0
-        if rc_f == 0 and out_f.strip():
-            foreign = ruleset.parse_counters(json.loads(out_f)).get(ruleset.FOREIGN_COUNTER, 0)
+            # Both tables' counters in one listing: the inet table's per rule, the netdev
+            # table's `foreign` (a scrape may come four times a second from the console).
+            rc, out, _err = self._nft.cmd("list counters")
         if rc != 0 or not out.strip():
-            return {}, foreign
-        packets = ruleset.parse_counters(json.loads(out))
+            return {}, 0
+        ours = [
+            o
+            for o in json.loads(out).get("nftables", [])
+            if o.get("counter", {}).get("table") == table
+        ]
+
+        def of(family: str) -> dict[str, int]:
+            objs = [o for o in ours if o["counter"].get("family") == family]
+            return ruleset.parse_counters({"nftables": objs})
+
+        packets, foreign = of("inet"), of("netdev").get(ruleset.FOREIGN_COUNTER, 0)
         result: dict[tuple[str, str], int] = {}
         for rule in rules:
             for verdict, name in zip(
