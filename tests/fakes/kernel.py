@@ -77,6 +77,12 @@ class FakeKernel:
         kept |= keep
         kept -= unkeep
 
+    def nft_renew_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
+        self._maybe_fail("nft_renew_owned")
+        t = self._table(farm)
+        expiry = self.clock() + lease_s
+        self.owned[t] = {b: expiry for b in buckets}
+
     def nft_update_kept(self, farm: str, add: frozenset[int], remove: frozenset[int]) -> None:
         self._maybe_fail("nft_update_kept")
         kept = self.kept.setdefault(self._table(farm), set())

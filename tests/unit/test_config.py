@@ -18,7 +18,7 @@ from vipfarm.cli import config as config_cli
 from vipfarm.config.loading import load_config, parse_config
 from vipfarm.config.modules import substitute
 from vipfarm.config.problems import ConfigError
-from vipfarm.config.schema import FarmConfig
+from vipfarm.config.schema import TIMING_PROFILES, FarmConfig
 from vipfarm.datapath.spec import Affinity
 from vipfarm.supervisor.spec import CHECKER_TYPES, CommandCheck, HttpCheck, TcpCheck
 
@@ -120,14 +120,15 @@ def edit(old: str, new: str, text: str = GOOD) -> str:
 def test_good_file(farm_dir: Path) -> None:
     cfg = parse(farm_dir, GOOD)
     assert [n.name for n in cfg.nodes] == ["node1", "node2"]
-    assert cfg.timing.interval_ms == 100 and cfg.timing.lease_ms == 300
+    assert cfg.timing.profile == "default"
+    assert (cfg.timing.interval_ms, cfg.timing.lease_ms, cfg.timing.dead_after_ms) == (50, 150, 200)
     assert cfg.networks[0].port == 9001 and cfg.networks[1].port == 9002
     assert cfg.farm.key_file == farm_dir / "farm.key"
     assert len(cfg.key()) == 64  # the trailing newline is not part of the key
     assert cfg.drain.timeout_s == 30
 
     spec = cfg.datapath_spec("node2")
-    assert spec.farm == "web" and spec.interface == "ens3" and spec.lease_s == 0.3
+    assert spec.farm == "web" and spec.interface == "ens3" and spec.lease_s == 0.15
     assert spec.buckets == 256
     udp = spec.rules[1]
     assert (udp.port, udp.port_end, udp.affinity, udp.prefix4) == (
@@ -304,16 +305,38 @@ def test_overlapping_rules(farm_dir: Path) -> None:
 
 
 def test_lease_must_be_shorter_than_dead_after_and_longer_than_interval(farm_dir: Path) -> None:
-    found = problems(farm_dir, edit("[[network]]", "[timing]\nlease_ms = 500\n\n[[network]]"))
+    found = problems(farm_dir, edit("[[network]]", "[timing]\nlease_ms = 200\n\n[[network]]"))
     assert found == [
-        "timing.lease_ms: bad value 500: expected less than dead_after_ms (500): "
+        "timing.lease_ms: bad value 200: expected less than dead_after_ms (200): "
         "lower lease_ms or raise dead_after_ms"
     ]
-    found = problems(farm_dir, edit("[[network]]", "[timing]\ninterval_ms = 300\n[[network]]"))
+    found = problems(farm_dir, edit("[[network]]", "[timing]\ninterval_ms = 150\n[[network]]"))
     assert found == [
-        "timing.interval_ms: bad value 300: expected less than lease_ms (300): "
+        "timing.interval_ms: bad value 150: expected less than lease_ms (150): "
         "lower interval_ms or raise lease_ms"
     ]
+    # A profile's timers are checked the same way against the ones set explicitly.
+    found = problems(
+        farm_dir, edit("[[network]]", '[timing]\nprofile = "fast"\nlease_ms = 300\n[[network]]')
+    )
+    assert found == [
+        "timing.lease_ms: bad value 300: expected less than dead_after_ms (100): "
+        "lower lease_ms or raise dead_after_ms"
+    ]
+
+
+def test_timing_profiles(farm_dir: Path) -> None:
+    for profile, timers in TIMING_PROFILES.items():
+        text = edit("[[network]]", f'[timing]\nprofile = "{profile}"\n\n[[network]]')
+        t = parse(farm_dir, text).timing
+        assert (t.interval_ms, t.lease_ms, t.dead_after_ms) == timers
+        assert t.interval_ms < t.lease_ms < t.dead_after_ms
+    # An explicit timer overrides the profile's.
+    text = edit("[[network]]", '[timing]\nprofile = "wan"\ninterval_ms = 100\n\n[[network]]')
+    t = parse(farm_dir, text).timing
+    assert (t.interval_ms, t.lease_ms, t.dead_after_ms) == (100, 750, 1250)
+    (p,) = problems(farm_dir, edit("[[network]]", '[timing]\nprofile = "quick"\n[[network]]'))
+    assert p.startswith("timing.profile: bad value 'quick'") and "'fast'" in p, p
 
 
 def test_node_addresses(farm_dir: Path) -> None:

@@ -87,7 +87,7 @@ def test_rules_weights_and_drain_are_live_everything_else_needs_a_restart(
     assert restart == []
     assert "rule[0].ports" in live and "node[1].weight" in live and "drain.timeout_s" in live
     assert "rule.#" in live and "rule[1].vip" in live
-    timing = load(FARM + "\n[timing]\ninterval_ms = 50\n", farm_dir)
+    timing = load(FARM + "\n[timing]\ninterval_ms = 40\n", farm_dir)
     assert dep.classify(old, timing)[1] == ["timing.interval_ms"]
     renamed = load(FARM.replace("198.51.100.12", "198.51.100.13"), farm_dir)
     assert dep.classify(old, renamed)[1] == ["node[1].address.lan"]
@@ -130,7 +130,7 @@ def test_validate_for_node_names_what_is_wrong(farm_dir: Path) -> None:
     with pytest.raises(dep.Refused, match=r"rule\[0\]\.ports: bad value 70000"):
         check(FARM.replace('"80"', '"70000"'))
     with pytest.raises(dep.Refused, match=r"need a restart.*timing\.lease_ms"):
-        check(FARM + "\n[timing]\nlease_ms = 250\n")
+        check(FARM + "\n[timing]\nlease_ms = 100\n")
     with pytest.raises(dep.Refused, match="node node1 is not in the deployed"):
         check(FARM.replace('name = "node1"', 'name = "node9"'))
     with pytest.raises(dep.Refused, match=r"lan=198\.51\.100\.11 are not on this host"):

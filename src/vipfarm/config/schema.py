@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -158,10 +158,37 @@ class FarmSection(Strict):
         )
 
 
+# Heartbeat interval, lease and dead_after (ms) per `timing.profile`. `default` fails over within
+# about 250 ms: dead_after is 4 intervals (with two heartbeat networks and 5 % loss, four
+# heartbeats in a row lost on both is a 1-in-10^10 event) and the lease leaves dead_after one
+# interval of margin, against the pulse's worst measured scheduling delay of a few ms under a
+# busy process per core (it runs SCHED_RR; docs/MEMBERSHIP.md, "Timers"). `tolerant` is the
+# previous default, for hosts where the pulse cannot get a real-time priority; `wan` for
+# heartbeat networks with tens of ms of jitter.
+TIMING_PROFILES: dict[str, tuple[int, int, int]] = {
+    "fast": (25, 75, 100),
+    "default": (50, 150, 200),
+    "tolerant": (100, 300, 500),
+    "wan": (250, 750, 1250),
+}
+
+
 class TimingSection(Strict):
-    interval_ms: int = Field(default=100, ge=10, le=10_000)
-    dead_after_ms: int = Field(default=500, ge=20, le=600_000)
-    lease_ms: int = Field(default=300, ge=10, le=600_000)
+    profile: Literal["fast", "default", "tolerant", "wan"] = "default"
+    interval_ms: int = Field(default=TIMING_PROFILES["default"][0], ge=10, le=10_000)
+    dead_after_ms: int = Field(default=TIMING_PROFILES["default"][2], ge=20, le=600_000)
+    lease_ms: int = Field(default=TIMING_PROFILES["default"][1], ge=10, le=600_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_profile(cls, data: Any) -> Any:
+        """The profile gives every timer the configuration does not set itself."""
+        if isinstance(data, dict):
+            timers = TIMING_PROFILES.get(str(data.get("profile", "default")))
+            if timers is not None:
+                keys = ("interval_ms", "lease_ms", "dead_after_ms")
+                data = {**dict(zip(keys, timers, strict=True)), **data}
+        return data
 
     @model_validator(mode="after")
     def _ordered(self) -> TimingSection:

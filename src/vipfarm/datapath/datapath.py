@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +45,7 @@ log = logging.getLogger("vipfarm.datapath")
 
 VIP_INTERFACE = "lo"
 KEEP_GRACE_S = 1.0
+READBACK_S = 1.0  # a renewal reads the owned set back at most this often
 SCAN_BUDGET = 250_000  # conntrack entries one sweep parses at most (about 5 µs each)
 
 
@@ -89,6 +91,7 @@ class Datapath:
         # set whole, so the later one must also be the one that read the latest `_owned`, or a
         # renewal could put back a bucket just released.
         self._owned_lock = threading.Lock()
+        self._read_back_at = -math.inf
         self._vips_added: list[IPAddress] = []
         self._macs_added: list[str] = []
 
@@ -226,9 +229,18 @@ class Datapath:
         return owned
 
     def refresh(self) -> frozenset[int]:
-        """Renew the lease of every owned bucket (safe from another thread than `set_owned`)."""
+        """Renew the lease of every owned bucket (safe from another thread than `set_owned`).
+
+        The kernel's acknowledgement confirms the renewal; the set is read back (a dump, as
+        costly as the renewal) at most every `READBACK_S`, which still catches a set changed
+        behind the daemon's back within a second."""
         with self._owned_lock:
-            self.kernel.nft_set_owned(self.spec.farm, self._owned, self.spec.lease_s)
+            self.kernel.nft_renew_owned(self.spec.farm, self._owned, self.spec.lease_s)
+            owned = self._owned
+        now = self.clock()
+        if now - self._read_back_at < READBACK_S:
+            return owned
+        self._read_back_at = now
         return self.read_owned()
 
     def read_owned(self) -> frozenset[int]:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from vipfarm.datapath import conntrack, ruleset
 from vipfarm.datapath.conntrack import Scan
+from vipfarm.datapath.leases import LeaseError, LeaseRenewer
 from vipfarm.datapath.spec import IPAddress
 from vipfarm.errors import VipfarmError
 
@@ -39,6 +40,11 @@ class Kernel(Protocol):
     ) -> None:
         """Replace the owned set (each bucket leased for `lease_s`), add `keep` to the kept set
         and take `unkeep` out of it: one transaction."""
+        ...
+
+    def nft_renew_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
+        """Renew the leases: the owned set becomes `buckets`, each leased for `lease_s` (one
+        transaction; the kept set is untouched). The cheap path of every heartbeat."""
         ...
 
     def nft_update_kept(self, farm: str, add: frozenset[int], remove: frozenset[int]) -> None: ...
@@ -104,6 +110,7 @@ class LinuxKernel:
             ctx.set_handle_output(False)
         self._apply_lock = threading.Lock()
         self._lease_lock = threading.Lock()
+        self._renewers: dict[str, LeaseRenewer] = {}
         # pyroute2 0.9's synchronous IPRoute runs its own event loop and refuses to work in a
         # thread where one is already running (the daemon's), so it lives in a thread of its own.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -113,6 +120,8 @@ class LinuxKernel:
         return self._pool.submit(fn, *args, **kwargs).result()
 
     def close(self) -> None:
+        for renewer in self._renewers.values():
+            renewer.close()
         self._nl(self._ipr.close)
         self._pool.shutdown()
 
@@ -148,6 +157,17 @@ class LinuxKernel:
     ) -> None:
         text = ruleset.sets_text(farm, buckets, lease_s, keep, unkeep)
         self._lease_cmd(text, "update the owned buckets")
+
+    def nft_renew_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
+        renewer = self._renewers.get(farm)
+        if renewer is None:
+            renewer = self._renewers[farm] = LeaseRenewer(
+                ruleset.table_name(farm), ruleset.OWNED_SET
+            )
+        try:
+            renewer.renew(buckets, lease_s)
+        except LeaseError as e:
+            raise DatapathError(str(e)) from e
 
     def nft_update_kept(self, farm: str, add: frozenset[int], remove: frozenset[int]) -> None:
         if add or remove:

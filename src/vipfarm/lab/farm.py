@@ -43,6 +43,7 @@ def farm_toml(
     key_file: Path,
     drain_timeout_s: float = 30.0,
     token_file: Path | None = None,
+    timing: str = "default",
 ) -> str:
     lines = [
         f"# Farm configuration of lab {name}, written by `vipfarm lab up --daemon`.",
@@ -52,9 +53,7 @@ def farm_toml(
         f"buckets = {BUCKETS}",
         "",
         "[timing]",
-        "interval_ms = 100",
-        "dead_after_ms = 500",
-        "lease_ms = 300",
+        f"profile = {_q(timing)}",
         "",
         "[[network]]",
         'name = "lan"',

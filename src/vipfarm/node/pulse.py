@@ -77,6 +77,7 @@ from vipfarm.node.host import die_with_parent, link_up, next_incarnation, peer_u
 log = logging.getLogger("vipfarm.pulse")
 
 MANAGER_TIMEOUT_S = 1.5
+LINK_CHECK_S = 0.02  # how stale the LAN link's state may be
 SHUTDOWN_DRAIN_FACTOR = 4  # a shutdown waits at most this many dead_after for the release
 BACKLOG = 1000  # events kept while no manager is connected
 RT_PRIORITY = 10  # SCHED_RR priority: above every normal task, below the kernel's own threads
@@ -109,6 +110,43 @@ def normal_priority() -> None:
     to the calling thread only."""
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+class Lateness:
+    """How late the pulse's timer fired (the scheduling delay its timers must leave room for):
+    the worst since start, the worst of the last `WINDOW_S` (two windows, so the figure never
+    drops to nothing at a window's edge) and a count of firings later than 5 and 20 ms."""
+
+    WINDOW_S = 10.0
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.current = 0.0
+        self.previous = 0.0
+        self.window_start = -math.inf
+        self.over_5ms = 0
+        self.over_20ms = 0
+
+    def add(self, late_s: float, now: float) -> None:
+        if late_s < 0 or late_s == math.inf:
+            return
+        if now - self.window_start >= self.WINDOW_S:
+            self.previous, self.current, self.window_start = self.current, 0.0, now
+        self.current = max(self.current, late_s)
+        self.worst = max(self.worst, late_s)
+        self.over_5ms += late_s > 0.005
+        self.over_20ms += late_s > 0.020
+
+    def summary(self, now: float) -> dict[str, float]:
+        recent = (
+            max(self.current, self.previous) if now - self.window_start < 2 * self.WINDOW_S else 0
+        )
+        return {
+            "max": round(self.worst * 1000, 2),
+            "recent_max": round(recent * 1000, 2),
+            "over_5ms": self.over_5ms,
+            "over_20ms": self.over_20ms,
+        }
 
 
 class _HeartbeatProtocol(asyncio.DatagramProtocol):
@@ -212,6 +250,9 @@ class Pulse:
         self.priority = "normal"
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._timer: asyncio.Handle | None = None
+        self._timer_when = -math.inf
+        # How late the timer (heartbeats, leases) fires: the margin the timers must cover.
+        self.lateness = Lateness()
         self._exit = asyncio.Event()
         # The manager: its connection, when it last said anything, what it said of the app.
         self._manager: asyncio.StreamWriter | None = None
@@ -219,6 +260,7 @@ class Pulse:
         self._app_ok = False
         self._backlog: deque[ch.Event] = deque(maxlen=BACKLOG)
         self._link_ok = True
+        self._link_checked_at = -math.inf
         self._link_up_since: float | None = -math.inf  # up "forever": the core listens first
         self._server: asyncio.AbstractServer | None = None
         self._apply_lock = asyncio.Lock()
@@ -337,6 +379,9 @@ class Pulse:
             released=len(before - self.kernel_owned),
             acquired=len(self.kernel_owned - before),
             owned=len(self.kernel_owned),
+            # when the kernel held it (wall clock, for the bench: the module log's own time
+            # stamp is the manager's, written later)
+            at=round(time.time(), 4),
         )
         return self.kernel_owned
 
@@ -378,8 +423,10 @@ class Pulse:
         loop = asyncio.get_running_loop()
         if when == -math.inf:
             self._timer = loop.call_soon(self._fire)
+            self._timer_when = loop.time()
         else:
             self._timer = loop.call_at(when, self._fire)
+            self._timer_when = when
 
     # ------------------------------------------------------------------ inputs
     def on_datagram(self, data: bytes, network: str, source: str = "") -> None:
@@ -433,6 +480,7 @@ class Pulse:
     def _fire(self) -> None:
         self._timer = None
         now = time.monotonic()
+        self.lateness.add(now - self._timer_when, now)
         self._check_health(now)
         self.driver.timer(now)
 
@@ -459,6 +507,11 @@ class Pulse:
         nobody), so that it rejoins through the normal release-before-acquire instead of
         claiming buckets whose owners it merely could not hear (found by `vipfarm chaos`)."""
         iface = self.datapath.spec.interface
+        # The timer fires several times per interval; sysfs is read at most every
+        # LINK_CHECK_S (an open/read/close each time was a fifth of the pulse's CPU).
+        if now - self._link_checked_at < LINK_CHECK_S:
+            return
+        self._link_checked_at = now
         up = link_up(iface)
         if not up:
             self._link_up_since = None
@@ -636,6 +689,7 @@ class Pulse:
             "hb_received": dict(self.hb_received),
             "hb_rejected": [[n, r, c] for (n, r), c in self.hb_rejected.items()],
             "core_events": dict(self.core_events),
+            "timer_late_ms": self.lateness.summary(now),
         }
 
     def _emit(self, name: str, level: int = logging.INFO, /, **fields: Any) -> None:

@@ -85,19 +85,33 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-async def _http(spec: HttpCheck) -> CheckResult:
-    # trust_env=False: a proxy from the environment must not stand between the node and its
-    # own application.
-    async with (
-        httpx.AsyncClient(
-            timeout=spec.timeout_s,
+_CLIENTS: dict[tuple[int, float], httpx.AsyncClient] = {}
+
+
+def _client(timeout_s: float) -> httpx.AsyncClient:
+    """One client per event loop and timeout: building one (its transport, its pools) cost
+    more than the check itself. No connection is kept alive, so every check still opens a new
+    connection, as a client of the application would."""
+    key = (id(asyncio.get_running_loop()), timeout_s)
+    client = _CLIENTS.get(key)
+    if client is None:
+        if len(_CLIENTS) > 16:  # loops of tests come and go: never grow without bound
+            _CLIENTS.clear()
+        # trust_env=False: a proxy from the environment must not stand between the node and
+        # its own application.
+        client = _CLIENTS[key] = httpx.AsyncClient(
+            timeout=timeout_s,
             follow_redirects=False,
             trust_env=False,
             verify=_tls_context(),
             headers={"User-Agent": "vipfarm-checker"},
-        ) as client,
-        client.stream("GET", spec.url) as response,
-    ):
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+    return client
+
+
+async def _http(spec: HttpCheck) -> CheckResult:
+    async with _client(spec.timeout_s).stream("GET", spec.url) as response:
         status = response.status_code
         if status != spec.expect_status:
             return CheckResult(False, f"status {status}, expected {spec.expect_status}")
