@@ -103,3 +103,18 @@ def test_farms_here_lists_the_live_control_sockets_of_this_namespace(
         s.bind(str(other / "elsewhere.sock"))
         s.listen()
         assert farms_here() == []
+
+
+def test_link_state_reads_the_same_open_file_again(tmp_path: Path) -> None:
+    from vipfarm.node.host import LinkState
+
+    state = tmp_path / "operstate"
+    state.write_text("up\n")
+    link = LinkState("eth0")
+    link.path = str(state)
+    assert link.up()
+    state.write_text("down\n")  # the same inode, rewritten: pread at 0 sees the new text
+    assert not link.up()
+    state.unlink()
+    link.close()
+    assert not link.up()  # gone: down, and no exception

@@ -105,15 +105,41 @@ def listening(path: str) -> bool:
     return True
 
 
+_DOWN_STATES = (b"down", b"lowerlayerdown", b"notpresent", b"dormant")
+
+
 def link_up(ifname: str) -> bool:
     """Whether an interface can carry traffic, by its operational state ("unknown", which
     drivers without carrier reporting show, counts as up)."""
     try:
-        with open(f"/sys/class/net/{ifname}/operstate") as f:
-            state = f.read().strip()
+        with open(f"/sys/class/net/{ifname}/operstate", "rb") as f:
+            return f.read().strip() not in _DOWN_STATES
     except OSError:
         return False
-    return state not in ("down", "lowerlayerdown", "notpresent", "dormant")
+
+
+class LinkState:
+    """`link_up` for one interface, read with one `pread` of a file kept open (sysfs builds
+    the text afresh for every read at offset 0): the pulse asks many times a second. Reopened
+    when the read fails (the interface was removed, or renamed and back)."""
+
+    def __init__(self, ifname: str) -> None:
+        self.path = f"/sys/class/net/{ifname}/operstate"
+        self._fd: int | None = None
+
+    def up(self) -> bool:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(self._fd, 32, 0).strip() not in _DOWN_STATES
+        except OSError:
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def next_incarnation(path: Path) -> int:
