@@ -55,7 +55,7 @@ def read_cpu() -> CpuTimes:
 # ---- the lab's own CPU time
 
 
-def _task_cpu_ns(pid: int) -> tuple[int, int] | None:
+def task_cpu_ns(pid: int) -> tuple[int, int] | None:
     """(start time, nanoseconds on a CPU) of a process, all its threads together.
 
     From the scheduler's own clock (`/proc/<pid>/task/*/schedstat`), not tick samples, which at
@@ -107,7 +107,7 @@ class Snapshot:
 
 def snapshot(pids: Iterable[int]) -> Snapshot:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    tasks = {pid: t for pid in pids if (t := _task_cpu_ns(pid)) is not None}
+    tasks = {pid: t for pid in pids if (t := task_cpu_ns(pid)) is not None}
     return Snapshot(read_cpu(), usage.ru_utime + usage.ru_stime, tasks)
 
 
