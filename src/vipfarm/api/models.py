@@ -70,6 +70,11 @@ class NodeProcesses(_Model):
         description="the pulse answered this request; if not, state and farm are its last answer"
     )
     pulse_priority: str | None = Field(default=None, description="rr:N, nice:N or normal")
+    pulse_timer_late_ms: dict[str, float] | None = Field(
+        default=None,
+        description="how late the pulse's timer fired: max since start, recent_max (last "
+        "10-20 s), and counts over 5 and 20 ms; the margin the timers must leave",
+    )
 
 
 class NodeStatus(_Model):

@@ -160,6 +160,7 @@ NODE_PROCESSES: Fields = (
     ("pulse_pid", _optional(_int), _REQUIRED),
     ("pulse_answered", _bool, _REQUIRED),
     ("pulse_priority", _optional(_str), None),
+    ("pulse_timer_late_ms", _optional(_dict(_float)), None),
 )
 NODE_STATUS: Fields = (
     ("farm_name", _str, _REQUIRED),

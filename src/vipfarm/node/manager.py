@@ -550,6 +550,7 @@ class Manager:
                 pulse_pid=data["pid"],
                 pulse_answered=answered,
                 pulse_priority=data["priority"],
+                pulse_timer_late_ms=data.get("timer_late_ms"),
             ),
         )
 
