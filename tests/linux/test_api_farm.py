@@ -162,7 +162,9 @@ def test_deploy_reaches_every_node_live_and_a_bad_or_refused_one_changes_nothing
 
     # A setting that needs a restart is refused by every node, with the key named.
     slower = lab.dir / "slower.toml"
-    slower.write_text(new.read_text().replace("interval_ms = 100", "interval_ms = 50"))
+    text = new.read_text()
+    assert 'profile = "default"' in text
+    slower.write_text(text.replace('profile = "default"', 'profile = "default"\ninterval_ms = 40'))
     out = vipfarm(lab, "node1", "config", "deploy", str(slower))
     assert out.returncode == 1, out.stdout + out.stderr
     assert "timing.interval_ms" in out.stderr and "refused" in out.stderr

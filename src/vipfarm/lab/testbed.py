@@ -91,6 +91,7 @@ class LabConfig(BaseModel):
     datapath: bool
     rules: list[Rule]
     daemon: bool = False  # node daemons (membership, failover) instead of static runners
+    timing: str = "default"  # the daemons' timing.profile
 
 
 def unique_name(prefix: str = "vt") -> str:
@@ -582,6 +583,7 @@ class Lab:
                 self.dir,
                 key,
                 token_file=self.api_token_file,
+                timing=self.config.timing,
             )
         )
         for node in self.node_names:
@@ -724,6 +726,7 @@ def up(
     rules: list[Rule] | None = None,
     datapath: bool = True,
     daemon: bool = False,
+    timing: str = "default",
 ) -> Lab:
     """Build lab `name` and return it running; on any failure remove what was built.
 
@@ -743,6 +746,7 @@ def up(
         datapath=datapath,
         rules=datapath_spec(name, rules).rules,
         daemon=daemon,
+        timing=timing,
     )
     existing = sorted(lab_namespaces(name, list_netns(ip)))
     if existing or state_dir(name).exists():
@@ -798,6 +802,7 @@ class LabFactory(Protocol):
         rules: list[Rule] | None = None,
         datapath: bool = True,
         daemon: bool = False,
+        timing: str = "default",
     ) -> Lab: ...
 
 
