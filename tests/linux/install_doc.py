@@ -1,7 +1,7 @@
 """docs/INSTALL.md as data: its commands, where each runs, and how the tests run each one.
 
 The document's ```console blocks hold its commands: a line that starts with a prompt
-(`build#`, `admin#`, `node1#`, `node2#`, `client$`, `server#`) is a command to run on that
+(`build#`, `admin#`, `node1#` to `node3#`, `client$`, `server#`) is a command to run on that
 machine, a line ending in a backslash continues on the next one, and every other line is what
 the command prints (`...` stands for lines left out; a question's line ends with the
 operator's answer, `[Y/n] y`, which the tests type). `doc_commands` returns them in the
@@ -31,6 +31,7 @@ PROMPTS = {
     "admin#": "admin",
     "node1#": "node1",
     "node2#": "node2",
+    "node3#": "node3",
     "client$": "client1",
     "server#": "server",
 }
@@ -102,8 +103,23 @@ WAYS = (
         "/etc/vipfarm), without ssh",
     ),
     _way(
+        "rsync_pull",
+        "admin",
+        r"^rsync -a root@(?P<addr>[0-9.]+):(?P<src>/\S+) (?P<dest>\S+/)$",
+        "no sshd here: rsync -a copies from that server's own view of the path into the "
+        "admin's directory, without ssh",
+    ),
+    _way(
+        "restart",
+        "node1 node2 node3",
+        r"^systemctl restart vipfarm@(?P<farm>\S+)$",
+        "systemd is not PID 1 here: what systemctl restart does for this unit, stop (SIGTERM "
+        "to the daemon, waited for) then start (its ExecStart until READY=1, as for "
+        "`service install --enable`)",
+    ),
+    _way(
         "service_install",
-        "node1 node2",
+        "node1 node2 node3",
         r"^vipfarm service install (?P<farm>\S+) --enable$",
         "run as written; systemd is not PID 1 here, so it prints the systemctl steps and the "
         "test does them: systemd-analyze verify of the unit it wrote, systemctl enable (works "
@@ -114,23 +130,23 @@ WAYS = (
     ),
     _way(
         "service_remove",
-        "node1 node2",
+        "node1 node2 node3",
         r"^vipfarm service remove (?P<farm>\S+)$",
         "run as written; for the `systemctl disable --now` it prints (no systemd), the test "
         "sends SIGTERM to the daemon it started (KillMode=process) and waits for its exit",
     ),
     _way(
         "purge",
-        "node1 node2",
+        "node1 node2 node3",
         r"^apt-get purge vipfarm$",
         "run as written; the servers share this machine's dpkg database, so the first purge "
-        "(node1's, whose /etc/vipfarm is this machine's) removes the package and the second "
-        "finds it gone; then everything the package and the farm made is checked to be gone, "
-        "file by file (node2's own /etc/vipfarm directory is the test's)",
+        "(node1's, whose /etc/vipfarm is this machine's) removes the package and the others "
+        "find it gone; then everything the package and the farm made is checked to be gone, "
+        "file by file (the other servers' own /etc/vipfarm directories are the test's)",
     ),
     _way(
         "retry",
-        "node1 node2 client1",
+        "node1 node2 node3 client1",
         r"^(vipfarm (--node \S+ --ca-file \S+ )?state|vipfarm log -n \d+|curl -s \S+)$",
         "run as written, again until what the document shows appears (the farm converges "
         "within seconds; at most 60 s)",
@@ -152,7 +168,7 @@ WAYS = (
     ),
     _way(
         "as_written",
-        "build admin node1 node2",
+        "build admin node1 node2 node3",
         r"^(apt-get install \S+|systemctl disable nginx|vipfarm .*|mkdir \S+ && cd \S+"
         r"|ls [\w/ .-]+|cp \S+ \S+|printf '[^']*' >> \S+)$",
         "run as written, by bash in that server's namespaces and working directory (for "

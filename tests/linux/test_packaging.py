@@ -353,16 +353,27 @@ class Server(Context):
     # ---- what systemd would do for `systemctl enable --now` and `disable --now`
 
     def start_unit(self, farm: str) -> None:
+        """`systemctl enable --now vipfarm@FARM`: verify the unit, enable it, start it."""
         unit = self.view("/etc/systemd/system/vipfarm@.service")
-        text = unit.read_text()
         instance = self.state / f"vipfarm@{farm}.service"
-        instance.write_text(text)
+        instance.write_text(unit.read_text())
         verify = self.run(f"systemd-analyze verify {instance}")
         assert verify.returncode == 0, verify.stdout + verify.stderr
         enable = self.run(f"systemctl enable vipfarm@{farm}.service")
         assert enable.returncode == 0, enable.stdout + enable.stderr
-        assert self.view(f"/etc/systemd/system/multi-user.target.wants/vipfarm@{farm}.service")\
-            .is_symlink()  # fmt: skip
+        link = f"/etc/systemd/system/multi-user.target.wants/vipfarm@{farm}.service"
+        assert self.view(link).is_symlink()
+        self.exec_start(farm)
+
+    def journal(self) -> str:
+        path = self.state / "journal.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def exec_start(self, farm: str) -> None:
+        """The unit's ExecStart for instance FARM, as systemd starts it: the directories it
+        makes, NOTIFY_SOCKET, / as working directory, its minimal environment; returns once the
+        daemon sent READY=1 (Type=notify)."""
+        text = self.view("/etc/systemd/system/vipfarm@.service").read_text()
         service = dict(
             line.split("=", 1)
             for line in text.split("[Service]", 1)[1].split("\n[", 1)[0].splitlines()
@@ -373,11 +384,11 @@ class Server(Context):
                           ("RuntimeDirectory", "/run")):  # fmt: skip
             self.view(f"{root}/{service[key]}").mkdir(mode=0o755, exist_ok=True)
         sock_path = self.state / "notify.sock"
+        sock_path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(sock_path))
         sock.settimeout(0.5)
-        journal = self.state / "journal.log"
-        with sock, journal.open("wb") as log:
+        with sock, (self.state / "journal.log").open("ab") as log:
             self.daemon = subprocess.Popen(
                 [*self.prefix()[:-1], "--wd=/", "--",
                  *shlex.split(service["ExecStart"].replace("%i", farm))],
@@ -390,7 +401,7 @@ class Server(Context):
                 why = "exited" if self.daemon.poll() is not None else None
                 if why is None and time.monotonic() > deadline:
                     why = "sent no READY=1"
-                assert why is None, f"{self.name}: the daemon {why}\n{journal.read_text()}"
+                assert why is None, f"{self.name}: the daemon {why}\n{self.journal()}"
                 try:
                     if b"READY=1" in sock.recv(4096).split(b"\n"):
                         return
@@ -456,7 +467,7 @@ class Walkthrough:
         self.tmp, self.wheel, self.lab = tmp, wheel, lab
         self.dist = tmp / "dist"
         self.servers = {
-            n: Server(n, lab.ns(n), tmp / n, own_etc=n != "node1") for n in ("node1", "node2")
+            n: Server(n, lab.ns(n), tmp / n, own_etc=n != "node1") for n in lab.node_names
         }
         self.contexts: dict[str, Context] = {
             "build": Context("build", REPO, tmp / "build"),
@@ -464,7 +475,7 @@ class Walkthrough:
             "client1": Client("client1", lab.ns("client1"), tmp / "client1"),
             **self.servers,
         }
-        self.by_address = {str(node_lan4(i)): f"node{i}" for i in (1, 2)}
+        self.by_address = {str(node_lan4(int(n[4:]))): n for n in lab.node_names}
         self.new: list[Path] = []  # what the package brings that this machine does not have
         self.purged = False
 
@@ -514,6 +525,17 @@ class Walkthrough:
         token = server.view(m["dest"]) / "api.token"
         assert token.is_file() and token.stat().st_mode & 0o777 == 0o600, cmd
 
+    def rsync_pull(self, cmd: DocCommand, m: re.Match[str]) -> None:
+        server = self.servers[self.by_address[m["addr"]]]
+        proc = server.run(f"rsync -a {m['src']} {m['dest']}", cwd=self.contexts["admin"].cwd)
+        self.check(cmd, proc, proc.stdout + proc.stderr)
+
+    def restart(self, cmd: DocCommand, m: re.Match[str]) -> None:
+        server = self.servers[cmd.where]
+        code = server.stop_unit()
+        assert code == 0, f"{server.name}: daemon exit {code}\n{server.journal()}"
+        server.exec_start(m["farm"])
+
     def service_install(self, cmd: DocCommand, m: re.Match[str]) -> None:
         out = self.as_written(cmd, m)
         farm = m["farm"]
@@ -534,8 +556,7 @@ class Walkthrough:
         assert f"systemctl disable vipfarm@{m['farm']}.service" in out, out
         server = self.servers[cmd.where]
         code = server.stop_unit()
-        assert code == 0, f"{server.name}: daemon exit {code}\n" + \
-            (server.state / "journal.log").read_text()[-3000:]  # fmt: skip
+        assert code == 0, f"{server.name}: daemon exit {code}\n{server.journal()}"
 
     def purge(self, cmd: DocCommand, m: re.Match[str]) -> None:
         if self.purged:
@@ -579,7 +600,7 @@ def test_install_md_walkthrough(wheel: Path, installed: Path, tmp_path: Path) ->
     name = unique_name("pk")
     walk: Walkthrough | None = None
     try:
-        walk = Walkthrough(tmp_path, wheel, network_lab(name, nodes=2, clients=1))
+        walk = Walkthrough(tmp_path, wheel, network_lab(name, nodes=3, clients=1))
         for cmd, way, m in cmds:
             getattr(walk, way.name)(cmd, m)
         assert walk.purged

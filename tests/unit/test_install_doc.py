@@ -14,10 +14,11 @@ def test_every_command_of_install_md_has_a_way_and_every_way_a_command() -> None
     assert len(cmds) > 30
     used = {way_of(c)[0].name for c in cmds}
     assert used == {w.name for w in WAYS}
-    # Both servers run the walkthrough, and the farm is written once.
+    # Both servers run the walkthrough, the farm is written once and grows by one node.
     where = [c.where for c in cmds]
-    assert where.count("node1") > 8 and where.count("node2") > 8
-    assert [c.line.split()[:2] for c in cmds if c.where == "admin"].count(["vipfarm", "init"]) == 1
+    assert where.count("node1") > 8 and where.count("node2") > 8 and where.count("node3") > 4
+    inits = [c.line.split()[1:3] for c in cmds if c.line.startswith("vipfarm init")]
+    assert inits == [["init", "--farm"], ["init", "--add-node"]]
 
 
 def test_a_command_no_test_runs_is_refused() -> None:
