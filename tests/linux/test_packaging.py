@@ -20,6 +20,8 @@ checkout, so nothing can be imported from the source tree by accident.
 
 from __future__ import annotations
 
+import gzip
+import ipaddress
 import json
 import os
 import re
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +104,57 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     link = base / "usr" / "local" / "bin" / "vipfarm"
     assert link.is_symlink() and run([link, "--version"], base).strip() == f"vipfarm {VERSION}"
     return base / "opt" / "vipfarm"
+
+
+# A shipped URL is an example (a documentation or loopback address, a placeholder) or one of
+# these real ones, each a name rather than a link to follow: made-up URLs (a project site that
+# does not exist) must not ship.
+REAL_URLS = (
+    "https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/",  # DEP-5 Format:
+    "http://www.w3.org/2000/svg",  # the SVG namespace of the console's icons
+)
+_URL_RE = re.compile(r"https?://[^\s\"'<>`)\\]*")
+_EXAMPLE_NETS = [
+    ipaddress.ip_network(n)
+    for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+]
+
+
+def made_up_urls(root: Path) -> list[str]:
+    """The URLs in the text files under `root` that are neither examples nor REAL_URLS."""
+    bad = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        for url in _URL_RE.findall(data.decode(errors="replace")):
+            host = url.split("://", 1)[1].split("/", 1)[0]
+            if url in REAL_URLS or _example_host(host):
+                continue
+            bad.append(f"{path.relative_to(root)}: {url}")
+    return bad
+
+
+def _example_host(host: str) -> bool:
+    if not host or any(c in host for c in "{$[") or host.isupper() or host.startswith("..."):
+        return True  # a placeholder: http://HOST[:PORT], ${vip}, {host}, https://...
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return addr.is_loopback or any(addr in net for net in _EXAMPLE_NETS)
+
+
+def test_no_made_up_urls_in_the_wheel(wheel: Path, tmp_path: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path)
+    assert made_up_urls(tmp_path) == []
+    # The check itself: a project site that does not exist is found.
+    (tmp_path / "x.md").write_text("see https://vipfarm.example.org/docs and http://127.0.0.1/")
+    assert made_up_urls(tmp_path) == ["x.md: https://vipfarm.example.org/docs"]
 
 
 @contextmanager
@@ -485,10 +539,8 @@ class Walkthrough:
         assert not missing, f"{cmd}: does not print {missing}\n{out}"
 
     def as_written(self, cmd: DocCommand, m: re.Match[str]) -> str:
-        t0 = time.monotonic()
         proc = self.contexts[cmd.where].run(cmd.line, answers=cmd.answers)
         self.check(cmd, proc, proc.stdout + proc.stderr)
-        print(f"{time.monotonic() - t0:6.2f} s  {cmd}")
         return proc.stdout + proc.stderr
 
     def scripts_install(self, cmd: DocCommand, m: re.Match[str]) -> None:
@@ -509,6 +561,12 @@ class Walkthrough:
             Path("/" + ln.split(None, 5)[5].split(" -> ")[0].removeprefix("./")) for ln in contents
         ]
         self.new = [p for p in paths if p != Path("/") and not os.path.lexists(p)]
+        # No made-up URL in what the package ships of its own (its Python dependencies' files
+        # are theirs); the control file included.
+        x = self.tmp / "deb-x"
+        run(["dpkg-deb", "-R", deb, x], self.tmp)
+        shutil.rmtree(next((x / "usr" / "lib" / "vipfarm" / "lib").glob("python3*")))
+        assert made_up_urls(x) == []
         assert Path("/usr/bin/vipfarm") in self.new and Path("/usr/lib/vipfarm") in self.new
 
     def scp(self, cmd: DocCommand, m: re.Match[str]) -> None:
@@ -602,7 +660,9 @@ def test_install_md_walkthrough(wheel: Path, installed: Path, tmp_path: Path) ->
     try:
         walk = Walkthrough(tmp_path, wheel, network_lab(name, nodes=3, clients=1))
         for cmd, way, m in cmds:
+            t0 = time.monotonic()
             getattr(walk, way.name)(cmd, m)
+            print(f"{time.monotonic() - t0:6.2f} s  {way.name:16} {cmd}")  # with -s
         assert walk.purged
     finally:
         if walk is not None:
