@@ -199,6 +199,13 @@ def test_wheel_in_a_fresh_venv_writes_and_checks_a_farm(installed: Path, tmp_pat
     pkg = Path(site).parent
     assert os.access(pkg / "modules" / "nginx" / "start", os.X_OK)
     assert (pkg / "examples" / "web.toml").is_file()
+    # The unit runs the vipfarm it was installed by, by the path it was called with: the link
+    # of INSTALL.md's /usr/local/bin (here in the fixture's directory).
+    link = installed.parent.parent / "usr" / "local" / "bin" / "vipfarm"
+    units = tmp_path / "units"
+    run([link, "service", "install", "web", "--config-dir", farm_dir / "nodes" / "node1",
+         "--unit-dir", units], tmp_path)  # fmt: skip
+    assert f"ExecStart={link} daemon --config " in (units / "vipfarm@.service").read_text()
 
 
 def test_lab_of_installed_daemons_serves_the_vip_and_the_console_over_https(
