@@ -9,10 +9,12 @@
 - docs/INSTALL.md, every command of it in its order (`test_install_md_walkthrough`): the Debian
   package built by `packaging/deb/build` installed with apt-get on two servers, the farm written
   with `vipfarm init`, placed, checked, started through the unit `vipfarm service install`
-  wrote, watched, operated, removed and purged, and purge leaves nothing behind, checked file by
-  file. The two servers are two lab namespaces, each with a mount namespace of its own (see
-  `Server`); how each command runs is in tests/linux/install_doc.py (`WAYS`), and a command of
-  the document that no way covers fails the test. The test purges even when it fails.
+  wrote, watched, grown by a third node (`init --add-node`), operated, removed and purged, and
+  purge leaves nothing behind, checked file by file. The servers are lab namespaces, each with a
+  mount namespace of its own (see `Server`); how each command runs is in
+  tests/linux/install_doc.py (`WAYS`), and a command of the document that no way covers fails
+  the test. The test purges even when it fails. No made-up URL ships in the wheel or the
+  package.
 
 Every subprocess runs with a clean environment (no PYTHONPATH) from a directory outside the
 checkout, so nothing can be imported from the source tree by accident.
@@ -139,8 +141,8 @@ def _example_host(host: str) -> bool:
     if not host or any(c in host for c in "{$[") or host.isupper() or host.startswith("..."):
         return True  # a placeholder: http://HOST[:PORT], ${vip}, {host}, https://...
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host.strip("[]")
-    if name == "localhost":
-        return True
+    if "." not in name and ":" not in name:
+        return True  # one label (localhost, node2, host): a name on the farm's own network
     try:
         addr = ipaddress.ip_address(name)
     except ValueError:
@@ -153,7 +155,9 @@ def test_no_made_up_urls_in_the_wheel(wheel: Path, tmp_path: Path) -> None:
         z.extractall(tmp_path)
     assert made_up_urls(tmp_path) == []
     # The check itself: a project site that does not exist is found.
-    (tmp_path / "x.md").write_text("see https://vipfarm.example.org/docs and http://127.0.0.1/")
+    (tmp_path / "x.md").write_text(
+        "see https://vipfarm.example.org/docs or http://127.0.0.1/ or https://node2:9010"
+    )
     assert made_up_urls(tmp_path) == ["x.md: https://vipfarm.example.org/docs"]
 
 
@@ -301,7 +305,7 @@ def _all_up(state: dict[str, object]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# docs/INSTALL.md, every command in its order, on two servers
+# docs/INSTALL.md, every command in its order, on its servers (node3 joins in section 7)
 
 RC_DIRS = tuple(f"rc{r}.d" for r in "0123456S")
 RETRY_S = 60.0
@@ -319,7 +323,7 @@ class Context:
     prefix that enters the machine's namespaces (none for `build` and `admin`, this host)."""
 
     def __init__(self, name: str, cwd: Path, state: Path) -> None:
-        self.name, self.cwd, self.state = name, cwd, state
+        self.name, self.cwd, self.home, self.state = name, cwd, cwd, state
         cwd.mkdir(parents=True, exist_ok=True)
         state.mkdir(parents=True, exist_ok=True)
 
@@ -340,7 +344,7 @@ class Context:
         script = 'cd "$1" || exit 99; eval "$2"; rc=$?; pwd > "$3"; exit $rc'
         proc = subprocess.run(
             [*self.prefix(), "bash", "-c", script, "bash", str(cwd or self.cwd), line, str(pwd)],
-            env=cmd_env(self.cwd, **env), capture_output=True, text=True, timeout=timeout,
+            env=cmd_env(self.home, **env), capture_output=True, text=True, timeout=timeout,
             input=answers,
         )  # fmt: skip
         if cwd is None and pwd.exists():
