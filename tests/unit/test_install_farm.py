@@ -340,3 +340,99 @@ def test_init_asks_when_no_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert [r.rule.port for r in cfg.rules] == [80, 443]
     assert cfg.app_spec("node1").module == "apache"
     assert cfg.api is not None and not cfg.api.tls
+
+
+def _bundle(tmp_path: Path, *extra: str) -> Path:
+    b = tmp_path / "b"
+    i = FLAGS.index("node3=198.51.100.13,192.0.2.13")
+    two = FLAGS[: i - 1] + FLAGS[i + 1 :]  # node1 and node2
+    res = CliRunner().invoke(build_app("init"), ["init", *two, *extra, "--dir", str(b)])
+    assert res.exit_code == 0 and "farm web, 2 nodes" in res.output, res.output
+    return b
+
+
+def test_add_node_signs_with_the_kept_ca_and_grows_every_farm_file(tmp_path: Path) -> None:
+    b = _bundle(tmp_path)
+    n1 = b / "nodes" / "node1"
+    before = {p.name: p.read_bytes() for p in n1.iterdir()}
+    res = CliRunner().invoke(
+        build_app("init"), ["init", "--add-node", "node3=198.51.100.13,192.0.2.13", "--dir", str(b)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "node3 added, 3 nodes" in res.output and "systemctl restart vipfarm@web" in res.output
+    assert sorted(p.name for p in b.iterdir()) == ["ca", "nodes"]  # no staging left
+    d3 = b / "nodes" / "node3"
+    assert sorted(p.name for p in d3.iterdir()) == sorted(before)
+    for secret in ("web.key", "api.token", "web-node.key"):
+        assert stat.S_IMODE((d3 / secret).stat().st_mode) == 0o600, secret
+    # The farm's key, token and CA; only the farm file of the old nodes changed.
+    for name in ("web.key", "api.token", "web-ca.crt"):
+        assert (d3 / name).read_bytes() == before[name]
+    after = {p.name: p.read_bytes() for p in n1.iterdir()}
+    assert {k for k in after if after[k] != before[k]} == {"web.toml"}
+    check = build_app("config")
+    for node in ("node1", "node2", "node3"):
+        d = b / "nodes" / node
+        assert (d / "web.toml").read_bytes() == (d3 / "web.toml").read_bytes()
+        res = CliRunner().invoke(check, ["config", "check", str(d / "web.toml"), "--node", node])
+        assert res.exit_code == 0 and "3 nodes" in res.output, res.output
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(n1 / "web-ca.crt"), str(d3 / "web-node.crt")],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stderr
+    san = subprocess.run(
+        ["openssl", "x509", "-in", str(d3 / "web-node.crt"), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "DNS:node3" in san and "198.51.100.13" in san and "192.0.2.13" in san
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("node2=198.51.100.19,192.0.2.19", "a node name not given yet (have node1, node2)"),
+        ("node3=198.51.100.12,192.0.2.13", "198.51.100.12 is given twice"),
+        ("node3=198.51.100.13", "one address per network (lan, hb2)"),
+    ],
+)
+def test_add_node_refuses_and_changes_nothing(tmp_path: Path, value: str, message: str) -> None:
+    b = _bundle(tmp_path)
+    before = {str(p): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    res = CliRunner().invoke(build_app("init"), ["init", "--add-node", value, "--dir", str(b)])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert {str(p): p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+
+
+def test_add_node_needs_the_farms_own_ca(tmp_path: Path) -> None:
+    b = _bundle(tmp_path)
+    add = ["init", "--add-node", "node3=198.51.100.13,192.0.2.13", "--dir", str(b)]
+    res = CliRunner().invoke(build_app("init"), [*add, "--farm", "web"])
+    assert res.exit_code == 2 and "give no other farm flag" in res.output
+    # Another farm's CA (its key and certificate) is refused: the nodes would not trust it.
+    other = _bundle(tmp_path / "other")
+    for name in ("web-ca.crt", "web-ca.key"):
+        (b / "ca" / name).write_bytes((other / "ca" / name).read_bytes())
+    res = CliRunner().invoke(build_app("init"), add)
+    assert res.exit_code == 2 and "is not the CA that node1 trusts" in res.output, res.output
+    (b / "ca" / "web-ca.key").unlink()
+    res = CliRunner().invoke(build_app("init"), add)
+    assert res.exit_code == 2 and "the farm CA" in res.output, res.output
+    assert not (b / "nodes" / "node3").exists()
+    # Without TLS there is no CA to keep, and the node is added all the same.
+    plain = _bundle(tmp_path / "plain", "--no-tls")
+    res = CliRunner().invoke(build_app("init"), [*add[:-1], str(plain)])
+    assert res.exit_code == 0 and (plain / "nodes" / "node3" / "web.toml").is_file(), res.output
+
+
+def test_sign_node_refuses_a_key_that_is_not_the_cas(tmp_path: Path) -> None:
+    from vipfarm.install.pki import PkiError, make_farm_pki, sign_node
+
+    a = make_farm_pki("web", [("node1", [ADDR("192.0.2.1")])])
+    b = make_farm_pki("web", [("node1", [ADDR("192.0.2.1")])])
+    with pytest.raises(PkiError, match="does not belong to its certificate"):
+        sign_node(a.ca_cert, b.ca_key, "node2", [ADDR("192.0.2.2")])
+    cert, key = sign_node(a.ca_cert, a.ca_key, "node2", [ADDR("192.0.2.2")])
+    assert cert.startswith(b"-----BEGIN CERTIFICATE") and b"PRIVATE KEY" in key

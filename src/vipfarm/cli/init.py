@@ -15,6 +15,15 @@ Each node's directory is then loaded exactly as `vipfarm config check FILE --nod
 it; only when every node passes is the staging directory moved into place, so a refused input
 or a failed check leaves DIR as it was. `--node NAME` also installs NAME's files into `--etc`
 (/etc/vipfarm), for the server `init` runs on. Last, it prints the commands that follow.
+
+`--add-node NAME=ADDR,...` grows a bundle that `init` wrote: it reads the farm from the first
+node's directory, parses the new node against its networks and nodes, signs the node's
+certificate with the kept CA (DIR/ca/, `vipfarm.install.pki.sign_node`), and stages the new
+node's directory (the farm's key and token, the CA's certificate, its own pair) and every node's
+farm file with the node's `[[node]]` table appended. Every node's directory is loaded as
+`config check` does before anything is replaced; then the farm files are replaced one by one
+(atomically each) and the new directory moved in. The node list changes only with a restart of
+every daemon (a deployment refuses it), so it prints that procedure.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
 
@@ -76,6 +85,13 @@ def init(
     etc: Path = typer.Option(
         Path("/etc/vipfarm"), "--etc", help="the configuration directory --node installs into"
     ),
+    add_node: str | None = typer.Option(
+        None,
+        "--add-node",
+        metavar="NAME=ADDR[,ADDR...]",
+        help="add a node to the farm already in --dir: its certificate from the kept CA (ca/), "
+        "the farm's key and token, and the node in every node's farm file",
+    ),
 ) -> None:
     """Write a new farm: its file, key, API token and TLS certificates for every node.
 
@@ -91,6 +107,17 @@ def init(
     from vipfarm.install.farm import InitInputError
 
     out, err = Console(), Console(stderr=True)
+    if add_node is not None:
+        if farm or host or vip or network or rule or macro or node:
+            err.print(
+                "error: --add-node: adds to the farm in --dir; give no other farm flag (its "
+                "networks, interface and files come from the farm)",
+                markup=False,
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_INVALID)
+        _add_node(out, err, add_node, directory)
+        return
     interactive = not (farm or host or vip) and _stdin_is_tty()
     try:
         if interactive:
@@ -423,4 +450,114 @@ def _next_steps(
             f"  vipfarm --node {plan.nodes[0].addresses[0]}{port} "
             f"--ca-file {etc}/{names['ca_cert']} state"
         )
+    out.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def _refuse(err: Console, message: str, code: int = EXIT_INVALID) -> NoReturn:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _add_node(out: Console, err: Console, text: str, directory: Path) -> None:
+    from vipfarm.config.loading import load_config
+    from vipfarm.config.problems import ConfigError
+    from vipfarm.install import farm as f
+    from vipfarm.install.pki import PkiError, sign_node
+
+    directory = directory.resolve()
+    nodes_dir = directory / "nodes"
+    dirs = sorted(p for p in nodes_dir.iterdir() if p.is_dir()) if nodes_dir.is_dir() else []
+    tomls = sorted(dirs[0].glob("*.toml")) if dirs else []
+    if len(tomls) != 1:
+        _refuse(err, f"--dir: {directory} holds no farm written by `vipfarm init` (nodes/NODE/)")
+    try:
+        cfg = load_config(tomls[0])
+    except ConfigError as exc:
+        _refuse(err, f"--dir: {tomls[0]} is invalid: {exc}")
+    names = f.file_names(cfg.farm.name)
+    if tomls[0].name != names["config"]:
+        _refuse(err, f"--dir: {tomls[0]} is not {names['config']}, as `vipfarm init` wrote it")
+    nets = [f.NetworkPlan(n.name, n.port) for n in cfg.networks]
+    plans = [f.NodePlan(n.name, tuple(n.address[x.name] for x in cfg.networks)) for n in cfg.nodes]
+    try:
+        new = f.parse_node(text, nets, plans)
+    except f.InitInputError as exc:
+        _refuse(err, f"--add-node: bad value {exc.value!r}: expected {exc.expected}")
+    if (nodes_dir / new.name).exists():
+        _refuse(err, f"--add-node: {nodes_dir / new.name} exists already")
+    first = dirs[0]
+    tls = cfg.api is not None and cfg.api.cert_file is not None
+    wanted = [names["key"], names["token"], *([names["ca_cert"]] if tls else [])]
+    missing = [n for n in wanted if not (first / n).is_file()]
+    if missing:
+        _refuse(err, f"--dir: {first} has no {', '.join(missing)} (as `vipfarm init` wrote it)")
+    farm_text = (
+        tomls[0].read_text().rstrip("\n")
+        + "\n\n"
+        + "\n".join(f.render_node(new, nets, cfg.nodes[0].interface))
+        + "\n"
+    ).encode()
+    files = {names["config"]: f.FileSpec(farm_text, f.PUBLIC_MODE)}
+    files.update({n: f.FileSpec((first / n).read_bytes(), f.SECRET_MODE) for n in wanted[:2]})
+    if tls:
+        ca = directory / "ca"
+        ca_cert, ca_key = ca / names["ca_cert"], ca / f"{cfg.farm.name}-ca.key"
+        if not (ca_cert.is_file() and ca_key.is_file()):
+            _refuse(
+                err,
+                f"--dir: the farm CA ({ca_cert}, {ca_key}) signs the new node's certificate: "
+                "it is the ca/ directory `vipfarm init` wrote beside nodes/",
+            )
+        if ca_cert.read_bytes() != (first / names["ca_cert"]).read_bytes():
+            _refuse(err, f"--dir: {ca_cert} is not the CA that {first.name} trusts")
+        try:
+            cert, key = sign_node(
+                ca_cert.read_bytes(), ca_key.read_bytes(), new.name, new.addresses
+            )
+        except PkiError as exc:
+            _refuse(err, str(exc), 1)
+        files[names["ca_cert"]] = f.FileSpec(ca_cert.read_bytes(), f.PUBLIC_MODE)
+        files[names["cert"]] = f.FileSpec(cert, f.PUBLIC_MODE)
+        files[names["tls_key"]] = f.FileSpec(key, f.SECRET_MODE)
+    stage = Path(tempfile.mkdtemp(prefix=".vipfarm-init-", dir=directory))
+    try:
+        # Every node's directory as it will be, checked before anything is replaced.
+        for d in dirs:
+            shutil.copytree(d, stage / d.name, symlinks=True)
+            (stage / d.name / names["config"]).write_bytes(farm_text)
+        _write_files(stage / new.name, files)
+        for name in [*(d.name for d in dirs), new.name]:
+            file = stage / name / names["config"]
+            try:
+                load_config(file).find_self(name)
+            except ConfigError as exc:
+                err.print(f"error: the farm with {new.name} is invalid for {name}:")
+                for p in exc.problems:
+                    err.print(f"  {p}", markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(EXIT_INVALID) from None
+        for d in dirs:
+            os.replace(stage / d.name / names["config"], d / names["config"])
+        os.rename(stage / new.name, nodes_dir / new.name)
+    except OSError as exc:
+        _refuse(err, f"--dir: cannot write into {directory}: {exc}", 1)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    out.print(
+        f"[green]farm {cfg.farm.name}[/]: {new.name} added, {len(dirs) + 1} nodes in "
+        f"{nodes_dir}" + (" (certificate signed by the farm CA)" if tls else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    addr = {d.name: a for d in dirs for n in cfg.nodes if n.name == d.name
+            for a in [n.address[cfg.networks[0].name]]}  # fmt: skip
+    addr[new.name] = new.addresses[0]
+    lines = [
+        "",
+        "[bold]Next[/] (the node list changes with a restart of every daemon, not a deployment):",
+        "  place every node's files again:",
+        *(f"  rsync -a {nodes_dir}/{n}/ root@{a}:/etc/vipfarm/" for n, a in addr.items()),
+        "  restart the daemons one at a time, each once the farm is back to full strength:",
+        *(f"  systemctl restart vipfarm@{cfg.farm.name}   (on {d.name})" for d in dirs),
+        f"  on {new.name}: vipfarm service install {cfg.farm.name} --enable",
+    ]
     out.print("\n".join(lines), highlight=False, soft_wrap=True)

@@ -50,6 +50,7 @@ __all__ = [
     "parse_port",
     "parse_rule",
     "parse_vip",
+    "render_node",
     "render_toml",
 ]
 
@@ -328,6 +329,19 @@ def _q(value: object) -> str:
     return json.dumps(str(value))
 
 
+def render_node(node: NodePlan, networks: Sequence[NetworkPlan], interface: str) -> list[str]:
+    """The `[[node]]` table of one node, as lines (`vipfarm init --add-node` appends one)."""
+    addrs = ", ".join(
+        f"{net.name} = {_q(a)}" for net, a in zip(networks, node.addresses, strict=True)
+    )
+    return [
+        "[[node]]",
+        f"name = {_q(node.name)}",
+        f"interface = {_q(interface)}",
+        f"address = {{ {addrs} }}",
+    ]
+
+
 def render_toml(plan: FarmPlan) -> str:
     """The farm file: identical on every node, every path relative to its own directory."""
     names = file_names(plan.farm)
@@ -347,16 +361,7 @@ def render_toml(plan: FarmPlan) -> str:
     for net in plan.networks:
         lines += ["", "[[network]]", f"name = {_q(net.name)}", f"port = {net.port}"]
     for node in plan.nodes:
-        addrs = ", ".join(
-            f"{net.name} = {_q(a)}" for net, a in zip(plan.networks, node.addresses, strict=True)
-        )
-        lines += [
-            "",
-            "[[node]]",
-            f"name = {_q(node.name)}",
-            f"interface = {_q(plan.interface)}",
-            f"address = {{ {addrs} }}",
-        ]
+        lines += ["", *render_node(node, plan.networks, plan.interface)]
     for rule in plan.rules:
         for vip in plan.vips if rule.vip is None else (rule.vip,):
             lines += [
