@@ -354,9 +354,8 @@ def render_toml(plan: FarmPlan) -> str:
         f"key_file = {_q(names['key'])}   # heartbeat HMAC key: the same on every node, mode 0600",
         "",
         "[timing]",
-        "interval_ms = 100",
-        "dead_after_ms = 500",
-        "lease_ms = 300",
+        "# fast, default, tolerant or wan: the heartbeat, lease and failover timers (docs/CONFIG.md)",
+        'profile = "default"',
     ]
     for net in plan.networks:
         lines += ["", "[[network]]", f"name = {_q(net.name)}", f"port = {net.port}"]
