@@ -36,6 +36,13 @@ class DecisionPoint(StrEnum):
     PREROUTING = "prerouting"  # after conntrack, as before issue 14: kept for comparison benches
 
 
+class Delivery(StrEnum):
+    """How frames to a VIP reach the node that serves them (docs/DATAPATH.md, "Delivery")."""
+
+    FLOOD = "flood"  # the VIP resolves to the VMAC, which the switch floods to every node
+    DIRECTED = "directed"  # the VIP resolves to an entry node's MAC; it forwards at layer 2
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -86,6 +93,7 @@ class DatapathSpec(_Strict):
     seed: int = Field(default=0x5EED, ge=0, le=0xFFFFFFFF)
     lease_s: float = Field(default=3.0, gt=0, le=3600)
     decide_at: DecisionPoint = DecisionPoint.INGRESS
+    delivery: Delivery = Delivery.FLOOD
     notrack_other: bool = Field(
         default=False,
         description="exempt traffic that is not to or from a VIP from conntrack (see ruleset)",

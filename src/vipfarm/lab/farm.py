@@ -43,6 +43,7 @@ def farm_toml(
     key_file: Path,
     drain_timeout_s: float = 30.0,
     token_file: Path | None = None,
+    delivery: str = "flood",
 ) -> str:
     lines = [
         f"# Farm configuration of lab {name}, written by `vipfarm lab up --daemon`.",
@@ -50,6 +51,7 @@ def farm_toml(
         f"name = {_q(name)}",
         f"key_file = {_q(key_file)}",
         f"buckets = {BUCKETS}",
+        *([f"delivery = {_q(delivery)}"] if delivery != "flood" else []),
         "",
         "[timing]",
         "interval_ms = 100",

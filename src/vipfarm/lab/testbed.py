@@ -61,6 +61,7 @@ from vipfarm.lab.topology import (
     check_name,
     extra_hb4,
     extra_lan4,
+    flood_batch,
     host_batch,
     lab_namespaces,
     node_index,
@@ -91,6 +92,8 @@ class LabConfig(BaseModel):
     datapath: bool
     rules: list[Rule]
     daemon: bool = False  # node daemons (membership, failover) instead of static runners
+    no_flood: bool = False  # the LAN switch floods no unknown unicast to the nodes' ports
+    delivery: str = "flood"  # the farm's delivery (daemon mode): flood or directed
 
 
 def unique_name(prefix: str = "vt") -> str:
@@ -582,6 +585,7 @@ class Lab:
                 self.dir,
                 key,
                 token_file=self.api_token_file,
+                delivery=self.config.delivery,
             )
         )
         for node in self.node_names:
@@ -697,6 +701,14 @@ class Lab:
         )
         for h in topo.hosts():
             _run([self.ip, "-n", h.ns, "-batch", "-"], input="\n".join(host_batch(h)) + "\n")
+        if self.config.no_flood:
+            self.set_flood(False)
+
+    def set_flood(self, on: bool) -> None:
+        """Turn unknown-unicast flooding of the LAN switch on or off on the node ports while
+        the lab runs (`topology.flood_batch`)."""
+        batch = "\n".join(flood_batch(self.topology, on)) + "\n"
+        _run([self.ip, "-n", self.topology.switch_ns, "-batch", "-"], input=batch)
 
     def status(self) -> dict[str, Any]:
         return status(self.name)
@@ -724,11 +736,15 @@ def up(
     rules: list[Rule] | None = None,
     datapath: bool = True,
     daemon: bool = False,
+    no_flood: bool = False,
+    delivery: str = "flood",
 ) -> Lab:
     """Build lab `name` and return it running; on any failure remove what was built.
 
     `daemon=True` runs a node daemon on every node (real membership and failover, the app
     started by the daemon's module); otherwise `datapath` chooses a static runner per node.
+    `no_flood`: the LAN switch floods no unknown unicast to the nodes (`Lab.set_flood`);
+    `delivery`: the farm's delivery in daemon mode (flood or directed).
     """
     if daemon:
         datapath = False
@@ -743,6 +759,8 @@ def up(
         datapath=datapath,
         rules=datapath_spec(name, rules).rules,
         daemon=daemon,
+        no_flood=no_flood,
+        delivery=delivery,
     )
     existing = sorted(lab_namespaces(name, list_netns(ip)))
     if existing or state_dir(name).exists():
@@ -781,6 +799,8 @@ def up(
         app=config.app,
         datapath=datapath,
         daemon=daemon,
+        no_flood=no_flood,
+        delivery=delivery,
         s=round(time.monotonic() - t0, 2),
     )
     return lab
@@ -798,6 +818,8 @@ class LabFactory(Protocol):
         rules: list[Rule] | None = None,
         datapath: bool = True,
         daemon: bool = False,
+        no_flood: bool = False,
+        delivery: str = "flood",
     ) -> Lab: ...
 
 

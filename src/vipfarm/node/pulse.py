@@ -72,6 +72,7 @@ from vipfarm.membership.core import Membership, MembershipConfig
 from vipfarm.membership.driver import Driver
 from vipfarm.membership.wire import MIN_VERSION, VERSION, Codec, Drop, NodeState
 from vipfarm.node import channel as ch
+from vipfarm.node.delivery import Directed
 from vipfarm.node.host import die_with_parent, link_up, next_incarnation, peer_uid
 
 log = logging.getLogger("vipfarm.pulse")
@@ -225,6 +226,7 @@ class Pulse:
         self._lease_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
         self._renewing: Future[frozenset[int]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.directed = self._make_directed()
 
     # ------------------------------------------------------------------ life cycle
     async def run(self) -> None:
@@ -435,6 +437,26 @@ class Pulse:
         now = time.monotonic()
         self._check_health(now)
         self.driver.timer(now)
+        self._delivery_tick(now)
+
+    # ------------------------------------------------------------------ directed delivery
+    def _make_directed(self) -> Directed:
+        addresses: dict[str, list[str]] = {}
+        for by_addr in self._sources.values():
+            for addr, peer in by_addr.items():
+                addresses.setdefault(peer, []).append(addr)
+        return Directed(self.name, self.datapath, addresses, self._emit)
+
+    def _delivery_tick(self, now: float) -> None:
+        """Entries and steering (`vipfarm.node.delivery`); the kept buckets for the next
+        heartbeats (None in flood delivery: the heartbeats carry none)."""
+        try:
+            self.core.kept = self.directed.tick(
+                now, self.core.state, self.core.peer_claims(), self.kernel_owned, self.datapath.kept
+            )
+        except Exception as e:  # never the heartbeats' problem
+            self.counters["delivery_errors"] += 1
+            self._emit("delivery_failed", logging.ERROR, error=e)
 
     def _check_health(self, now: float) -> None:
         """The application counts healthy while the manager says so, has said anything within
@@ -636,6 +658,7 @@ class Pulse:
             "hb_received": dict(self.hb_received),
             "hb_rejected": [[n, r, c] for (n, r), c in self.hb_rejected.items()],
             "core_events": dict(self.core_events),
+            "delivery": self.directed.state(),
         }
 
     def _emit(self, name: str, level: int = logging.INFO, /, **fields: Any) -> None:

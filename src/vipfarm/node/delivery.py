@@ -1,0 +1,246 @@
+"""Directed delivery in the pulse: which node is each VIP's entry, and where frames go.
+
+Theory of operation
+-------------------
+Where the switch does not flood frames for the VMAC (VMware vSwitches, clouds, switches that
+suppress unknown unicast), a farm with ``delivery = "directed"`` resolves each VIP to a real
+node's MAC instead: the VIP's *entry*. Every node computes the entry of every VIP from the
+membership view all nodes share, with rendezvous hashing of (VIP, node name) over the alive
+nodes that are UP (over the alive WAIT nodes when none is UP), so entries spread over VIPs and
+a VIP's entry moves only when its own entry leaves or dies (`entry_for`). Only the entry
+answers ARP/NDP for its VIP, with its own MAC; on becoming the entry it announces the VIP at
+once (gratuitous ARP, unsolicited NA), so clients move within the failover time of the farm
+plus one announcement.
+
+Frames a client addressed to a node's own MAC are sent on by that node's kernel, at layer 2, to
+every other node interested in their bucket (`vipfarm.datapath.ruleset.steer_chains`): its
+owner, the nodes that still keep it (they serve established connections in it), and a node that
+wants it (about to acquire it: its first SYN is not lost to the handover). Each receiving node
+then decides exactly as in flood delivery. Any node forwards, not only the entry: a client whose
+cache still names a former entry is served as long as that node lives. The interested nodes
+come from the peers' heartbeats (owned, wanted, and the kept bitmap of `wire.FLAG_KEPT`, which
+this node's heartbeats carry too); their MACs from the kernel's neighbour table for their
+configured addresses (the heartbeats on the LAN keep those entries fresh), looked up again
+while a live peer's MAC is unknown and remembered for good: a frame from any farm node, dead
+or alive, is never forwarded again, so two nodes with different views cannot bounce a frame.
+
+`Directed.tick` runs on every timer of the pulse: it compares a cheap key of its inputs with the
+last one and does the work only on a change; the kernel transactions (steering plan, neighbour
+reads) run in a worker thread, one at a time, the latest plan winning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from vipfarm.datapath.ruleset import SteerPlan
+from vipfarm.datapath.service import DatapathService
+from vipfarm.datapath.spec import Delivery, IPAddress
+from vipfarm.membership.wire import NodeState, bits_of
+
+log = logging.getLogger("vipfarm.delivery")
+
+MAC_RETRY_S = 1.0  # how often the neighbour table is read while a live peer's MAC is unknown
+
+Claim = tuple[str, bool, NodeState | None, int, int, int]  # Membership.peer_claims
+
+
+def _score(vip: IPAddress, node: str) -> bytes:
+    return hashlib.sha256(f"vipfarm-entry\0{vip}\0{node}".encode()).digest()
+
+
+def entry_for(vip: IPAddress, candidates: Iterable[str]) -> str | None:
+    """The entry of `vip` among `candidates`: the highest rendezvous score (None: nobody)."""
+    best: tuple[bytes, str] | None = None
+    for node in candidates:
+        score = (_score(vip, node), node)
+        if best is None or score > best:
+            best = score
+    return None if best is None else best[1]
+
+
+def candidates(me: str, my_state: NodeState, claims: Sequence[Claim]) -> list[str]:
+    """The nodes that may be an entry: alive and UP, or alive and WAIT when none is UP."""
+    states = [(me, my_state)] + [(c[0], c[2]) for c in claims if c[1] and c[2] is not None]
+    for wanted in (NodeState.UP, NodeState.WAIT):
+        found = sorted(n for n, s in states if s is wanted)
+        if found:
+            return found
+    return []
+
+
+def entries(
+    me: str, my_state: NodeState, claims: Sequence[Claim], vips: Iterable[IPAddress]
+) -> dict[IPAddress, str | None]:
+    nodes = candidates(me, my_state, claims)
+    return {vip: entry_for(vip, nodes) for vip in vips}
+
+
+def steer_plan(
+    mac: str,
+    claims: Sequence[Claim],
+    macs: dict[str, str],
+    local: frozenset[int],
+) -> SteerPlan:
+    """Where this node sends each bucket's frames: to every alive peer with a known MAC that
+    owns, wants or keeps it, in name order."""
+    targets: dict[int, list[str]] = {}
+    for name, alive, _state, owned, want, kept in sorted(claims):
+        peer_mac = macs.get(name)
+        if not alive or peer_mac is None:
+            continue
+        for b in bits_of(owned | want | kept):
+            targets.setdefault(b, []).append(peer_mac)
+    return SteerPlan(
+        mac=mac,
+        targets={b: tuple(t) for b, t in targets.items()},
+        local=local,
+        peers=frozenset(m for m in macs.values() if m != mac),
+    )
+
+
+class Directed:
+    """The pulse's directed delivery: entries, announcements and the steering plan."""
+
+    def __init__(
+        self,
+        me: str,
+        service: DatapathService,
+        addresses: dict[str, list[str]],
+        emit: Callable[..., None],
+    ) -> None:
+        self.me = me
+        self.service = service
+        self.addresses = addresses  # peer name -> its configured addresses (every network)
+        self.emit = emit
+        self.macs: dict[str, str] = {}
+        self._mac: str | None = None  # this node's LAN MAC
+        self.entry_of: dict[IPAddress, str | None] = {}
+        self.mac_unknown: list[str] = []
+        self._key: Any = None
+        self._busy = False
+        self._pending: SteerPlan | None = None
+        self._macs_read = -1e9
+        self._reading = False
+        self.applied = 0
+        self.errors = 0
+
+    @property
+    def active(self) -> bool:
+        return self.service.spec.delivery is Delivery.DIRECTED
+
+    def tick(
+        self,
+        now: float,
+        my_state: NodeState,
+        claims: Sequence[Claim],
+        owned: frozenset[int],
+        kept: frozenset[int],
+    ) -> int | None:
+        """Recompute on a change of inputs; returns the kept bitmap the heartbeats must carry
+        (None: flood delivery, carry nothing)."""
+        if not self.active:
+            if self.service.entry is not None:
+                self.service.set_entry(None)
+            self._key = None
+            return None
+        lingering = kept - owned
+        alive_unknown = [c[0] for c in claims if c[1] and c[0] not in self.macs]
+        if alive_unknown and not self._reading and now - self._macs_read >= MAC_RETRY_S:
+            self._macs_read = now
+            self._read_macs()
+        spec = self.service.spec
+        # id(spec): comparing a spec of thousands of rules would cost the loop milliseconds.
+        key = (my_state, owned, kept, tuple(claims), tuple(sorted(self.macs.items())), id(spec))
+        if key != self._key:
+            self._key = key
+            self.mac_unknown = alive_unknown
+            self._update_entry(my_state, claims, spec.vips)
+            if self._mac is None:
+                self._mac = self.service.kernel.link_mac(spec.interface)
+            plan = steer_plan(self._mac, claims, self.macs, owned | kept)
+            self._apply(plan)
+        mask = 0
+        for b in lingering:
+            mask |= 1 << b
+        return mask
+
+    def _update_entry(
+        self, my_state: NodeState, claims: Sequence[Claim], vips: Iterable[IPAddress]
+    ) -> None:
+        entry_of = entries(self.me, my_state, claims, vips)
+        if entry_of != self.entry_of:
+            mine = frozenset(v for v, n in entry_of.items() if n == self.me)
+            before = self.service.entry or frozenset()
+            self.entry_of = entry_of
+            self.service.set_entry(mine)
+            if mine != before:
+                self.emit(
+                    "entry_changed",
+                    logging.INFO,
+                    gained=",".join(map(str, sorted(mine - before, key=str))) or "-",
+                    lost=",".join(map(str, sorted(before - mine, key=str))) or "-",
+                    entries=",".join(f"{v}={n}" for v, n in entry_of.items()),
+                )
+
+    def _apply(self, plan: SteerPlan) -> None:
+        if self._busy:
+            self._pending = plan  # the latest plan wins
+            return
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, self.service.set_steer, plan)
+        fut.add_done_callback(self._applied)
+
+    def _applied(self, fut: asyncio.Future[bool]) -> None:
+        self._busy = False
+        try:
+            if fut.result():
+                self.applied += 1
+        except Exception as e:  # keep the previous plan: frames still reach its nodes
+            self.errors += 1
+            self.emit("steer_failed", logging.ERROR, error=str(e))
+            self._key = None  # try again at the next tick
+        if self._pending is not None:
+            plan, self._pending = self._pending, None
+            self._apply(plan)
+
+    def _read_macs(self) -> None:
+        self._reading = True
+        loop = asyncio.get_running_loop()
+        iface = self.service.spec.interface
+        fut = loop.run_in_executor(None, self.service.kernel.neighbours, iface)
+        fut.add_done_callback(self._macs_done)
+
+    def _macs_done(self, fut: asyncio.Future[dict[str, str]]) -> None:
+        self._reading = False
+        try:
+            table = fut.result()
+        except Exception as e:
+            self.emit("neighbours_unreadable", logging.WARNING, error=str(e))
+            return
+        for name, addrs in self.addresses.items():
+            for a in addrs:
+                mac = table.get(a)
+                if mac is not None and self.macs.get(name) != mac:
+                    self.macs[name] = mac
+                    self.emit("peer_mac_learned", logging.INFO, peer=name, mac=mac)
+                    break
+
+    def state(self) -> dict[str, Any]:
+        """For `vipfarm state` (through the pulse's state)."""
+        steer = self.service.datapath.steer
+        return {
+            "mode": self.service.spec.delivery.value,
+            "entries": {str(v): n for v, n in self.entry_of.items()},
+            "entry_of_here": sorted(str(v) for v in (self.service.entry or ())),
+            "peer_macs": dict(sorted(self.macs.items())),
+            "mac_unknown": list(self.mac_unknown),
+            "steered_buckets": len(steer.targets) if steer is not None else 0,
+            "plans_applied": self.applied,
+            "plan_errors": self.errors,
+        }
