@@ -551,6 +551,7 @@ class Manager:
                 pulse_answered=answered,
                 pulse_priority=data["priority"],
             ),
+            delivery=data.get("delivery"),
         )
 
     async def farm_status(self) -> NodeStatus:
