@@ -58,9 +58,7 @@ def lab() -> Iterator[Lab]:
         # tests start: until then a node cannot steer to them.
         wait_for(
             "every node to know its peers' MACs",
-            lambda: all(
-                len(built.daemon_state(n)["delivery"]["peer_macs"]) == 2 for n in NODES
-            ),
+            lambda: all(len(built.daemon_state(n)["delivery"]["peer_macs"]) == 2 for n in NODES),
         )
         yield built
     finally:
