@@ -138,20 +138,16 @@ class FarmSection(Strict):
     buckets: int = DatapathSpec.model_fields["buckets"].default
     seed: int = DatapathSpec.model_fields["seed"].default
     # How frames to a VIP reach the nodes (docs/CONFIG.md, "Delivery"): flood (the VMAC, which
-    # the switch floods to every node) or directed (an entry node forwards at layer 2).
+    # the switch floods to every node), directed (an entry node forwards at layer 2) or auto
+    # (chosen by a probe). The default stays flood until every node of a farm decodes the
+    # heartbeat flags of the other two (see docs/PROTOCOL.md): a mixed farm would drop them.
     delivery: Delivery = Delivery.FLOOD
 
     @field_validator("delivery", mode="before")
     @classmethod
     def _delivery(cls, value: object) -> object:
-        if value == "auto":
-            raise ValueError(
-                '"auto" (choosing by a probe) is not available yet: write "flood" where the '
-                'switches flood frames for unknown MACs to every node, "directed" where they '
-                "do not (VMware vSwitches, clouds, switches that suppress unknown unicast)"
-            )
         if value not in {d.value for d in Delivery}:
-            raise ValueError(f'{value!r} is not a delivery: write "flood" or "directed"')
+            raise ValueError(f'{value!r} is not a delivery: write "flood", "directed" or "auto"')
         return value
 
     @field_validator("name")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from vipfarm.datapath import ruleset
 from vipfarm.datapath.kernel import DatapathError, Kernel
-from vipfarm.datapath.spec import DatapathSpec, Delivery, IPAddress
+from vipfarm.datapath.spec import DatapathSpec, IPAddress
 from vipfarm.files import write_atomic
 from vipfarm.log import event
 
@@ -203,7 +203,7 @@ class Datapath:
             # owns nor keeps: a change of buckets or seed breaks connections (documented).
             self._owned = frozenset()
         old_vips = set(self.spec.vips)
-        was_directed = self.spec.delivery is Delivery.DIRECTED
+        was_directed = self.spec.delivery.steers
         with self._steer_lock:
             plan = self._initial_plan(spec)
             stale = self._steer_chains if was_directed else None
@@ -219,7 +219,7 @@ class Datapath:
 
     # directed delivery
     def _initial_plan(self, spec: DatapathSpec) -> ruleset.SteerPlan | None:
-        if spec.delivery is not Delivery.DIRECTED:
+        if not spec.delivery.steers:
             return None
         return self._steer or ruleset.SteerPlan(mac=self.kernel.link_mac(spec.interface))
 
@@ -234,7 +234,7 @@ class Datapath:
         when it is the one there already or the spec does not deliver directed."""
         with self._steer_lock:
             spec = self.spec
-            if spec.delivery is not Delivery.DIRECTED or plan == self._steer:
+            if not spec.delivery.steers or plan == self._steer:
                 return False
             self.kernel.nft_apply(ruleset.steer_batch(spec, plan, self._steer_chains))
             self._set_steered(spec, plan)

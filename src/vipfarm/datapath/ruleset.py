@@ -73,7 +73,6 @@ from vipfarm.datapath.spec import (
     Affinity,
     DatapathSpec,
     DecisionPoint,
-    Delivery,
     IPAddress,
     Proto,
     Rule,
@@ -297,7 +296,7 @@ def bucket_rules(spec: DatapathSpec) -> list[list[Json]]:
     # itself: if the daemon dies and the lease runs out, the connections it accepted go on.
     keep = {"set": {"op": "add", "elem": _MARK, "set": f"@{KEPT_SET}"}}
     out: list[list[Json]] = []
-    if spec.delivery is Delivery.DIRECTED:
+    if spec.delivery.steers:
         # Frames a client sent to this node's own MAC (this node is, or was, the entry of their
         # VIP) go to the nodes interested in their bucket; frames to a VMAC came by flooding,
         # so every node got them anyway, and frames from a peer were forwarded already (never
@@ -439,7 +438,7 @@ def ruleset_batch(
     ]
     if not kept_exists:
         batch.insert(2, {"add": {"set": {**netdev, "name": KEPT_SET, "type": "mark"}}})
-    if spec.delivery is Delivery.DIRECTED:
+    if spec.delivery.steers:
         batch += steer_objects(spec.farm)
     if fresh:
         batch += [ingress, {"delete": {"chain": {**netdev, "name": INGRESS_CHAIN}}}]
@@ -494,9 +493,9 @@ def ruleset_batch(
     if spec.notrack_other:
         for name, _hook, direction in raw:
             batch += [_rule(t, name, e) for e in notrack_rules(spec, direction)]
-    if spec.delivery is Delivery.DIRECTED and plan is not None:
+    if spec.delivery.steers and plan is not None:
         batch += steer_batch(spec, plan, stale_chains)
-    elif spec.delivery is Delivery.FLOOD and stale_chains is not None:
+    elif not spec.delivery.steers and stale_chains is not None:
         batch += unsteer_batch(spec.farm, stale_chains)  # directed before: take it away
     return batch
 

@@ -37,7 +37,7 @@ class DatapathService:
         self.responders: list[PacketService] = []
         # Directed delivery: the VIPs this node is the entry of (None: flood delivery).
         self.entry: frozenset[IPAddress] | None = (
-            frozenset() if spec.delivery is Delivery.DIRECTED else None
+            frozenset() if spec.delivery.steers else None  # auto starts directed
         )
 
     @property

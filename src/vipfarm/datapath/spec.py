@@ -41,6 +41,14 @@ class Delivery(StrEnum):
 
     FLOOD = "flood"  # the VIP resolves to the VMAC, which the switch floods to every node
     DIRECTED = "directed"  # the VIP resolves to an entry node's MAC; it forwards at layer 2
+    # Flood or directed answers, chosen by the nodes from a probe (vipfarm.node.delivery); the
+    # kernel steers as in directed delivery throughout, so a switch costs no kernel change.
+    AUTO = "auto"
+
+    @property
+    def steers(self) -> bool:
+        """Whether the kernel forwards frames sent to this node's own MAC (directed, auto)."""
+        return self is not Delivery.FLOOD
 
 
 class _Strict(BaseModel):

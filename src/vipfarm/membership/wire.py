@@ -66,7 +66,10 @@ FLAG_BYE: Final = 0x01  # last heartbeat of a node that stopped and owns nothing
 # entry nodes must know every node that serves a bucket; flood farms never set it, so their
 # heartbeats stay byte-identical with those of nodes that predate it.
 FLAG_KEPT: Final = 0x02
-_FLAGS2: Final = FLAG_BYE | FLAG_KEPT
+# Version 2 only, farms with delivery = "auto" only: the sender misses the flood probe of a
+# live peer (vipfarm.datapath.probe), so frames to the VMAC do not reach every node.
+FLAG_DEAF: Final = 0x04
+_FLAGS2: Final = FLAG_BYE | FLAG_KEPT | FLAG_DEAF
 
 # Version 1: magic, version, flags, farm id, node id, incarnation, seq, ack count, fresh length,
 # then the "body": config digest, state, reserved, weight, buckets (and the two bitmaps after it)
@@ -200,6 +203,7 @@ class Heartbeat:
     alt_key_id: int = 0  # the other key the sender accepts (0: none)
     need: tuple[int, ...] = _NO_NEED  # node ids whose acknowledgement the sender waits for
     kept: int = 0  # buckets kept, not owned (FLAG_KEPT; 0 when the sender does not say)
+    deaf: bool = False  # FLAG_DEAF
 
 
 def _pads(subkey: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
@@ -304,10 +308,11 @@ class Codec:
         version: int = VERSION,
         use_next: bool = False,
         kept: int | None = None,
+        deaf: bool = False,
     ) -> bytes:
         """Pack and authenticate one heartbeat. `fresh_len` is the fresh bitmap size in bytes.
         Version 1 has no need list and no key ids (the primary key MACs it). `kept` (version 2
-        only; None: not said) is the kept bitmap of FLAG_KEPT."""
+        only; None: not said) is the kept bitmap of FLAG_KEPT, `deaf` sets FLAG_DEAF (version 2)."""
         if len(acks) > MAX_ACKS or len(need) > MAX_ACKS:
             raise ValueError(
                 f"{len(acks)} acks and {len(need)} needs do not fit one heartbeat "
@@ -319,6 +324,8 @@ class Codec:
         if kept is not None and version == VERSION:
             flags |= FLAG_KEPT
             extra.append(kept.to_bytes(n, "little"))
+        if deaf and version == VERSION:
+            flags |= FLAG_DEAF
         if version == 1:
             head = _HEADER1.pack(
                 MAGIC, 1, flags, self.farm_id, node_id, incarnation, seq, len(acks), fresh_len,
@@ -470,6 +477,7 @@ class Codec:
             alt_key_id=alt,
             need=need,
             kept=kept,
+            deaf=bool(flags & FLAG_DEAF),
         )
         return hb, True
 

@@ -24,6 +24,17 @@ configured addresses (the heartbeats on the LAN keep those entries fresh), looke
 while a live peer's MAC is unknown and remembered for good: a frame from any farm node, dead
 or alive, is never forwarded again, so two nodes with different views cannot bounce a frame.
 
+``delivery = "auto"``: the kernel steers as in directed delivery throughout (frames addressed
+to a VMAC are never steered, so this costs nothing while clients use the VMAC), and only the
+ARP/NDP answers change. Every node sends a flood probe twice a second (`vipfarm.datapath.probe`)
+and says in its heartbeats (`wire.FLAG_DEAF`) when it has missed, for `DEAF_AFTER_S`, the probe
+of a peer alive for that long. A node answers in flood style (the VMAC, from every node) only
+when no alive node, itself included, has been deaf for `SETTLE_S`; it goes back to directed
+answers (and announces its entries at once) as soon as any node is deaf. It starts directed,
+which works on every network; established connections survive a change either way, because
+the steering follows the owners and keepers in both modes. A change is an event
+(`delivery_mode_changed`, with the evidence) and `vipfarm state` shows the mode and evidence.
+
 `Directed.tick` runs on every timer of the pulse: it compares a cheap key of its inputs with the
 last one and does the work only on a change; the kernel transactions (steering plan, neighbour
 reads) run in a worker thread, one at a time, the latest plan winning.
@@ -34,19 +45,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from vipfarm.datapath.packet import PacketService
+from vipfarm.datapath.probe import ETH_P_PROBE, PROBE_INTERVAL_S, ProbeResponder
 from vipfarm.datapath.ruleset import SteerPlan
 from vipfarm.datapath.service import DatapathService
 from vipfarm.datapath.spec import Delivery, IPAddress
-from vipfarm.membership.wire import NodeState, bits_of
+from vipfarm.membership.wire import NodeState, bits_of, farm_id, node_id
 
 log = logging.getLogger("vipfarm.delivery")
 
 MAC_RETRY_S = 1.0  # how often the neighbour table is read while a live peer's MAC is unknown
+DEAF_AFTER_S = 3.5 * PROBE_INTERVAL_S  # a live peer's probe missed this long: deaf
+SETTLE_S = 5.0  # flood answers only after no node was deaf for this long (hysteresis)
 
-Claim = tuple[str, bool, NodeState | None, int, int, int]  # Membership.peer_claims
+Claim = tuple[str, bool, NodeState | None, int, int, int, bool]  # Membership.peer_claims
 
 
 def _score(vip: IPAddress, node: str) -> bytes:
@@ -89,7 +105,7 @@ def steer_plan(
     """Where this node sends each bucket's frames: to every alive peer with a known MAC that
     owns, wants or keeps it, in name order."""
     targets: dict[int, list[str]] = {}
-    for name, alive, _state, owned, want, kept in sorted(claims):
+    for name, alive, _state, owned, want, kept, _deaf in sorted(claims):
         peer_mac = macs.get(name)
         if not alive or peer_mac is None:
             continue
@@ -128,10 +144,19 @@ class Directed:
         self._reading = False
         self.applied = 0
         self.errors = 0
+        # auto delivery
+        self.flood_answers = False  # answering with the VMAC (auto found that frames flood)
+        self.deaf = False  # this node misses a live peer's probe
+        self.deaf_nodes: list[str] = []
+        self._prober: PacketService | None = None
+        self._probe_sent = -1e9
+        self._started: float | None = None
+        self._last_deaf = 0.0
+        self._alive_since: dict[str, float] = {}
 
     @property
     def active(self) -> bool:
-        return self.service.spec.delivery is Delivery.DIRECTED
+        return self.service.spec.delivery.steers
 
     def tick(
         self,
@@ -147,7 +172,15 @@ class Directed:
             if self.service.entry is not None:
                 self.service.set_entry(None)
             self._key = None
+            self._stop_prober()
             return None
+        if self._started is None:
+            self._started = self._last_deaf = now
+        if self.service.spec.delivery is Delivery.AUTO:
+            self._auto(now, claims)
+        else:
+            self._stop_prober()
+            self.flood_answers = self.deaf = False
         lingering = kept - owned
         alive_unknown = [c[0] for c in claims if c[1] and c[0] not in self.macs]
         if alive_unknown and not self._reading and now - self._macs_read >= MAC_RETRY_S:
@@ -155,7 +188,15 @@ class Directed:
             self._read_macs()
         spec = self.service.spec
         # id(spec): comparing a spec of thousands of rules would cost the loop milliseconds.
-        key = (my_state, owned, kept, tuple(claims), tuple(sorted(self.macs.items())), id(spec))
+        key = (
+            my_state,
+            owned,
+            kept,
+            tuple(claims),
+            tuple(sorted(self.macs.items())),
+            id(spec),
+            self.flood_answers,
+        )
         if key != self._key:
             self._key = key
             self.mac_unknown = alive_unknown
@@ -173,11 +214,12 @@ class Directed:
         self, my_state: NodeState, claims: Sequence[Claim], vips: Iterable[IPAddress]
     ) -> None:
         entry_of = entries(self.me, my_state, claims, vips)
+        mine = frozenset(v for v, n in entry_of.items() if n == self.me)
+        # Flood answers (auto): every node answers every VIP with its VMAC.
+        self.service.set_entry(None if self.flood_answers else mine)
         if entry_of != self.entry_of:
-            mine = frozenset(v for v, n in entry_of.items() if n == self.me)
-            before = self.service.entry or frozenset()
+            before = frozenset(v for v, n in self.entry_of.items() if n == self.me)
             self.entry_of = entry_of
-            self.service.set_entry(mine)
             if mine != before:
                 self.emit(
                     "entry_changed",
@@ -186,6 +228,59 @@ class Directed:
                     lost=",".join(map(str, sorted(before - mine, key=str))) or "-",
                     entries=",".join(f"{v}={n}" for v, n in entry_of.items()),
                 )
+
+    # ---- auto delivery: the flood probe
+    def _auto(self, now: float, claims: Sequence[Claim]) -> None:
+        prober = self._prober
+        if prober is None:
+            spec = self.service.spec
+            mac = self.service.kernel.link_mac(spec.interface)
+            responder = ProbeResponder(
+                spec.vmac(spec.vips[0]), mac, farm_id(spec.farm), node_id(self.me)
+            )
+            prober = PacketService(spec.interface, ETH_P_PROBE, responder)
+            prober.start()
+            self._prober = prober
+        if now - self._probe_sent >= PROBE_INTERVAL_S:
+            self._probe_sent = now
+            prober.announce()
+        heard = prober.responder.heard if isinstance(prober.responder, ProbeResponder) else {}
+        missed = []
+        for name, alive, _state, *_bits, _deaf in claims:
+            if not alive:
+                self._alive_since.pop(name, None)
+                continue
+            since = self._alive_since.setdefault(name, now)
+            last = heard.get(node_id(name))
+            if now - since >= DEAF_AFTER_S and (last is None or now - last > DEAF_AFTER_S):
+                missed.append(name)
+        assert self._started is not None
+        self.deaf = bool(missed) and now - self._started >= DEAF_AFTER_S
+        deaf_nodes = sorted(
+            ([self.me] if self.deaf else []) + [c[0] for c in claims if c[1] and c[6]]
+        )
+        if deaf_nodes:
+            self._last_deaf = now
+        flood = not deaf_nodes and now - self._last_deaf >= SETTLE_S
+        if flood != self.flood_answers or deaf_nodes != self.deaf_nodes:
+            if flood != self.flood_answers:
+                self.emit(
+                    "delivery_mode_changed",
+                    logging.WARNING if not flood else logging.INFO,
+                    mode="flood" if flood else "directed",
+                    deaf=",".join(deaf_nodes) or "-",
+                    missed=",".join(missed) or "-",
+                )
+            self.flood_answers = flood
+            self.deaf_nodes = deaf_nodes
+
+    def _stop_prober(self) -> None:
+        if self._prober is not None:
+            self._prober.stop()
+            self._prober = None
+
+    def stop(self) -> None:
+        self._stop_prober()
 
     def _apply(self, plan: SteerPlan) -> None:
         if self._busy:
@@ -234,8 +329,20 @@ class Directed:
     def state(self) -> dict[str, Any]:
         """For `vipfarm state` (through the pulse's state)."""
         steer = self.service.datapath.steer
+        delivery = self.service.spec.delivery
+        heard: dict[str, float | None] = {}
+        if self._prober is not None and isinstance(self._prober.responder, ProbeResponder):
+            last = self._prober.responder.heard
+            now = time.monotonic()
+            for name in self.addresses:
+                t = last.get(node_id(name))
+                heard[name] = None if t is None else round((now - t) * 1000, 1)
+        answers = "flood" if delivery is Delivery.FLOOD or self.flood_answers else "directed"
         return {
-            "mode": self.service.spec.delivery.value,
+            "mode": delivery.value,
+            "answers": answers,
+            "deaf_nodes": list(self.deaf_nodes),
+            "probe_heard_ms": heard,
             "entries": {str(v): n for v, n in self.entry_of.items()},
             "entry_of_here": sorted(str(v) for v in (self.service.entry or ())),
             "peer_macs": dict(sorted(self.macs.items())),

@@ -261,6 +261,7 @@ class Pulse:
             for tr in self._transports.values():
                 tr.close()
             self._lease_pool.shutdown(wait=True)
+            self.directed.stop()
             self.datapath.stop()
             self._emit("pulse_stopped", node=self.name)
             await self._flush_manager()
