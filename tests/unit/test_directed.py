@@ -13,7 +13,7 @@ import pytest
 
 from tests.fakes.kernel import FakeKernel
 from vipfarm.config.schema import FarmSection
-from vipfarm.datapath import ruleset
+from vipfarm.datapath import probe, ruleset
 from vipfarm.datapath.arp import BROADCAST, OP_REQUEST, ZERO_MAC, Arp, ArpResponder, mac_bytes
 from vipfarm.datapath.datapath import Datapath, sysctl_settings
 from vipfarm.datapath.ndp import (
@@ -25,10 +25,12 @@ from vipfarm.datapath.ndp import (
     multicast_mac,
     solicited_node,
 )
+from vipfarm.datapath.probe import ProbeResponder
 from vipfarm.datapath.ruleset import SteerPlan, steer_batch, steer_chains
 from vipfarm.datapath.spec import DatapathSpec, Delivery
 from vipfarm.lab.topology import Topology, flood_batch
 from vipfarm.membership.wire import (
+    FLAG_DEAF,
     FLAG_KEPT,
     HEADER_LEN,
     TAG_LEN,
@@ -36,10 +38,20 @@ from vipfarm.membership.wire import (
     Drop,
     Heartbeat,
     NodeState,
+    farm_id,
     mask_of,
     node_id,
 )
-from vipfarm.node.delivery import candidates, entries, entry_for, steer_plan
+from vipfarm.node.delivery import (
+    DEAF_AFTER_S,
+    SETTLE_S,
+    Claim,
+    FloodVote,
+    candidates,
+    entries,
+    entry_for,
+    steer_plan,
+)
 
 VIP4 = ipaddress.IPv4Address("198.51.100.100")
 VIP6 = ipaddress.IPv6Address("2001:db8:100::100")
@@ -335,3 +347,67 @@ def test_no_flood_switch_turns_flooding_off_on_the_node_lan_ports_only() -> None
         "link set dev n2l type bridge_slave flood off",
     ]
     assert flood_batch(topo, True)[0].endswith("flood on")
+
+
+# ---- auto: the probe, the deaf flag, the vote
+
+
+def test_probe_frames_are_heard_from_peers_only() -> None:
+    fid = farm_id("web")
+    vmac = "02:aa:bb:cc:dd:ee"
+    now = [10.0]
+    me = ProbeResponder(vmac, ME, fid, node_id("node1"), clock=lambda: now[0])
+    peer = probe.build(vmac, A, fid, node_id("node2"))
+    assert len(peer) == probe.FRAME_LEN and probe.parse(peer, fid) == node_id("node2")
+    assert me.handle(peer) is None and me.heard == {node_id("node2"): 10.0}
+    assert me.handle(me.announcements()[0]) is None and me.counters["own"] == 1
+    other_farm = probe.build(vmac, A, farm_id("db"), node_id("node3"))
+    assert me.handle(other_farm) is None
+    assert me.handle(peer[:20]) is None
+    assert me.handle(probe.build("02:00:00:00:00:99", A, fid, node_id("node3"))) is None
+    assert set(me.heard) == {node_id("node2")} and me.counters["ignored"] == 3
+
+
+def test_deaf_flag_round_trips_and_is_never_sent_by_default() -> None:
+    codec = Codec("farm", b"k" * 32, 256)
+    hb = codec.decode(_encode(codec, deaf=True))
+    assert isinstance(hb, Heartbeat) and hb.deaf and not hb.bye
+    assert _encode(codec)[3] & FLAG_DEAF == 0
+    assert _encode(codec, version=1, deaf=True) == _encode(codec, version=1)
+
+
+def _claims(deaf: dict[str, bool], alive: bool = True) -> list[Claim]:
+    return [(n, alive, NodeState.UP, 0, 0, 0, d) for n, d in deaf.items()]
+
+
+def test_vote_starts_directed_goes_flood_when_all_hear_and_back_at_once() -> None:
+    vote = FloodVote("node1", started=0.0)
+    ids = {n: node_id(n) for n in ("node2", "node3")}
+    claims = _claims({"node2": False, "node3": False})
+    t = 0.0
+    while t < SETTLE_S:  # everybody hears everybody: flood only after the settling time
+        assert not vote.update(t, claims, {i: t for i in ids.values()}) and not vote.flood
+        t += 0.5
+    assert vote.update(t, claims, {i: t for i in ids.values()}) and vote.flood
+    # a peer says it is deaf: directed at once
+    assert vote.update(
+        t + 0.1, _claims({"node2": True, "node3": False}), {i: t for i in ids.values()}
+    )
+    assert not vote.flood and vote.deaf_nodes == ["node2"] and not vote.deaf
+    # this node misses node3's probe for a whole window: deaf itself
+    heard = {ids["node2"]: t + 10}
+    vote.update(t + 10, claims, heard)
+    assert vote.deaf and vote.missed == ["node3"] and vote.deaf_nodes == ["node1"]
+
+
+def test_vote_gives_a_new_or_returning_peer_a_window_before_counting_it() -> None:
+    vote = FloodVote("node1", started=0.0)
+    vote.update(100.0, [], {})
+    assert not vote.deaf  # alone: nobody to miss
+    claims = _claims({"node2": False})
+    vote.update(101.0, claims, {})
+    assert not vote.deaf  # node2 just came: it may not have probed yet
+    vote.update(101.0 + DEAF_AFTER_S + 0.1, claims, {})
+    assert vote.deaf
+    vote.update(110.0, _claims({"node2": False}, alive=False), {})
+    assert not vote.deaf and "node2" not in vote.alive_since

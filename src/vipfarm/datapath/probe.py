@@ -1,7 +1,7 @@
 """The flood probe of `delivery = "auto"`: does a frame sent to the VMAC reach every node?
 
-Every node of an auto farm sends, every `PROBE_INTERVAL_S` (half a second), one Ethernet frame to the VMAC of
-the farm's first VIP (`probe_vmac`) from its own MAC, with its own ethertype (`ETH_P_PROBE`,
+Every node of an auto farm sends, every `PROBE_INTERVAL_S` (half a second), one Ethernet frame
+to the VMAC of the farm's first VIP from its own MAC, with its own ethertype (`ETH_P_PROBE`,
 0x88B5, the IEEE local experimental ethertype) and a small payload: a magic, the farm id and
 the sender's node id. Nothing ever sends *from* the VMAC, so a switch that floods unknown
 unicast delivers the probe to every node, and one that does not (VMware vSwitches, clouds,

@@ -46,7 +46,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vipfarm.datapath.packet import PacketService
@@ -119,6 +119,47 @@ def steer_plan(
     )
 
 
+class FloodVote:
+    """The choice of auto delivery, pure: fed the peers' claims and when each node's probe was
+    last heard (by node id), it says whether this node is deaf, which nodes are, and whether to
+    answer in flood style (`flood`). Starts directed, which works on every network."""
+
+    def __init__(self, me: str, started: float) -> None:
+        self.me = me
+        self.started = started
+        self.last_deaf = started
+        self.alive_since: dict[str, float] = {}
+        self.deaf = False
+        self.deaf_nodes: list[str] = []
+        self.missed: list[str] = []
+        self.flood = False
+
+    def update(self, now: float, claims: Sequence[Claim], heard: Mapping[int, float]) -> bool:
+        """Take the latest evidence in; True when `flood` changed."""
+        missed = []
+        for name, alive, _state, _owned, _want, _kept, _deaf in claims:
+            if not alive:
+                self.alive_since.pop(name, None)
+                continue
+            # A peer just (re)joined may not have probed yet: it counts after a full window.
+            since = self.alive_since.setdefault(name, now)
+            last = heard.get(node_id(name))
+            if now - since >= DEAF_AFTER_S and (last is None or now - last > DEAF_AFTER_S):
+                missed.append(name)
+        self.missed = missed
+        # Until this node has listened for a full window, it has no verdict of its own.
+        self.deaf = bool(missed) and now - self.started >= DEAF_AFTER_S
+        self.deaf_nodes = sorted(
+            ([self.me] if self.deaf else []) + [c[0] for c in claims if c[1] and c[6]]
+        )
+        if self.deaf_nodes:
+            self.last_deaf = now
+        flood = not self.deaf_nodes and now - self.last_deaf >= SETTLE_S
+        changed = flood != self.flood
+        self.flood = flood
+        return changed
+
+
 class Directed:
     """The pulse's directed delivery: entries, announcements and the steering plan."""
 
@@ -151,8 +192,7 @@ class Directed:
         self._prober: PacketService | None = None
         self._probe_sent = -1e9
         self._started: float | None = None
-        self._last_deaf = 0.0
-        self._alive_since: dict[str, float] = {}
+        self.vote: FloodVote | None = None
 
     @property
     def active(self) -> bool:
@@ -175,7 +215,7 @@ class Directed:
             self._stop_prober()
             return None
         if self._started is None:
-            self._started = self._last_deaf = now
+            self._started = now
         if self.service.spec.delivery is Delivery.AUTO:
             self._auto(now, claims)
         else:
@@ -245,34 +285,19 @@ class Directed:
             self._probe_sent = now
             prober.announce()
         heard = prober.responder.heard if isinstance(prober.responder, ProbeResponder) else {}
-        missed = []
-        for name, alive, _state, *_bits, _deaf in claims:
-            if not alive:
-                self._alive_since.pop(name, None)
-                continue
-            since = self._alive_since.setdefault(name, now)
-            last = heard.get(node_id(name))
-            if now - since >= DEAF_AFTER_S and (last is None or now - last > DEAF_AFTER_S):
-                missed.append(name)
-        assert self._started is not None
-        self.deaf = bool(missed) and now - self._started >= DEAF_AFTER_S
-        deaf_nodes = sorted(
-            ([self.me] if self.deaf else []) + [c[0] for c in claims if c[1] and c[6]]
-        )
-        if deaf_nodes:
-            self._last_deaf = now
-        flood = not deaf_nodes and now - self._last_deaf >= SETTLE_S
-        if flood != self.flood_answers or deaf_nodes != self.deaf_nodes:
-            if flood != self.flood_answers:
-                self.emit(
-                    "delivery_mode_changed",
-                    logging.WARNING if not flood else logging.INFO,
-                    mode="flood" if flood else "directed",
-                    deaf=",".join(deaf_nodes) or "-",
-                    missed=",".join(missed) or "-",
-                )
-            self.flood_answers = flood
-            self.deaf_nodes = deaf_nodes
+        if self.vote is None:
+            self.vote = FloodVote(self.me, now)
+        vote = self.vote
+        if vote.update(now, claims, heard):
+            self.emit(
+                "delivery_mode_changed",
+                logging.INFO if vote.flood else logging.WARNING,
+                mode="flood" if vote.flood else "directed",
+                deaf=",".join(vote.deaf_nodes) or "-",
+                missed=",".join(vote.missed) or "-",
+            )
+        self.flood_answers, self.deaf = vote.flood, vote.deaf
+        self.deaf_nodes = list(vote.deaf_nodes)
 
     def _stop_prober(self) -> None:
         if self._prober is not None:

@@ -449,12 +449,14 @@ class Pulse:
         return Directed(self.name, self.datapath, addresses, self._emit)
 
     def _delivery_tick(self, now: float) -> None:
-        """Entries and steering (`vipfarm.node.delivery`); the kept buckets for the next
-        heartbeats (None in flood delivery: the heartbeats carry none)."""
+        """Entries, steering and the flood probe (`vipfarm.node.delivery`); the kept buckets
+        (None in flood delivery: the heartbeats carry none) and the deaf flag (auto delivery)
+        for the next heartbeats."""
         try:
             self.core.kept = self.directed.tick(
                 now, self.core.state, self.core.peer_claims(), self.kernel_owned, self.datapath.kept
             )
+            self.core.deaf = self.directed.deaf
         except Exception as e:  # never the heartbeats' problem
             self.counters["delivery_errors"] += 1
             self._emit("delivery_failed", logging.ERROR, error=e)
