@@ -52,6 +52,7 @@ from vipfarm.node.delivery import (
     entry_for,
     steer_plan,
 )
+from vipfarm.node.metrics import Metrics, NodeFacts
 
 VIP4 = ipaddress.IPv4Address("198.51.100.100")
 VIP6 = ipaddress.IPv6Address("2001:db8:100::100")
@@ -411,3 +412,22 @@ def test_vote_gives_a_new_or_returning_peer_a_window_before_counting_it() -> Non
     assert vote.deaf
     vote.update(110.0, _claims({"node2": False}, alive=False), {})
     assert not vote.deaf and "node2" not in vote.alive_since
+
+
+def test_metrics_show_the_delivery_and_its_evidence() -> None:
+    facts = NodeFacts(
+        state="UP",
+        app_state="healthy",
+        buckets_owned=2,
+        buckets=256,
+        config_version=1,
+        split_brain=False,
+        delivery={"mode": "auto", "answers": "directed", "entry_of_here": [str(VIP4)],
+                  "deaf_nodes": ["node1", "node2"]},
+    )  # fmt: skip
+    text = Metrics().render(facts).decode()
+    assert 'vipfarm_delivery{answers="directed",delivery="auto"} 1.0' in text
+    assert "vipfarm_delivery_entry_vips 1.0" in text
+    assert "vipfarm_delivery_deaf_nodes 2.0" in text
+    flood = NodeFacts("UP", "healthy", 2, 256, 1, False)
+    assert "vipfarm_delivery" not in Metrics().render(flood).decode()

@@ -918,6 +918,7 @@ class Manager:
                 api_refused=dict(self.api_counters.refused),
                 api_connections=self.api_counters.connections,
                 api_log_streams=self.api_counters.log_streams,
+                delivery=data.get("delivery"),
             )
         )
 
