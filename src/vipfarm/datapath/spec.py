@@ -140,8 +140,21 @@ class DatapathSpec(_Strict):
         return vmac_for(self.farm, vip)
 
 
+class SteerSpec(_Strict):
+    """Directed delivery for a stand-alone runner (the lab's static farms), which has no
+    membership to compute it from: the VIPs this node is the entry of, and its steering plan
+    (`vipfarm.datapath.ruleset.SteerPlan`)."""
+
+    entry: list[IPAddress] = Field(default_factory=list)
+    mac: str
+    targets: dict[int, list[str]] = Field(default_factory=dict)
+    local: list[int] = Field(default_factory=list)
+    peers: list[str] = Field(default_factory=list)
+
+
 class NodeDatapathSpec(_Strict):
     """What a stand-alone data path runner reads: the spec plus the buckets this node owns."""
 
     datapath: DatapathSpec
     owned: list[int] = Field(default_factory=list)
+    steer: SteerSpec | None = None  # directed delivery (None: leave it as it is)

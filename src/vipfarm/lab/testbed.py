@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from vipfarm.datapath.ruleset import KEPT_SET, OWNED_SET, list_set_command, parse_owned
-from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
+from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule, SteerSpec
 from vipfarm.files import write_atomic
 from vipfarm.lab.apps import (
     AppKind,
@@ -329,8 +329,8 @@ class Lab:
         text = self._spec_path(node).read_text()
         return NodeDatapathSpec.model_validate_json(text).owned
 
-    def _write_spec(self, node: str, owned: Iterable[int]) -> None:
-        spec = NodeDatapathSpec(datapath=self.spec, owned=sorted(owned))
+    def _write_spec(self, node: str, owned: Iterable[int], steer: SteerSpec | None = None) -> None:
+        spec = NodeDatapathSpec(datapath=self.spec, owned=sorted(owned), steer=steer)
         # The runner re-reads on SIGHUP: never let it see half a file.
         write_atomic(self._spec_path(node), spec.model_dump_json(indent=2))
 
@@ -425,7 +425,37 @@ class Lab:
             ms=round((time.monotonic() - t0) * 1000),
         )
 
-    def update_spec(self, timeout: float = 30.0, **changes: Any) -> None:
+    def node_mac(self, node: str) -> str:
+        return self.exec(node, ["cat", "/sys/class/net/eth0/address"], check=True).stdout.strip()
+
+    def set_directed(self, entry: str | None, timeout: float = 30.0) -> None:
+        """Static labs: directed delivery with `entry` the entry of every VIP, each node's
+        steering plan computed from the buckets the lab gave it (what the node daemons
+        compute from their membership); None: flood delivery again. Call it again after
+        moving buckets."""
+        if entry is None:
+            self.update_spec(timeout, delivery="flood")
+            return
+        macs = {n: self.node_mac(n) for n in self.node_names}
+        owned = {n: self.spec_owned(n) for n in self.node_names}
+        steer = {
+            node: SteerSpec(
+                entry=list(self.spec.vips) if node == entry else [],
+                mac=macs[node],
+                targets={b: [macs[o]] for o in self.node_names if o != node for b in owned[o]},
+                local=owned[node],
+                peers=[m for n, m in macs.items() if n != node],
+            )
+            for node in self.node_names
+        }
+        self.update_spec(timeout, steer=steer, delivery="directed")
+
+    def update_spec(
+        self,
+        timeout: float = 30.0,
+        steer: Mapping[str, SteerSpec] | None = None,
+        **changes: Any,
+    ) -> None:
         """Change the data path spec of every node's runner (e.g. `notrack_other=True`), owned
         buckets unchanged: rewrite the spec files, SIGHUP the runners, and wait until each has
         logged its reload (a runner that logs an error instead fails the call)."""
@@ -442,7 +472,7 @@ class Lab:
 
         before = {n: (seen(n, "runner_reloaded"), seen(n, "runner_error")) for n in runners}
         for node, rec in runners.items():
-            self._write_spec(node, self.spec_owned(node))
+            self._write_spec(node, self.spec_owned(node), (steer or {}).get(node))
             os.kill(rec.pid, signal.SIGHUP)
 
         def done() -> bool:
