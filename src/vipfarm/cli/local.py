@@ -229,9 +229,13 @@ def status_lines(st: dict[str, Any]) -> tuple[list[str], list[tuple[str, ...]]]:
             + (" (it has not answered yet)" if pid is None else f" (pulse pid {pid})")
         )
     delivery = st.get("delivery")
-    if delivery is not None and delivery.get("mode") == "directed":
+    if delivery is not None and delivery.get("mode") in ("directed", "auto"):
         entries = ", ".join(f"{v} {n or '-'}" for v, n in delivery.get("entries", {}).items())
-        lines.append(f"delivery directed, entries: {entries or '-'}")
+        mode = delivery["mode"]
+        if mode == "auto":
+            deaf = ", ".join(delivery.get("deaf_nodes", ())) or "none"
+            mode = f"auto (answers {delivery.get('answers')}; missing probes: {deaf})"
+        lines.append(f"delivery {mode}, entries: {entries or '-'}")
     rows: list[tuple[str, ...]] = []
     for n in st["farm"]:
         ages = ", ".join(

@@ -59,6 +59,7 @@ from vipfarm.membership.wire import NodeState, bits_of, farm_id, node_id
 log = logging.getLogger("vipfarm.delivery")
 
 MAC_RETRY_S = 1.0  # how often the neighbour table is read while a live peer's MAC is unknown
+MAC_REFRESH_S = 10.0  # and otherwise (a peer's NIC may change)
 DEAF_AFTER_S = 3.5 * PROBE_INTERVAL_S  # a live peer's probe missed this long: deaf
 SETTLE_S = 5.0  # flood answers only after no node was deaf for this long (hysteresis)
 
@@ -198,6 +199,14 @@ class Directed:
     def active(self) -> bool:
         return self.service.spec.delivery.steers
 
+    def idle(self) -> None:
+        """Flood delivery: undo what directed or auto delivery set (cheap when nothing)."""
+        if self.service.entry is not None:
+            self.service.set_entry(None)
+        self._key = None
+        self._stop_prober()
+        self.flood_answers = self.deaf = False
+
     def tick(
         self,
         now: float,
@@ -209,10 +218,7 @@ class Directed:
         """Recompute on a change of inputs; returns the kept bitmap the heartbeats must carry
         (None: flood delivery, carry nothing)."""
         if not self.active:
-            if self.service.entry is not None:
-                self.service.set_entry(None)
-            self._key = None
-            self._stop_prober()
+            self.idle()
             return None
         if self._started is None:
             self._started = now
@@ -223,7 +229,8 @@ class Directed:
             self.flood_answers = self.deaf = False
         lingering = kept - owned
         alive_unknown = [c[0] for c in claims if c[1] and c[0] not in self.macs]
-        if alive_unknown and not self._reading and now - self._macs_read >= MAC_RETRY_S:
+        every = MAC_RETRY_S if alive_unknown else MAC_REFRESH_S
+        if not self._reading and now - self._macs_read >= every:
             self._macs_read = now
             self._read_macs()
         spec = self.service.spec

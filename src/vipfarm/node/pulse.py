@@ -451,12 +451,18 @@ class Pulse:
     def _delivery_tick(self, now: float) -> None:
         """Entries, steering and the flood probe (`vipfarm.node.delivery`); the kept buckets
         (None in flood delivery: the heartbeats carry none) and the deaf flag (auto delivery)
-        for the next heartbeats."""
+        for the next heartbeats. A flood farm pays one attribute test per timer."""
+        directed = self.directed
         try:
-            self.core.kept = self.directed.tick(
+            if not directed.active:
+                if self.core.kept is not None:  # the farm went back to flood
+                    directed.idle()
+                    self.core.kept, self.core.deaf = None, False
+                return
+            self.core.kept = directed.tick(
                 now, self.core.state, self.core.peer_claims(), self.kernel_owned, self.datapath.kept
             )
-            self.core.deaf = self.directed.deaf
+            self.core.deaf = directed.deaf
         except Exception as e:  # never the heartbeats' problem
             self.counters["delivery_errors"] += 1
             self._emit("delivery_failed", logging.ERROR, error=e)
