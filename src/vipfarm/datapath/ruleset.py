@@ -24,6 +24,13 @@ Two tables per farm; docs/DATAPATH.md draws the whole path.
   an apply adds the table, sets, maps and chains (no-ops when present) and flushes and refills
   the chains and the rule maps, in one transaction. Only `start` recreates the hooked chain
   (``fresh``), since adding a chain that exists on another device would add that device to it.
+* Directed delivery (``DatapathSpec.delivery`` directed or auto; docs/DATAPATH.md): the chain
+  ``bucket`` starts with one more rule, for frames a client addressed to this node's own MAC
+  (not a VMAC) that no farm node sent (set ``peers``): a lookup of the bucket in the verdict
+  map ``steer``, whose chains rewrite both MACs and send the frame, at layer 2, to the other
+  nodes interested in the bucket (``fwd``, and ``dup`` for the buckets in transition), see
+  `steer_chains`. The map, its chains and the peers set are replaced in one transaction of
+  their own on every change of the plan (`steer_batch`), and are part of `ruleset_batch`'s.
 * ``inet vipfarm_<farm>``: a prerouting chain after conntrack (priority -150) that sends traffic
   to a VIP to the chain ``vip``, which accepts established flows, drops TCP that is not a pure
   SYN (with tcp_loose=0 this node never picks up or resets a flow another node serves), and
