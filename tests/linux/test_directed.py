@@ -156,6 +156,13 @@ def test_kill_of_the_entry_fails_over_with_an_announcement(lab: Lab) -> None:
     mac = lab.exec(str(new_entry), ["cat", "/sys/class/net/eth0/address"]).stdout.strip()
     neigh = lab.exec("client1", ["ip", "neigh", "show", str(VIP4)]).stdout
     assert mac in neigh, neigh
+    # IPv6 too: the new entry's unsolicited NA (override) moved the client's entry for VIP6
+    # (both VIPs have the same entry among these node names, before and after)
+    assert entry_for(VIP6, survivors) == new_entry
+    v6 = _spread(lab.load("client1", url_for(VIP6), count=60, timeout=3, total_timeout=30))
+    assert set(v6) == set(survivors), v6
+    neigh6 = lab.exec("client1", ["ip", "-6", "neigh", "show", str(VIP6)]).stdout
+    assert mac in neigh6, neigh6
     lab.start_daemon(entry)
     lab.wait_farm_up(30)
     assert set(_spread(lab.load("client1", count=90))) == set(NODES)
