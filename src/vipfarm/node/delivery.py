@@ -182,6 +182,7 @@ class Directed:
         self._key: Any = None
         self._busy = False
         self._pending: SteerPlan | None = None
+        self._answer: frozenset[IPAddress] | None = frozenset()  # the entry VIPs to answer
         self._macs_read = -1e9
         self._reading = False
         self.applied = 0
@@ -262,8 +263,17 @@ class Directed:
     ) -> None:
         entry_of = entries(self.me, my_state, claims, vips)
         mine = frozenset(v for v, n in entry_of.items() if n == self.me)
-        # Flood answers (auto): every node answers every VIP with its VMAC.
-        self.service.set_entry(None if self.flood_answers else mine)
+        if self.flood_answers:  # auto, frames flood: every node answers with the VMAC
+            self._answer = None
+            self.service.set_entry(None)
+        else:
+            # A new entry answers (and announces) only once it can steer to every live peer
+            # and the kernel has the plan (`_applied`): until then the clients that know the
+            # former entry keep using it, which steers as well. A VIP lost stops at once.
+            self._answer = frozenset() if self.mac_unknown else mine
+            current = self.service.entry
+            if current is None or not current <= self._answer:
+                self.service.set_entry((current or frozenset()) & self._answer)
         if entry_of != self.entry_of:
             before = frozenset(v for v, n in self.entry_of.items() if n == self.me)
             self.entry_of = entry_of
@@ -335,6 +345,9 @@ class Directed:
         if self._pending is not None:
             plan, self._pending = self._pending, None
             self._apply(plan)
+            return
+        if self._answer is not None and self._answer != self.service.entry:
+            self.service.set_entry(self._answer)  # announces the VIPs gained
 
     def _read_macs(self) -> None:
         self._reading = True
