@@ -23,6 +23,9 @@ this node's heartbeats carry too); their MACs from the kernel's neighbour table 
 configured addresses (the heartbeats on the LAN keep those entries fresh), looked up again
 while a live peer's MAC is unknown and remembered for good: a frame from any farm node, dead
 or alive, is never forwarded again, so two nodes with different views cannot bounce a frame.
+A node steers nothing while it misses the MAC of a live peer (its first moments, or those of
+a node that joins with a MAC it never saw: one read of the neighbour table, `MAC_RETRY_S`),
+and answers for no VIP then either.
 
 ``delivery = "auto"``: the kernel steers as in directed delivery throughout (frames addressed
 to a VMAC are never steered, so this costs nothing while clients use the VMAC), and only the
@@ -58,7 +61,10 @@ from vipfarm.membership.wire import NodeState, bits_of, farm_id, node_id
 
 log = logging.getLogger("vipfarm.delivery")
 
-MAC_RETRY_S = 1.0  # how often the neighbour table is read while a live peer's MAC is unknown
+# How often the neighbour table is read while a live peer's MAC is unknown. A peer's entry is
+# there from its first heartbeat on: resolving our address, it sent an ARP request, from which
+# our kernel makes an entry for it; so this is the wait before steering starts again.
+MAC_RETRY_S = 0.2
 MAC_REFRESH_S = 10.0  # and otherwise (a peer's NIC may change)
 DEAF_AFTER_S = 3.5 * PROBE_INTERVAL_S  # a live peer's probe missed this long: deaf
 SETTLE_S = 5.0  # flood answers only after no node was deaf for this long (hysteresis)
@@ -252,6 +258,12 @@ class Directed:
             if self._mac is None:
                 self._mac = self.service.kernel.link_mac(spec.interface)
             plan = steer_plan(self._mac, claims, self.macs, owned | kept)
+            if alive_unknown:
+                # Steer nothing while a live peer's MAC is unknown: a steering node then always
+                # knows every live peer, so a frame a live peer forwarded is never forwarded
+                # again, and no disagreement of views can make a frame go round (layer 2 has no
+                # TTL). Frames of a dead node's stale kernel go one hop further at most.
+                plan = SteerPlan(mac=plan.mac, local=plan.local, peers=plan.peers)
             self._apply(plan)
         mask = 0
         for b in lingering:
