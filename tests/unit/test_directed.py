@@ -3,9 +3,12 @@ the entry choice and the steering plan, the ARP/NDP answers, the configuration, 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from vipfarm.datapath.ndp import (
 )
 from vipfarm.datapath.probe import ProbeResponder
 from vipfarm.datapath.ruleset import SteerPlan, steer_batch, steer_chains
+from vipfarm.datapath.service import DatapathService
 from vipfarm.datapath.spec import DatapathSpec, Delivery
 from vipfarm.lab.topology import Topology, flood_batch
 from vipfarm.membership.wire import (
@@ -46,6 +50,7 @@ from vipfarm.node.delivery import (
     DEAF_AFTER_S,
     SETTLE_S,
     Claim,
+    Directed,
     FloodVote,
     candidates,
     entries,
@@ -431,3 +436,53 @@ def test_metrics_show_the_delivery_and_its_evidence() -> None:
     assert "vipfarm_delivery_deaf_nodes 2.0" in text
     flood = NodeFacts("UP", "healthy", 2, 256, 1, False)
     assert "vipfarm_delivery" not in Metrics().render(flood).decode()
+
+
+def test_directed_tick_waits_for_every_mac_then_steers_and_answers(tmp_path: Path) -> None:
+    kernel = FakeKernel(lambda: 0.0, {"lo": "00:00:00:00:00:00", "eth0": ME})
+    service = DatapathService(spec(), tmp_path, kernel)
+    events: list[str] = []
+    d = Directed(
+        "node1",
+        service,
+        {"node2": ["198.51.100.12"], "node3": ["198.51.100.13"]},
+        lambda name, *_a, **_k: events.append(name),
+    )
+    claims: list[Claim] = [
+        ("node2", True, NodeState.UP, mask_of([1, 2]), 0, 0, False),
+        ("node3", True, NodeState.UP, mask_of([3]), 0, mask_of([2]), False),
+    ]
+    mine = {v for v in (VIP4, VIP6) if entry_for(v, ["node1", "node2", "node3"]) == "node1"}
+
+    clock = [0.0]
+
+    async def ticking(what: str, cond: Callable[[], bool], kept: frozenset[int]) -> int | None:
+        """Tick (as the pulse's timer does) until `cond`; the last tick's kept bitmap."""
+        deadline = time.monotonic() + 5
+        while True:
+            clock[0] += 0.25
+            out = d.tick(clock[0], NodeState.UP, claims, frozenset({0}), kept)
+            if cond():
+                return out
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.005)
+
+    def steer() -> SteerPlan:
+        return service.datapath.steer or SteerPlan(mac="none")  # none applied yet
+
+    async def run() -> None:
+        kernel.neigh["eth0"] = {"198.51.100.12": A}  # node3's MAC not learnt yet
+        await ticking("a plan with node2", lambda: steer().peers == {A}, frozenset({0}))
+        assert d.mac_unknown == ["node3"] and dict(steer().targets) == {}
+        assert service.entry == frozenset()  # no answers before every live peer is known
+        kernel.neigh["eth0"]["198.51.100.13"] = B
+        kept = await ticking("the full plan", lambda: bool(steer().targets), frozenset({0, 7}))
+        assert kept == mask_of([7])  # kept, not owned: what the heartbeats carry
+        assert dict(steer().targets) == {1: (A,), 2: (A, B), 3: (B,)}
+        assert steer().local == {0, 7}
+        await ticking("the answers", lambda: service.entry == frozenset(mine), frozenset({0, 7}))
+        assert d.state()["entries"] == {str(v): entry_for(v, ["node1", "node2", "node3"])
+                                        for v in (VIP4, VIP6)}  # fmt: skip
+
+    asyncio.run(run())
+    assert "peer_mac_learned" in events
