@@ -23,6 +23,7 @@ class FakeKernel:
     def __init__(self, clock: Callable[[], float], links: dict[str, str] | None = None) -> None:
         self.clock = clock
         self.links = links if links is not None else {"lo": "00:00:00:00:00:00"}
+        self.neigh: dict[str, dict[str, str]] = {}  # ifname -> address -> MAC
         self.tables: set[tuple[str, str]] = set()
         self.batches: list[list[dict[str, Any]]] = []
         self.owned: dict[str, dict[int, float]] = {}  # table -> bucket -> expiry
@@ -122,6 +123,9 @@ class FakeKernel:
 
     def link_exists(self, ifname: str) -> bool:
         return ifname in self.links
+
+    def neighbours(self, ifname: str) -> dict[str, str]:
+        return dict(self.neigh.get(ifname, {}))
 
     def link_mac(self, ifname: str) -> str:
         if ifname not in self.links:

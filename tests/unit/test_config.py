@@ -273,7 +273,7 @@ def test_unknown_key_suggests_the_right_one(farm_dir: Path) -> None:
     (p,) = problems(farm_dir, edit('key_file = "farm.key"', 'key_file = "farm.key"\nbukets = 8'))
     assert p == (
         "farm.bukets: unknown key (did you mean 'buckets'?): "
-        "expected one of name, key_file, next_key_file, buckets, seed"
+        "expected one of name, key_file, next_key_file, buckets, seed, delivery"
     )
     (p,) = problems(farm_dir, edit("[[node]]", "[nodes]\n[[node]]"))
     assert p.startswith("nodes: unknown key (did you mean 'node'?): expected one of farm")

@@ -8,7 +8,7 @@ them.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -94,6 +94,11 @@ class NodeStatus(_Model):
     farm: list[FarmNode]
     processes: NodeProcesses | None = Field(
         default=None, description="the node's pulse and manager processes"
+    )
+    delivery: dict[str, Any] | None = Field(
+        default=None,
+        description="how frames reach the nodes: mode, each VIP's entry node, peer MACs "
+        "(directed delivery, docs/DATAPATH.md)",
     )
 
 

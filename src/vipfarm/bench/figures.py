@@ -85,13 +85,31 @@ def _direct(node: int = 1) -> str:
 
 # ---- throughput and latency: farm vs HAProxy vs one node
 
-THROUGHPUT_VARIANTS = ("farm", "haproxy", "haproxy_http", "direct")
+THROUGHPUT_VARIANTS = ("farm", "farm_directed", "haproxy", "haproxy_http", "direct")
+
+
+def _delivery(lab: Lab) -> Callable[[bool], Callable[[], None]]:
+    """`before` hooks that put the lab's farm in flood or directed delivery (node1 the entry),
+    only when it is not in it already."""
+    now = {"directed": False}
+
+    def make(directed: bool) -> Callable[[], None]:
+        def before() -> None:
+            if now["directed"] != directed:
+                lab.set_directed("node1" if directed else None)
+                now["directed"] = directed
+
+        return before
+
+    return make
 
 
 def _throughput(ctx: Context) -> ScenarioResult:
     with ctx.lab(nodes=3) as lab, haproxy_in(lab) as hap:
+        delivery = _delivery(lab)
         targets = {
-            "farm": Target(lab, url_for()),
+            "farm": Target(lab, url_for(), before=delivery(False)),
+            "farm_directed": Target(lab, url_for(), before=delivery(True)),
             "haproxy": Target(lab, hap.url()),
             "haproxy_http": Target(lab, hap.url(http_mode=True)),
             "direct": Target(lab, _direct()),
@@ -105,6 +123,7 @@ def _throughput(ctx: Context) -> ScenarioResult:
     f.add("farm_vs_haproxy_cpu", paired_values(runs, "haproxy", "farm", _ratio(cpu)))
     f.add("farm_vs_haproxy_http_rps", paired_values(runs, "farm", "haproxy_http", _ratio(rps)))
     f.add("farm_vs_direct_rps", paired_values(runs, "farm", "direct", _ratio(rps)))
+    f.add("farm_directed_vs_farm_rps", paired_values(runs, "farm_directed", "farm", _ratio(rps)))
     return f.result(runs, profile=profile)
 
 
@@ -127,6 +146,7 @@ def _wrk_meanings(variants: Mapping[str, str]) -> dict[str, str]:
 def _plot_throughput(figures: Mapping[str, Any], out: Path) -> list[Path]:
     bars = [
         ("farm", "farm (VIP)"),
+        ("farm_directed", "farm, directed"),
         ("haproxy", "HAProxy tcp"),
         ("haproxy_http", "HAProxy http"),
         ("direct", "one node"),
@@ -165,6 +185,8 @@ THROUGHPUT = register(
             **_wrk_meanings(
                 {
                     "farm": "3-node farm through the VIP",
+                    "farm_directed": "the same farm in directed delivery (node1 the entry, "
+                    "forwarding 2/3 of the requests' frames to the other nodes)",
                     "haproxy": "HAProxy (mode tcp) in front of the same 3 nodes",
                     "haproxy_http": "HAProxy (mode http) in front of the same 3 nodes",
                     "direct": "one of the nodes by its real address",
@@ -177,6 +199,8 @@ THROUGHPUT = register(
             "to do",
             "farm_vs_haproxy_http_rps": "farm requests/s ÷ HAProxy http requests/s",
             "farm_vs_direct_rps": "farm requests/s ÷ one node's requests/s",
+            "farm_directed_vs_farm_rps": "directed delivery requests/s ÷ flood delivery "
+            "requests/s (same round)",
         },
         method=(
             "One lab: 3 nodes running nginx (one worker each, 6-byte reply), one client, and "
@@ -186,7 +210,10 @@ THROUGHPUT = register(
             "against the VIP (the farm), HAProxy's TCP frontend (layer 4, the fair comparison "
             "for a layer-4 farm), HAProxy's HTTP frontend, and node1's real address. Same wrk "
             "settings, same backends, same reply for every variant; HAProxy balances round "
-            "robin, the farm by the hash of client address and port. The variants take turns "
+            "robin, the farm by the hash of client address and port. The directed variant is the "
+            "same farm with directed delivery (issue 15): the VIP resolves to node1's MAC and "
+            "node1's kernel forwards the other nodes' frames to them at layer 2; replies go "
+            "straight back. The variants take turns "
             "within each round and the order rotates between rounds; figures are medians over "
             "rounds and ratios are medians of per-round ratios."
         ),

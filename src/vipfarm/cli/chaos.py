@@ -23,6 +23,12 @@ def chaos(
     ),
     out: Path | None = typer.Option(None, "--out", help="also write the JSON report here"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON report only"),
+    no_flood: bool = typer.Option(
+        False, "--no-flood", help="a switch that floods no unknown unicast (as VMware, clouds)"
+    ),
+    delivery: str = typer.Option(
+        "flood", "--delivery", help="the farm's delivery: flood, directed or auto"
+    ),
 ) -> None:
     """Keep a load on a lab farm while injecting random faults; report convergence, failed
     requests, connections accepted twice (must be 0), unowned time and false failovers.
@@ -37,7 +43,15 @@ def chaos(
         raise typer.Exit(2)
     console = Console(stderr=as_json)
     try:
-        report = run_chaos(duration, seed, nodes, progress=console.log, faults=chosen)
+        report = run_chaos(
+            duration,
+            seed,
+            nodes,
+            progress=console.log,
+            faults=chosen,
+            no_flood=no_flood,
+            delivery=delivery,
+        )
     except LabError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

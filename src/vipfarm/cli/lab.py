@@ -55,6 +55,14 @@ def up(
     datapath: bool = typer.Option(
         True, "--datapath/--no-datapath", help="with --static: start the data path runners"
     ),
+    no_flood: bool = typer.Option(
+        False,
+        "--no-flood",
+        help="the LAN switch floods no unknown unicast to the nodes (as VMware, clouds)",
+    ),
+    delivery: str = typer.Option(
+        "flood", "--delivery", help="the farm's delivery: flood or directed (docs/CONFIG.md)"
+    ),
 ) -> None:
     """Build a lab: switch, nodes running the vipfarm daemon and their application, clients,
     router, remote clients."""
@@ -67,6 +75,8 @@ def up(
             app_kind,
             datapath=datapath,
             daemon=not static,
+            no_flood=no_flood,
+            delivery=delivery,
         )
     )
     typer.echo(

@@ -101,6 +101,10 @@ def _bool(v: Any) -> bool:
     return bool(v)
 
 
+def _as_is(v: Any) -> Any:
+    return v
+
+
 def _optional(conv: Convert) -> Convert:
     return lambda v: None if v is None else conv(v)
 
@@ -176,6 +180,7 @@ NODE_STATUS: Fields = (
     ("config_digest", _str, _REQUIRED),
     ("farm", _list(_model(FARM_NODE)), _REQUIRED),
     ("processes", _optional(_model(NODE_PROCESSES)), None),
+    ("delivery", _optional(_dict(_as_is)), None),
 )
 _status = _model(NODE_STATUS)
 
@@ -224,6 +229,14 @@ def status_lines(st: dict[str, Any]) -> tuple[list[str], list[tuple[str, ...]]]:
             "warning: the pulse did not answer: state and farm are its last answer"
             + (" (it has not answered yet)" if pid is None else f" (pulse pid {pid})")
         )
+    delivery = st.get("delivery")
+    if delivery is not None and delivery.get("mode") in ("directed", "auto"):
+        entries = ", ".join(f"{v} {n or '-'}" for v, n in delivery.get("entries", {}).items())
+        mode = delivery["mode"]
+        if mode == "auto":
+            deaf = ", ".join(delivery.get("deaf_nodes", ())) or "none"
+            mode = f"auto (answers {delivery.get('answers')}; missing probes: {deaf})"
+        lines.append(f"delivery {mode}, entries: {entries or '-'}")
     rows: list[tuple[str, ...]] = []
     for n in st["farm"]:
         ages = ", ".join(

@@ -52,7 +52,7 @@ from vipfarm.config.secrets import (
     read_capped,
     read_secret,
 )
-from vipfarm.datapath.spec import Affinity, DatapathSpec, IPAddress, Proto, Rule
+from vipfarm.datapath.spec import Affinity, DatapathSpec, Delivery, IPAddress, Proto, Rule
 from vipfarm.supervisor.spec import AppSpec
 
 __all__ = [
@@ -137,6 +137,18 @@ class FarmSection(Strict):
     next_key_file: Path | None = None
     buckets: int = DatapathSpec.model_fields["buckets"].default
     seed: int = DatapathSpec.model_fields["seed"].default
+    # How frames to a VIP reach the nodes (docs/CONFIG.md, "Delivery"): flood (the VMAC, which
+    # the switch floods to every node), directed (an entry node forwards at layer 2) or auto
+    # (chosen by a probe). The default stays flood until every node of a farm decodes the
+    # heartbeat flags of the other two (see docs/PROTOCOL.md): a mixed farm would drop them.
+    delivery: Delivery = Delivery.FLOOD
+
+    @field_validator("delivery", mode="before")
+    @classmethod
+    def _delivery(cls, value: object) -> object:
+        if value not in {d.value for d in Delivery}:
+            raise ValueError(f'{value!r} is not a delivery: write "flood", "directed" or "auto"')
+        return value
 
     @field_validator("name")
     @classmethod
@@ -514,6 +526,7 @@ class FarmConfig(Strict):
             "buckets": ("farm", "buckets"),
             "seed": ("farm", "seed"),
             "lease_s": ("timing", "lease_ms"),
+            "delivery": ("farm", "delivery"),
         }
         # The rules are the same on every node: checked (overlap included) with the first node
         # only, so that a file of thousands of rules is not checked 32 times over.
@@ -526,6 +539,7 @@ class FarmConfig(Strict):
                 buckets=self.farm.buckets,
                 seed=self.farm.seed,
                 lease_s=self.timing.lease_ms / 1000,
+                delivery=self.farm.delivery,
             )
         except ValidationError as exc:
             return relocate(exc, lambda loc: spec_keys.get(str(loc[0]), loc))

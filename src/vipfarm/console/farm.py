@@ -398,6 +398,8 @@ class Farm:
                 for r in spec.rules
             ],
             "vips": sorted({str(r.vip) for r in spec.rules}),
+            # directed and auto delivery: mode, answers in use, each VIP's entry, evidence
+            "delivery": local.delivery,
         }
 
     def _note_failovers(self, snap: dict[str, Any]) -> None:

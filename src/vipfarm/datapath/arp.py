@@ -8,6 +8,12 @@ answers; the answers are identical, so the client's cache ends on the VMAC which
 `announcements()` builds the broadcasts sent on start and on every change of ownership, which
 refresh existing client entries (Linux updates, but does not create, entries from gratuitous ARP).
 
+Directed delivery (`entry` is not None): the VIP resolves to a real node's MAC instead. Only
+the VIP's entry node answers, with its own MAC as sender hardware address, and announces it the
+same way (gratuitous ARP when it becomes the entry, which Linux clients apply at once whatever
+their neighbour `locktime`: a gratuitous ARP always overrides); every other node stays silent
+for that VIP. A gratuitous ARP seen from a peer is never answered.
+
 The socket side is `vipfarm.datapath.packet.PacketService`.
 """
 
@@ -72,6 +78,14 @@ class ArpResponder:
         self.node_mac = mac_bytes(node_mac)
         self.vmacs = {vip: mac_bytes(m) for vip, m in vmacs.items()}
         self.counters: Counter[str] = Counter()
+        # None: flood delivery (answer the VMAC for every VIP); otherwise directed delivery,
+        # and the VIPs this node is the entry of (answered with its own MAC).
+        self.entry: frozenset[ipaddress.IPv4Address] | None = None
+
+    def _answer_mac(self, vip: ipaddress.IPv4Address) -> bytes | None:
+        if self.entry is None:
+            return self.vmacs.get(vip)
+        return self.node_mac if vip in self.entry else None
 
     def handle(self, frame: bytes) -> bytes | None:
         arp = Arp.parse(frame)
@@ -88,20 +102,29 @@ class ArpResponder:
         if arp.eth_dst not in (BROADCAST, vmac, self.node_mac):
             self.counters["ignored"] += 1
             return None
+        if arp.spa == arp.tpa:
+            self.counters["gratuitous"] += 1  # a peer announcing itself: nothing to answer
+            return None
+        answer = self._answer_mac(arp.tpa)
+        if answer is None:
+            self.counters["not_entry"] += 1  # directed: another node is this VIP's entry
+            return None
         self.counters["answered"] += 1
         return Arp(
             eth_dst=arp.eth_src,
             eth_src=self.node_mac,
             op=OP_REPLY,
-            sha=vmac,
+            sha=answer,
             spa=arp.tpa,
             tha=arp.sha,
             tpa=arp.spa,
         ).to_frame()
 
     def announcements(self) -> list[bytes]:
-        """Gratuitous ARP for every VIP."""
-        return [
-            Arp(BROADCAST, self.node_mac, OP_REQUEST, vmac, vip, ZERO_MAC, vip).to_frame()
-            for vip, vmac in sorted(self.vmacs.items())
-        ]
+        """Gratuitous ARP for every VIP this node answers (all of them in flood delivery)."""
+        out = []
+        for vip in sorted(self.vmacs):
+            mac = self._answer_mac(vip)
+            if mac is not None:
+                out.append(Arp(BROADCAST, self.node_mac, OP_REQUEST, mac, vip, ZERO_MAC, vip))
+        return [a.to_frame() for a in out]

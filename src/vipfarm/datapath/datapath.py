@@ -92,6 +92,12 @@ class Datapath:
         # renewal could put back a bucket just released.
         self._owned_lock = threading.Lock()
         self._read_back_at = -math.inf
+        # Directed delivery: the steering plan in the kernel and the chains it made (for the
+        # next plan to remove), behind their own lock (a plan and an update may come from two
+        # threads; the kernel layer serialises the transactions themselves).
+        self._steer: ruleset.SteerPlan | None = None
+        self._steer_chains: frozenset[str] = frozenset()
+        self._steer_lock = threading.Lock()
         self._vips_added: list[IPAddress] = []
         self._macs_added: list[str] = []
 
@@ -133,7 +139,10 @@ class Datapath:
                 if not name.startswith("net.netfilter"):
                     self.kernel.write_sysctl(name, value)
             kept_exists = self.kernel.nft_read_kept(self.spec.farm) is not None
-            self.kernel.nft_apply(ruleset.ruleset_batch(self.spec, True, kept_exists))
+            with self._steer_lock:
+                plan = self._initial_plan(self.spec)
+                self.kernel.nft_apply(ruleset.ruleset_batch(self.spec, True, kept_exists, plan))
+                self._set_steered(self.spec, plan)
             undo.append(lambda: self.kernel.nft_apply(ruleset.remove_batch(self.spec.farm)))
             # A crashed run's owned and kept buckets still hold its connections: the first
             # `set_owned` keeps them (the sweeper releases the empty ones).
@@ -180,6 +189,7 @@ class Datapath:
         self._owned = frozenset()
         self._left_owned = {}
         self.kept = frozenset()
+        self._steer, self._steer_chains = None, frozenset()
         event(log, "datapath_stopped", farm=self.spec.farm, errors=len(errors))
         if errors:
             raise DatapathError("; ".join(errors))
@@ -196,14 +206,46 @@ class Datapath:
             # owns nor keeps: a change of buckets or seed breaks connections (documented).
             self._owned = frozenset()
         old_vips = set(self.spec.vips)
+        was_directed = self.spec.delivery.steers
+        with self._steer_lock:
+            plan = self._initial_plan(spec)
+            stale = self._steer_chains if was_directed else None
+            self.kernel.nft_apply(ruleset.ruleset_batch(spec, False, True, plan, stale))
+            self._set_steered(spec, plan)
         self.spec = spec
-        self.kernel.nft_apply(ruleset.ruleset_batch(spec, kept_exists=True))
         self._add_macs(spec)
         self._add_vips(spec)
         for vip in old_vips - set(spec.vips):
             self._del_vip(vip)
         self._remove_macs(keep={spec.vmac(v) for v in spec.vips})
         return self.set_owned(self._owned)
+
+    # directed delivery
+    def _initial_plan(self, spec: DatapathSpec) -> ruleset.SteerPlan | None:
+        if not spec.delivery.steers:
+            return None
+        return self._steer or ruleset.SteerPlan(mac=self.kernel.link_mac(spec.interface))
+
+    def _set_steered(self, spec: DatapathSpec, plan: ruleset.SteerPlan | None) -> None:
+        self._steer = plan
+        self._steer_chains = (
+            ruleset.steer_chain_names(spec, plan) if plan is not None else frozenset()
+        )
+
+    def set_steer(self, plan: ruleset.SteerPlan) -> bool:
+        """Put a new steering plan in the kernel (one transaction); False (and nothing done)
+        when it is the one there already or the spec does not deliver directed."""
+        with self._steer_lock:
+            spec = self.spec
+            if not spec.delivery.steers or plan == self._steer:
+                return False
+            self.kernel.nft_apply(ruleset.steer_batch(spec, plan, self._steer_chains))
+            self._set_steered(spec, plan)
+        return True
+
+    @property
+    def steer(self) -> ruleset.SteerPlan | None:
+        return self._steer
 
     # owned and kept buckets
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:

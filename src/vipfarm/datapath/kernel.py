@@ -61,6 +61,10 @@ class Kernel(Protocol):
         ...
 
     def link_mac(self, ifname: str) -> str: ...
+    def neighbours(self, ifname: str) -> dict[str, str]:
+        """The neighbour table of `ifname`: address (as text) -> MAC, entries with one only."""
+        ...
+
     def link_exists(self, ifname: str) -> bool: ...
     def addresses(self) -> dict[str, list[IPAddress]]:
         """Every address of the namespace, by interface name."""
@@ -209,6 +213,15 @@ class LinuxKernel:
         idx = self._index(ifname)
         link = self._nl(lambda: list(self._ipr.get_links(idx)))[0]
         return str(link.get_attr("IFLA_ADDRESS"))
+
+    def neighbours(self, ifname: str) -> dict[str, str]:
+        idx = self._index(ifname)
+        out: dict[str, str] = {}
+        for n in self._nl(lambda: list(self._ipr.get_neighbours(ifindex=idx))):
+            dst, mac = n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")
+            if dst and mac:
+                out[str(dst)] = str(mac)
+        return out
 
     def addresses(self) -> dict[str, list[IPAddress]]:
         import ipaddress

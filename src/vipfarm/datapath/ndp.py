@@ -9,6 +9,9 @@ confirmation). A solicitation from the unspecified address (a client's DAD) is a
 all-nodes group, which also defends the VIP. `announcements()` are unsolicited advertisements with
 the override flag, which update existing client entries after a change of ownership.
 
+Directed delivery (`entry` not None): as in `vipfarm.datapath.arp`, only a VIP's entry node
+answers and announces it, with its own MAC in the target link-layer address option.
+
 Only frames that pass a BPF filter (IPv6, next header ICMPv6, type 135) reach this code.
 """
 
@@ -90,6 +93,12 @@ class NdpResponder:
         self.node_mac = mac_bytes(node_mac)
         self.vmacs = {vip: mac_bytes(m) for vip, m in vmacs.items()}
         self.counters: Counter[str] = Counter()
+        self.entry: frozenset[ipaddress.IPv6Address] | None = None  # as ArpResponder.entry
+
+    def _answer_mac(self, vip: ipaddress.IPv6Address) -> bytes | None:
+        if self.entry is None:
+            return self.vmacs.get(vip)
+        return self.node_mac if vip in self.entry else None
 
     @property
     def multicast_macs(self) -> list[bytes]:
@@ -101,7 +110,10 @@ class NdpResponder:
             self.counters["ignored"] += 1
             return None
         eth_src, src, target = parsed
-        vmac = self.vmacs[target]
+        vmac = self._answer_mac(target)
+        if vmac is None:
+            self.counters["not_entry"] += 1
+            return None
         self.counters["answered"] += 1
         if src.is_unspecified:  # DAD: answer everyone, not solicited
             return build_na(ALL_NODES_MAC, self.node_mac, target, ALL_NODES, target,
@@ -131,6 +143,7 @@ class NdpResponder:
 
     def announcements(self) -> list[bytes]:
         return [
-            build_na(ALL_NODES_MAC, self.node_mac, vip, ALL_NODES, vip, FLAG_OVERRIDE, vmac)
-            for vip, vmac in sorted(self.vmacs.items())
+            build_na(ALL_NODES_MAC, self.node_mac, vip, ALL_NODES, vip, FLAG_OVERRIDE, mac)
+            for vip in sorted(self.vmacs)
+            if (mac := self._answer_mac(vip)) is not None
         ]

@@ -24,6 +24,13 @@ Two tables per farm; docs/DATAPATH.md draws the whole path.
   an apply adds the table, sets, maps and chains (no-ops when present) and flushes and refills
   the chains and the rule maps, in one transaction. Only `start` recreates the hooked chain
   (``fresh``), since adding a chain that exists on another device would add that device to it.
+* Directed delivery (``DatapathSpec.delivery`` directed or auto; docs/DATAPATH.md): the chain
+  ``bucket`` starts with one more rule, for frames a client addressed to this node's own MAC
+  (not a VMAC) that no farm node sent (set ``peers``): a lookup of the bucket in the verdict
+  map ``steer``, whose chains rewrite both MACs and send the frame, at layer 2, to the other
+  nodes interested in the bucket (``fwd``, and ``dup`` for the buckets in transition), see
+  `steer_chains`. The map, its chains and the peers set are replaced in one transaction of
+  their own on every change of the plan (`steer_batch`), and are part of `ruleset_batch`'s.
 * ``inet vipfarm_<farm>``: a prerouting chain after conntrack (priority -150) that sends traffic
   to a VIP to the chain ``vip``, which accepts established flows, drops TCP that is not a pure
   SYN (with tcp_loose=0 this node never picks up or resets a flow another node serves), and
@@ -65,10 +72,18 @@ buckets and the matching change of kept ones are one text batch, so one libnftab
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from vipfarm.datapath.spec import Affinity, DatapathSpec, DecisionPoint, IPAddress, Proto, Rule
+from vipfarm.datapath.spec import (
+    Affinity,
+    DatapathSpec,
+    DecisionPoint,
+    IPAddress,
+    Proto,
+    Rule,
+)
 
 Json = dict[str, Any]
 
@@ -83,6 +98,10 @@ SETS_FAMILY = "netdev"
 OWNED_SET = "owned"
 KEPT_SET = "kept"
 FOREIGN_COUNTER = "foreign"  # frames of other nodes' buckets, dropped at ingress
+# Directed delivery (see `steer_batch`): `nft` reserves the word "fwd", hence "steer".
+STEER_MAP = "steer"  # netdev verdict map: bucket -> the chain that sends it to its nodes
+PEERS_SET = "peers"  # netdev: the farm's other nodes' LAN MACs (never forward their frames)
+FORWARDED_COUNTER = "forwarded"  # frames this node sent on to other nodes
 
 INGRESS_CHAIN = "ingress"  # netdev, hooked on the LAN interface
 DECIDE_CHAIN = "vip"  # netdev: the bucket of each balanced rule's frames
@@ -283,7 +302,21 @@ def bucket_rules(spec: DatapathSpec) -> list[list[Json]]:
     # An owned bucket that carries traffic is kept from its first frame on, by the kernel
     # itself: if the daemon dies and the lease runs out, the connections it accepted go on.
     keep = {"set": {"op": "add", "elem": _MARK, "set": f"@{KEPT_SET}"}}
-    out: list[list[Json]] = [[_match(_MARK, f"@{OWNED_SET}"), keep, with_bit, {"accept": None}]]
+    out: list[list[Json]] = []
+    if spec.delivery.steers:
+        # Frames a client sent to this node's own MAC (this node is, or was, the entry of their
+        # VIP) go to the nodes interested in their bucket; frames to a VMAC came by flooding,
+        # so every node got them anyway, and frames from a peer were forwarded already (never
+        # twice: two nodes with different views must not bounce a frame between them).
+        vmacs = sorted({spec.vmac(v) for v in spec.vips})
+        out.append(
+            [
+                _match(_payload("ether", "daddr"), {"set": vmacs}, op="!="),
+                _match(_payload("ether", "saddr"), f"@{PEERS_SET}", op="!="),
+                {"vmap": {"key": _MARK, "data": f"@{STEER_MAP}"}},
+            ]
+        )
+    out.append([_match(_MARK, f"@{OWNED_SET}"), keep, with_bit, {"accept": None}])
     if spec.decide_at is DecisionPoint.PREROUTING:
         out.append([{"accept": None}])  # the old decision point: conntrack, then -150 drops
         return out
@@ -376,7 +409,13 @@ def _base_chain(family: str, table: str, name: str, hook: str, prio: int, **extr
     return {"add": {"chain": {**chain, **extra, "prio": prio, "policy": "accept"}}}
 
 
-def ruleset_batch(spec: DatapathSpec, fresh: bool = False, kept_exists: bool = False) -> list[Json]:
+def ruleset_batch(
+    spec: DatapathSpec,
+    fresh: bool = False,
+    kept_exists: bool = False,
+    plan: SteerPlan | None = None,
+    stale_chains: Iterable[str] | None = None,
+) -> list[Json]:
     """The JSON command list that installs or updates the whole ruleset in one transaction.
 
     Idempotent: applying it twice leaves the same kernel state, and the sets' elements (owned
@@ -388,6 +427,10 @@ def ruleset_batch(spec: DatapathSpec, fresh: bool = False, kept_exists: bool = F
     from the packet path ``dynamic`` when it creates it, but nftables 1.0.6's JSON cannot say
     ``dynamic``, so adding the existing set again would differ from it and fail the batch
     (verified); the caller says whether the set is there.
+
+    Directed delivery: `plan` fills the steering map in the same transaction (`steer_batch`,
+    `stale_chains` the steering chains a previous plan made); a flood spec with `stale_chains`
+    (not None) removes what a directed one made.
     """
     t = table_name(spec.farm)
     netdev = {"family": "netdev", "table": t}
@@ -402,6 +445,8 @@ def ruleset_batch(spec: DatapathSpec, fresh: bool = False, kept_exists: bool = F
     ]
     if not kept_exists:
         batch.insert(2, {"add": {"set": {**netdev, "name": KEPT_SET, "type": "mark"}}})
+    if spec.delivery.steers:
+        batch += steer_objects(spec.farm)
     if fresh:
         batch += [ingress, {"delete": {"chain": {**netdev, "name": INGRESS_CHAIN}}}]
     hashes = hash_chains(spec)
@@ -455,6 +500,10 @@ def ruleset_batch(spec: DatapathSpec, fresh: bool = False, kept_exists: bool = F
     if spec.notrack_other:
         for name, _hook, direction in raw:
             batch += [_rule(t, name, e) for e in notrack_rules(spec, direction)]
+    if spec.delivery.steers and plan is not None:
+        batch += steer_batch(spec, plan, stale_chains)
+    elif not spec.delivery.steers and stale_chains is not None:
+        batch += unsteer_batch(spec.farm, stale_chains)  # directed before: take it away
     return batch
 
 
@@ -530,3 +579,137 @@ def parse_owned(listing: Json) -> frozenset[int]:
             val = e["elem"]["val"] if isinstance(e, dict) else e
             out.add(int(val))
     return frozenset(out)
+
+
+# ---- directed delivery: the entry sends frames on to the nodes of their bucket
+
+
+@dataclass(frozen=True)
+class SteerPlan:
+    """Where this node sends frames of other nodes' buckets (directed delivery).
+
+    `targets`: bucket -> the LAN MACs of the other nodes interested in it (its owner, the nodes
+    that still keep it, a node about to acquire it), in a fixed order; a bucket not named is
+    decided here alone. `local`: the buckets this node is interested in itself (owned or kept),
+    whose frames it also keeps after sending copies on. `peers`: every other node's MAC this
+    node knows, dead ones included: their frames are never forwarded again."""
+
+    mac: str
+    targets: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    local: frozenset[int] = frozenset()
+    peers: frozenset[str] = frozenset()
+
+
+def steer_objects(farm: str) -> list[Json]:
+    """The set, map and counter of directed delivery (no-ops when present)."""
+    netdev = {"family": "netdev", "table": table_name(farm)}
+    return [
+        {"add": {"set": {**netdev, "name": PEERS_SET, "type": "ether_addr"}}},
+        {"add": {"map": {**netdev, "name": STEER_MAP, "type": "mark", "map": "verdict"}}},
+        {"add": {"counter": {**netdev, "name": FORWARDED_COUNTER}}},
+    ]
+
+
+def _node_chain(mac: str) -> str:
+    return "to_" + mac.replace(":", "")
+
+
+def steer_chains(
+    spec: DatapathSpec, plan: SteerPlan
+) -> tuple[dict[str, list[Json]], list[list[Any]]]:
+    """The steering chains (name -> the one rule's expressions) and the map's elements.
+
+    The per-frame cost stays flat: one map lookup, then a chain of a few statements. A bucket
+    with one other interested node (the common case) jumps to that node's chain, which
+    rewrites both MACs and forwards (`fwd` ends the frame's path here). A bucket in transition
+    (several interested nodes, or this node and others) goes through a fan-out chain shared by
+    every bucket with the same targets: a copy (`dup`) to each node but the last, and the
+    frame itself to the last, or kept for this node's own decision when it is interested too
+    (the chain then returns to `bucket`). The source MAC is rewritten to this node's, so the
+    switch never learns a client's MAC on this node's port."""
+    dev = spec.interface
+    src = {"mangle": {"key": _payload("ether", "saddr"), "value": plan.mac}}
+    count = {"counter": FORWARDED_COUNTER}
+
+    def dst(mac: str) -> Json:
+        return {"mangle": {"key": _payload("ether", "daddr"), "value": mac}}
+
+    chains: dict[str, list[Json]] = {}
+    fans: dict[tuple[tuple[str, ...], bool], str] = {}
+    elems: list[list[Any]] = []
+    for bucket in sorted(plan.targets):
+        macs = plan.targets[bucket]
+        if not macs or not 0 <= bucket < spec.buckets:
+            continue
+        here = bucket in plan.local
+        if len(macs) == 1 and not here:
+            name = _node_chain(macs[0])
+            chains.setdefault(name, [count, src, dst(macs[0]), {"fwd": {"dev": dev}}])
+        else:
+            key = (macs, here)
+            name = fans.get(key, "")
+            if not name:
+                name = fans[key] = f"fan_{len(fans)}"
+                expr: list[Json] = [count, src]
+                for mac in macs[:-1]:
+                    expr += [dst(mac), {"dup": {"addr": dev}}]
+                if here:
+                    expr += [dst(macs[-1]), {"dup": {"addr": dev}}]
+                else:
+                    expr += [dst(macs[-1]), {"fwd": {"dev": dev}}]
+                chains[name] = expr
+        elems.append([bucket, {"jump": {"target": name}}])
+    return chains, elems
+
+
+def steer_batch(
+    spec: DatapathSpec, plan: SteerPlan, stale_chains: Iterable[str] | None = None
+) -> list[Json]:
+    """Replace the steering map, its chains and the peers set: one transaction on its own (a
+    change of owners or keepers) or the tail of `ruleset_batch`. The map is flushed before the
+    chains it pointed to are flushed or deleted (`stale_chains`: those of the previous plan
+    that this one no longer has), so no element ever points to a chain that is gone."""
+    t = table_name(spec.farm)
+    netdev = {"family": "netdev", "table": t}
+    chains, elems = steer_chains(spec, plan)
+    batch: list[Json] = [
+        *steer_objects(spec.farm),
+        {"flush": {"map": {**netdev, "name": STEER_MAP}}},
+        {"flush": {"set": {**netdev, "name": PEERS_SET}}},
+    ]
+    if plan.peers:
+        batch.append(
+            {"add": {"element": {**netdev, "name": PEERS_SET, "elem": sorted(plan.peers)}}}
+        )
+    for name, expr in chains.items():
+        batch += [
+            {"add": {"chain": {**netdev, "name": name}}},
+            {"flush": {"chain": {**netdev, "name": name}}},
+            _rule(t, name, expr, "netdev"),
+        ]
+    for name in sorted(set(stale_chains or ()) - set(chains)):
+        batch += [
+            {"flush": {"chain": {**netdev, "name": name}}},
+            {"delete": {"chain": {**netdev, "name": name}}},
+        ]
+    if elems:
+        batch.append({"add": {"element": {**netdev, "name": STEER_MAP, "elem": elems}}})
+    return batch
+
+
+def unsteer_batch(farm: str, stale_chains: Iterable[str]) -> list[Json]:
+    """Remove directed delivery's objects (after the bucket chain lost its steering rule)."""
+    netdev = {"family": "netdev", "table": table_name(farm)}
+    batch = steer_objects(farm)
+    batch.append({"delete": {"map": {**netdev, "name": STEER_MAP}}})
+    for name in sorted(set(stale_chains)):
+        batch += [
+            {"flush": {"chain": {**netdev, "name": name}}},
+            {"delete": {"chain": {**netdev, "name": name}}},
+        ]
+    batch.append({"delete": {"set": {**netdev, "name": PEERS_SET}}})
+    return batch
+
+
+def steer_chain_names(spec: DatapathSpec, plan: SteerPlan) -> frozenset[str]:
+    return frozenset(steer_chains(spec, plan)[0])

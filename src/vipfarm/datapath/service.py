@@ -3,7 +3,9 @@
 `DatapathService` composes the kernel state (`Datapath`) with the ARP and NDP responders and the
 sweeper of kept buckets (`vipfarm.datapath.sweeper`, a thread started and stopped with the
 data path), and announces the VMACs (gratuitous ARP, unsolicited NA) on start and after every
-change of ownership.
+change of ownership. In directed delivery (`set_entry`) the responders answer only for the VIPs
+this node is the entry of, with its own MAC, and a VIP that becomes this node's is announced at
+once (gratuitous ARP, unsolicited NA).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from vipfarm.datapath.datapath import Datapath
 from vipfarm.datapath.kernel import Kernel, LinuxKernel
 from vipfarm.datapath.ndp import ETH_P_IPV6, NdpResponder, ns_filter
 from vipfarm.datapath.packet import PacketService
-from vipfarm.datapath.spec import DatapathSpec
+from vipfarm.datapath.ruleset import SteerPlan
+from vipfarm.datapath.spec import DatapathSpec, Delivery, IPAddress
 from vipfarm.datapath.sweeper import Sweeper
 
 T = TypeVar("T")
@@ -32,6 +35,10 @@ class DatapathService:
         self.datapath = Datapath(spec, self.kernel, state_dir)
         self.sweeper = Sweeper(self.datapath)
         self.responders: list[PacketService] = []
+        # Directed delivery: the VIPs this node is the entry of (None: flood delivery).
+        self.entry: frozenset[IPAddress] | None = (
+            frozenset() if spec.delivery.steers else None  # auto starts directed
+        )
 
     @property
     def spec(self) -> DatapathSpec:
@@ -44,6 +51,10 @@ class DatapathService:
 
     def _start_responders(self, spec: DatapathSpec) -> None:
         self._stop_responders()
+        if spec.delivery is Delivery.FLOOD:
+            self.entry = None
+        elif self.entry is None:
+            self.entry = frozenset()  # until the pulse names this node an entry
         mac = self.kernel.link_mac(spec.interface)
         v4 = {v: spec.vmac(v) for v in spec.vips if isinstance(v, ipaddress.IPv4Address)}
         v6 = {v: spec.vmac(v) for v in spec.vips if isinstance(v, ipaddress.IPv6Address)}
@@ -56,9 +67,38 @@ class DatapathService:
                     spec.interface, ETH_P_IPV6, ndp, bpf=ns_filter(), multicast=ndp.multicast_macs
                 )
             )
+        self._entry_to_responders()
         for r in self.responders:
             r.start()
         self.announce()
+
+    def _entry_to_responders(self) -> None:
+        for r in self.responders:
+            resp = r.responder
+            if isinstance(resp, ArpResponder):
+                resp.entry = (
+                    None
+                    if self.entry is None
+                    else frozenset(v for v in self.entry if isinstance(v, ipaddress.IPv4Address))
+                )
+            elif isinstance(resp, NdpResponder):
+                resp.entry = (
+                    None
+                    if self.entry is None
+                    else frozenset(v for v in self.entry if isinstance(v, ipaddress.IPv6Address))
+                )
+
+    def set_entry(self, vips: frozenset[IPAddress] | None) -> bool:
+        """Directed delivery: answer ARP/NDP for `vips` (None: flood delivery, every VIP with
+        its VMAC). Announces at once when a VIP was gained; True when anything changed."""
+        if vips == self.entry:
+            return False
+        gained = vips is None or self.entry is None or bool(vips - self.entry)
+        self.entry = vips
+        self._entry_to_responders()
+        if gained:
+            self.announce()
+        return True
 
     def _stop_responders(self) -> None:
         for r in self.responders:
@@ -93,6 +133,10 @@ class DatapathService:
 
     def refresh(self) -> frozenset[int]:
         return self.datapath.refresh()
+
+    def set_steer(self, plan: SteerPlan) -> bool:
+        """The steering plan of directed delivery into the kernel (blocking: a worker's job)."""
+        return self.datapath.set_steer(plan)
 
     def update(self, spec: DatapathSpec) -> frozenset[int]:
         result = self.datapath.update(spec)

@@ -36,6 +36,21 @@ class DecisionPoint(StrEnum):
     PREROUTING = "prerouting"  # after conntrack, as before issue 14: kept for comparison benches
 
 
+class Delivery(StrEnum):
+    """How frames to a VIP reach the node that serves them (docs/DATAPATH.md, "Delivery")."""
+
+    FLOOD = "flood"  # the VIP resolves to the VMAC, which the switch floods to every node
+    DIRECTED = "directed"  # the VIP resolves to an entry node's MAC; it forwards at layer 2
+    # Flood or directed answers, chosen by the nodes from a probe (vipfarm.node.delivery); the
+    # kernel steers as in directed delivery throughout, so a switch costs no kernel change.
+    AUTO = "auto"
+
+    @property
+    def steers(self) -> bool:
+        """Whether the kernel forwards frames sent to this node's own MAC (directed, auto)."""
+        return self is not Delivery.FLOOD
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -86,6 +101,7 @@ class DatapathSpec(_Strict):
     seed: int = Field(default=0x5EED, ge=0, le=0xFFFFFFFF)
     lease_s: float = Field(default=3.0, gt=0, le=3600)
     decide_at: DecisionPoint = DecisionPoint.INGRESS
+    delivery: Delivery = Delivery.FLOOD
     notrack_other: bool = Field(
         default=False,
         description="exempt traffic that is not to or from a VIP from conntrack (see ruleset)",
@@ -124,8 +140,21 @@ class DatapathSpec(_Strict):
         return vmac_for(self.farm, vip)
 
 
+class SteerSpec(_Strict):
+    """Directed delivery for a stand-alone runner (the lab's static farms), which has no
+    membership to compute it from: the VIPs this node is the entry of, and its steering plan
+    (`vipfarm.datapath.ruleset.SteerPlan`)."""
+
+    entry: list[IPAddress] = Field(default_factory=list)
+    mac: str
+    targets: dict[int, list[str]] = Field(default_factory=dict)
+    local: list[int] = Field(default_factory=list)
+    peers: list[str] = Field(default_factory=list)
+
+
 class NodeDatapathSpec(_Strict):
     """What a stand-alone data path runner reads: the spec plus the buckets this node owns."""
 
     datapath: DatapathSpec
     owned: list[int] = Field(default_factory=list)
+    steer: SteerSpec | None = None  # directed delivery (None: leave it as it is)

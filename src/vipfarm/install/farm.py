@@ -354,7 +354,7 @@ def render_toml(plan: FarmPlan) -> str:
         f"key_file = {_q(names['key'])}   # heartbeat HMAC key: the same on every node, mode 0600",
         "",
         "[timing]",
-        "# fast, default, tolerant or wan: the heartbeat, lease and failover timers (docs/CONFIG.md)",
+        "# fast, default, tolerant or wan: heartbeat, lease and failover timers (docs/CONFIG.md)",
         'profile = "default"',
     ]
     for net in plan.networks:

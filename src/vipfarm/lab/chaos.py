@@ -485,10 +485,21 @@ def run_chaos(
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
     faults: tuple[str, ...] = FAULTS,
+    no_flood: bool = False,
+    delivery: str = "flood",
 ) -> ChaosReport:
-    """Build a lab of daemons, run the chaos on it, always tear it down."""
+    """Build a lab of daemons, run the chaos on it, always tear it down. `no_flood` and
+    `delivery`: a switch that floods no unknown unicast and the farm's delivery (issue 15)."""
     lab_name = name or testbed.unique_name("vc")
-    lab = testbed.up(lab_name, nodes=nodes, clients=1, app="builtin", daemon=True)
+    lab = testbed.up(
+        lab_name,
+        nodes=nodes,
+        clients=1,
+        app="builtin",
+        daemon=True,
+        no_flood=no_flood,
+        delivery=delivery,
+    )
     try:
         chaos = Chaos(lab, seed, duration_s)
         if progress is not None:

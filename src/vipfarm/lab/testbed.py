@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from vipfarm.datapath.ruleset import KEPT_SET, OWNED_SET, list_set_command, parse_owned
-from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule
+from vipfarm.datapath.spec import DatapathSpec, IPAddress, NodeDatapathSpec, Rule, SteerSpec
 from vipfarm.files import write_atomic
 from vipfarm.lab.apps import (
     AppKind,
@@ -61,6 +61,7 @@ from vipfarm.lab.topology import (
     check_name,
     extra_hb4,
     extra_lan4,
+    flood_batch,
     host_batch,
     lab_namespaces,
     node_index,
@@ -92,6 +93,8 @@ class LabConfig(BaseModel):
     rules: list[Rule]
     daemon: bool = False  # node daemons (membership, failover) instead of static runners
     timing: str = "default"  # the daemons' timing.profile
+    no_flood: bool = False  # the LAN switch floods no unknown unicast to the nodes' ports
+    delivery: str = "flood"  # the farm's delivery (daemon mode): flood or directed
 
 
 def unique_name(prefix: str = "vt") -> str:
@@ -327,8 +330,8 @@ class Lab:
         text = self._spec_path(node).read_text()
         return NodeDatapathSpec.model_validate_json(text).owned
 
-    def _write_spec(self, node: str, owned: Iterable[int]) -> None:
-        spec = NodeDatapathSpec(datapath=self.spec, owned=sorted(owned))
+    def _write_spec(self, node: str, owned: Iterable[int], steer: SteerSpec | None = None) -> None:
+        spec = NodeDatapathSpec(datapath=self.spec, owned=sorted(owned), steer=steer)
         # The runner re-reads on SIGHUP: never let it see half a file.
         write_atomic(self._spec_path(node), spec.model_dump_json(indent=2))
 
@@ -423,7 +426,37 @@ class Lab:
             ms=round((time.monotonic() - t0) * 1000),
         )
 
-    def update_spec(self, timeout: float = 30.0, **changes: Any) -> None:
+    def node_mac(self, node: str) -> str:
+        return self.exec(node, ["cat", "/sys/class/net/eth0/address"], check=True).stdout.strip()
+
+    def set_directed(self, entry: str | None, timeout: float = 30.0) -> None:
+        """Static labs: directed delivery with `entry` the entry of every VIP, each node's
+        steering plan computed from the buckets the lab gave it (what the node daemons
+        compute from their membership); None: flood delivery again. Call it again after
+        moving buckets."""
+        if entry is None:
+            self.update_spec(timeout, delivery="flood")
+            return
+        macs = {n: self.node_mac(n) for n in self.node_names}
+        owned = {n: self.spec_owned(n) for n in self.node_names}
+        steer = {
+            node: SteerSpec(
+                entry=list(self.spec.vips) if node == entry else [],
+                mac=macs[node],
+                targets={b: [macs[o]] for o in self.node_names if o != node for b in owned[o]},
+                local=owned[node],
+                peers=[m for n, m in macs.items() if n != node],
+            )
+            for node in self.node_names
+        }
+        self.update_spec(timeout, steer=steer, delivery="directed")
+
+    def update_spec(
+        self,
+        timeout: float = 30.0,
+        steer: Mapping[str, SteerSpec] | None = None,
+        **changes: Any,
+    ) -> None:
         """Change the data path spec of every node's runner (e.g. `notrack_other=True`), owned
         buckets unchanged: rewrite the spec files, SIGHUP the runners, and wait until each has
         logged its reload (a runner that logs an error instead fails the call)."""
@@ -440,7 +473,7 @@ class Lab:
 
         before = {n: (seen(n, "runner_reloaded"), seen(n, "runner_error")) for n in runners}
         for node, rec in runners.items():
-            self._write_spec(node, self.spec_owned(node))
+            self._write_spec(node, self.spec_owned(node), (steer or {}).get(node))
             os.kill(rec.pid, signal.SIGHUP)
 
         def done() -> bool:
@@ -584,6 +617,7 @@ class Lab:
                 key,
                 token_file=self.api_token_file,
                 timing=self.config.timing,
+                delivery=self.config.delivery,
             )
         )
         for node in self.node_names:
@@ -699,6 +733,14 @@ class Lab:
         )
         for h in topo.hosts():
             _run([self.ip, "-n", h.ns, "-batch", "-"], input="\n".join(host_batch(h)) + "\n")
+        if self.config.no_flood:
+            self.set_flood(False)
+
+    def set_flood(self, on: bool) -> None:
+        """Turn unknown-unicast flooding of the LAN switch on or off on the node ports while
+        the lab runs (`topology.flood_batch`)."""
+        batch = "\n".join(flood_batch(self.topology, on)) + "\n"
+        _run([self.ip, "-n", self.topology.switch_ns, "-batch", "-"], input=batch)
 
     def status(self) -> dict[str, Any]:
         return status(self.name)
@@ -727,11 +769,15 @@ def up(
     datapath: bool = True,
     daemon: bool = False,
     timing: str = "default",
+    no_flood: bool = False,
+    delivery: str = "flood",
 ) -> Lab:
     """Build lab `name` and return it running; on any failure remove what was built.
 
     `daemon=True` runs a node daemon on every node (real membership and failover, the app
     started by the daemon's module); otherwise `datapath` chooses a static runner per node.
+    `no_flood`: the LAN switch floods no unknown unicast to the nodes (`Lab.set_flood`);
+    `delivery`: the farm's delivery in daemon mode (flood or directed).
     """
     if daemon:
         datapath = False
@@ -747,6 +793,8 @@ def up(
         rules=datapath_spec(name, rules).rules,
         daemon=daemon,
         timing=timing,
+        no_flood=no_flood,
+        delivery=delivery,
     )
     existing = sorted(lab_namespaces(name, list_netns(ip)))
     if existing or state_dir(name).exists():
@@ -785,6 +833,8 @@ def up(
         app=config.app,
         datapath=datapath,
         daemon=daemon,
+        no_flood=no_flood,
+        delivery=delivery,
         s=round(time.monotonic() - t0, 2),
     )
     return lab
@@ -803,6 +853,8 @@ class LabFactory(Protocol):
         datapath: bool = True,
         daemon: bool = False,
         timing: str = "default",
+        no_flood: bool = False,
+        delivery: str = "flood",
     ) -> Lab: ...
 
 

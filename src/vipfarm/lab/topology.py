@@ -7,6 +7,9 @@ pair created from inside the switch namespace, so nothing is ever created in the
 Switch-side port names carry no lab name (they live in the lab's own switch namespace), which
 keeps them far below the 15-character limit of interface names.
 
+`flood_batch` turns unknown-unicast flooding off (or on again) on the node ports of the LAN bridge
+(`vipfarm lab up --no-flood`, `Lab.set_flood`), the switch of a network that does not flood.
+
 Everything here is a pure function of the lab's name and sizes, so the build plan is unit tested
 without root; `vipfarm.lab.testbed` feeds these lines to `ip -batch`.
 """
@@ -277,6 +280,21 @@ class Topology:
                     f"link set {link.port} master {link.bridge} up",
                 ]
         return lines
+
+
+def flood_batch(topology: Topology, on: bool) -> list[str]:
+    """`ip -n <switch> -batch` lines that turn unknown-unicast flooding on or off on the LAN
+    bridge's node ports (as `bridge link set dev PORT flood off`): a switch that delivers a
+    frame for an unknown MAC (the VMAC) to no node, as VMware's vSwitches, clouds and many
+    data-centre switches do. Broadcast and multicast still reach every port."""
+    word = "on" if on else "off"
+    return [
+        f"link set dev {link.port} type bridge_slave flood {word}"
+        for h in topology.hosts()
+        if h.role is Role.NODE
+        for link in h.links
+        if link.bridge == "br0"
+    ]
 
 
 def host_batch(host: Host) -> list[str]:

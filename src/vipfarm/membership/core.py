@@ -297,6 +297,11 @@ class Membership:
         self._plan_held = 0  # our own buckets when _plan_mine was computed
         self._plan_mine = 0  # our buckets in the latest plan
         self._split = False
+        # Directed delivery: the buckets this node keeps but no longer owns, which the daemon
+        # sets and every heartbeat then carries (wire.FLAG_KEPT); None in flood farms.
+        self.kept: int | None = None
+        # delivery = "auto": this node misses a live peer's flood probe (wire.FLAG_DEAF).
+        self.deaf = False
         self._blocked = 0  # owned by a live peer, or claimed by one with priority
         self._blocker: _Peer | None = None  # a peer whose acknowledgement was missing
         self._events: deque[ev.Event] = deque()
@@ -480,6 +485,8 @@ class Membership:
             need=need if version > 1 else (),
             version=version,
             use_next=self._use_next_key(now),
+            kept=self.kept,
+            deaf=self.deaf,
         )
         return [(net, payload) for net in self.config.networks]
 
@@ -627,6 +634,19 @@ class Membership:
     @property
     def members(self) -> Members:
         return self._view[0] if self._view else ()
+
+    def peer_claims(self) -> list[tuple[str, bool, NodeState | None, int, int, int, bool]]:
+        """Each peer as its latest heartbeat says: (name, alive, state, owned, want, kept
+        bitmaps, deaf); for directed delivery, which must know every node interested in a
+        bucket, and for auto delivery, which must know who misses the flood probe."""
+        out: list[tuple[str, bool, NodeState | None, int, int, int, bool]] = []
+        for p in self._peer_list:
+            hb = p.hb
+            if hb is None:
+                out.append((p.name, p.alive, None, 0, 0, 0, False))
+            else:
+                out.append((p.name, p.alive, hb.state, hb.owned, hb.want, hb.kept, hb.deaf))
+        return out
 
     def snapshot(self, now: float) -> ev.Snapshot:
         """The farm as this node sees it (for `vipfarm state`, the metrics and the console)."""

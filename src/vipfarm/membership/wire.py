@@ -61,6 +61,15 @@ MAX_BUCKETS: Final = 4096
 MAX_ACKS: Final = 255
 MAX_FRESH: Final = (MAX_ACKS + 7) // 8  # a farm has at most 255 nodes
 FLAG_BYE: Final = 0x01  # last heartbeat of a node that stopped and owns nothing
+# Version 2 only: a kept bitmap (buckets the sender no longer owns but still serves established
+# connections in) follows the want bitmap. Sent by farms with directed delivery only, whose
+# entry nodes must know every node that serves a bucket; flood farms never set it, so their
+# heartbeats stay byte-identical with those of nodes that predate it.
+FLAG_KEPT: Final = 0x02
+# Version 2 only, farms with delivery = "auto" only: the sender misses the flood probe of a
+# live peer (vipfarm.datapath.probe), so frames to the VMAC do not reach every node.
+FLAG_DEAF: Final = 0x04
+_FLAGS2: Final = FLAG_BYE | FLAG_KEPT | FLAG_DEAF
 
 # Version 1: magic, version, flags, farm id, node id, incarnation, seq, ack count, fresh length,
 # then the "body": config digest, state, reserved, weight, buckets (and the two bitmaps after it)
@@ -78,7 +87,7 @@ _ACK: Final = struct.Struct("!IQQ")
 ACK_LEN: Final = _ACK.size
 NEED_LEN: Final = 4
 MAX_DATAGRAM: Final = (
-    HEADER2_LEN + 2 * (MAX_BUCKETS // 8) + MAX_FRESH + MAX_ACKS * (ACK_LEN + NEED_LEN) + TAG_LEN
+    HEADER2_LEN + 3 * (MAX_BUCKETS // 8) + MAX_FRESH + MAX_ACKS * (ACK_LEN + NEED_LEN) + TAG_LEN
 )
 _CACHE_MAX: Final = 4096  # entries
 _CACHE_BYTES: Final = 1 << 20  # payload bytes kept as keys
@@ -188,11 +197,13 @@ class Heartbeat:
     fresh: int
     acks: dict[int, tuple[int, int]]
     bye: bool
-    body: bytes  # key ids .. want bitmap, verbatim: equal bodies mean an unchanged claim
+    body: bytes  # key ids .. want (or kept) bitmap, verbatim: equal bodies, unchanged claim
     version: int = VERSION
     key_id: int = 0  # the key that authenticated it (0 for version 1: the primary key)
     alt_key_id: int = 0  # the other key the sender accepts (0: none)
     need: tuple[int, ...] = _NO_NEED  # node ids whose acknowledgement the sender waits for
+    kept: int = 0  # buckets kept, not owned (FLAG_KEPT; 0 when the sender does not say)
+    deaf: bool = False  # FLAG_DEAF
 
 
 def _pads(subkey: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
@@ -296,9 +307,12 @@ class Codec:
         need: tuple[int, ...] = (),
         version: int = VERSION,
         use_next: bool = False,
+        kept: int | None = None,
+        deaf: bool = False,
     ) -> bytes:
         """Pack and authenticate one heartbeat. `fresh_len` is the fresh bitmap size in bytes.
-        Version 1 has no need list and no key ids (the primary key MACs it)."""
+        Version 1 has no need list and no key ids (the primary key MACs it). `kept` (version 2
+        only; None: not said) is the kept bitmap of FLAG_KEPT, `deaf` sets FLAG_DEAF (version 2)."""
         if len(acks) > MAX_ACKS or len(need) > MAX_ACKS:
             raise ValueError(
                 f"{len(acks)} acks and {len(need)} needs do not fit one heartbeat "
@@ -306,6 +320,12 @@ class Codec:
             )
         n = self._bitmap_len
         flags = FLAG_BYE if bye else 0
+        extra: list[bytes] = []
+        if kept is not None and version == VERSION:
+            flags |= FLAG_KEPT
+            extra.append(kept.to_bytes(n, "little"))
+        if deaf and version == VERSION:
+            flags |= FLAG_DEAF
         if version == 1:
             head = _HEADER1.pack(
                 MAGIC, 1, flags, self.farm_id, node_id, incarnation, seq, len(acks), fresh_len,
@@ -328,6 +348,7 @@ class Codec:
             head,
             owned.to_bytes(n, "little"),
             want.to_bytes(n, "little"),
+            *extra,
             fresh.to_bytes(fresh_len, "little"),
             *(_ACK.pack(a.node_id, a.incarnation, a.seq) for a in acks),
             *tail,
@@ -387,7 +408,8 @@ class Codec:
         # mismatch means a misconfigured peer rather than noise).
         n = (buckets + 7) // 8
         end = size - TAG_LEN
-        fresh_at = head_len + 2 * n
+        maps = 3 if version == VERSION and flags & FLAG_KEPT else 2
+        fresh_at = head_len + maps * n
         acks_at = fresh_at + fresh_len
         need_at = acks_at + n_acks * ACK_LEN
         if fresh_len > MAX_FRESH or end != need_at + n_need * NEED_LEN:
@@ -405,7 +427,7 @@ class Codec:
         if buckets != self.buckets:
             return Drop.BUCKET_MISMATCH, True
         if (
-            flags & ~FLAG_BYE
+            flags & ~(_FLAGS2 if version == VERSION else FLAG_BYE)
             or reserved
             or state > NodeState.STOPPING
             or incarnation == 0
@@ -413,8 +435,10 @@ class Codec:
         ):
             return Drop.MALFORMED, True
         owned = int.from_bytes(data[head_len : head_len + n], "little")
-        want = int.from_bytes(data[head_len + n : fresh_at], "little")
-        if (owned | want) >> buckets or (flags and (state or owned or want)):
+        want = int.from_bytes(data[head_len + n : head_len + 2 * n], "little")
+        kept = int.from_bytes(data[head_len + 2 * n : fresh_at], "little") if maps == 3 else 0
+        bye = bool(flags & FLAG_BYE)
+        if (owned | want | kept) >> buckets or (bye and (state or owned or want)):
             return Drop.MALFORMED, True
         acks = {}
         for i in range(n_acks):
@@ -446,12 +470,14 @@ class Codec:
             want=want,
             fresh=int.from_bytes(data[fresh_at:acks_at], "little"),
             acks=acks,
-            bye=bool(flags),
+            bye=bye,
             body=body,
             version=version,
             key_id=kid,
             alt_key_id=alt,
             need=need,
+            kept=kept,
+            deaf=bool(flags & FLAG_DEAF),
         )
         return hb, True
 

@@ -552,6 +552,7 @@ class Manager:
                 pulse_priority=data["priority"],
                 pulse_timer_late_ms=data.get("timer_late_ms"),
             ),
+            delivery=data.get("delivery"),
         )
 
     async def farm_status(self) -> NodeStatus:
@@ -918,6 +919,7 @@ class Manager:
                 api_refused=dict(self.api_counters.refused),
                 api_connections=self.api_counters.connections,
                 api_log_streams=self.api_counters.log_streams,
+                delivery=data.get("delivery"),
             )
         )
 

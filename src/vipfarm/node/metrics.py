@@ -57,6 +57,7 @@ class NodeFacts:
     api_refused: Mapping[str, int] = field(default_factory=dict)  # reason -> count
     api_connections: int = 0
     api_log_streams: int = 0
+    delivery: Mapping[str, Any] | None = None  # the pulse's delivery state (node.delivery)
 
 
 def rule_label(rule: Rule) -> str:
@@ -200,6 +201,25 @@ class _FactsCollector(Collector):
         yield GaugeMetricFamily(
             "vipfarm_api_log_streams", "live log streams being served", value=f.api_log_streams
         )
+        if f.delivery is not None:
+            d = f.delivery
+            mode = GaugeMetricFamily(
+                "vipfarm_delivery",
+                "1 for the farm's delivery (flood, directed, auto) and the ARP/NDP answers in use",
+                labels=["delivery", "answers"],
+            )
+            mode.add_metric([str(d.get("mode")), str(d.get("answers"))], 1.0)
+            yield mode
+            yield GaugeMetricFamily(
+                "vipfarm_delivery_entry_vips",
+                "VIPs this node is the entry of (directed answers)",
+                value=len(d.get("entry_of_here", ())),
+            )
+            yield GaugeMetricFamily(
+                "vipfarm_delivery_deaf_nodes",
+                "live nodes that miss a peer's flood probe (auto delivery)",
+                value=len(d.get("deaf_nodes", ())),
+            )
 
 
 def _counter(

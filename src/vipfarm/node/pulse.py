@@ -74,6 +74,7 @@ from vipfarm.membership.core import Membership, MembershipConfig
 from vipfarm.membership.driver import Driver
 from vipfarm.membership.wire import MIN_VERSION, VERSION, Codec, Drop, NodeState
 from vipfarm.node import channel as ch
+from vipfarm.node.delivery import Directed
 from vipfarm.node.host import LinkState, die_with_parent, next_incarnation, peer_uid
 
 log = logging.getLogger("vipfarm.pulse")
@@ -293,6 +294,7 @@ class Pulse:
         self._lease_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
         self._renewing: Future[frozenset[int]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.directed = self._make_directed()
 
     # ------------------------------------------------------------------ life cycle
     async def run(self) -> None:
@@ -329,6 +331,7 @@ class Pulse:
                 self._server.close()
             self._close_sockets()
             self._lease_pool.shutdown(wait=True)
+            self.directed.stop()
             self.datapath.stop()
             self._emit("pulse_stopped", node=self.name)
             await self._flush_manager()
@@ -546,6 +549,34 @@ class Pulse:
         now = time.monotonic()
         self._check_health(now)
         self.driver.timer(now)
+        self._delivery_tick(now)
+
+    # ------------------------------------------------------------------ directed delivery
+    def _make_directed(self) -> Directed:
+        addresses: dict[str, list[str]] = {}
+        for by_addr in self._sources.values():
+            for addr, peer in by_addr.items():
+                addresses.setdefault(peer, []).append(addr)
+        return Directed(self.name, self.datapath, addresses, self._emit)
+
+    def _delivery_tick(self, now: float) -> None:
+        """Entries, steering and the flood probe (`vipfarm.node.delivery`); the kept buckets
+        (None in flood delivery: the heartbeats carry none) and the deaf flag (auto delivery)
+        for the next heartbeats. A flood farm pays one attribute test per timer."""
+        directed = self.directed
+        try:
+            if not directed.active:
+                if self.core.kept is not None:  # the farm went back to flood
+                    directed.idle()
+                    self.core.kept, self.core.deaf = None, False
+                return
+            self.core.kept = directed.tick(
+                now, self.core.state, self.core.peer_claims(), self.kernel_owned, self.datapath.kept
+            )
+            self.core.deaf = directed.deaf
+        except Exception as e:  # never the heartbeats' problem
+            self.counters["delivery_errors"] += 1
+            self._emit("delivery_failed", logging.ERROR, error=e)
 
     def _check_health(self, now: float) -> None:
         """The application counts healthy while the manager says so, has said anything within
@@ -755,6 +786,7 @@ class Pulse:
             "hb_rejected": [[n, r, c] for (n, r), c in self.hb_rejected.items()],
             "core_events": dict(self.core_events),
             "timer_late_ms": self.lateness.summary(now),
+            "delivery": self.directed.state(),
         }
 
     def _emit(self, name: str, level: int = logging.INFO, /, **fields: Any) -> None:

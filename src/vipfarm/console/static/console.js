@@ -80,6 +80,15 @@ function nodeState(n) {
   return n.state;
 }
 
+function deliveryText(d) {
+  if (!d || d.mode === "flood") return "";
+  const entries = Object.entries(d.entries || {}).map(([vip, n]) => `${vip} → ${n || "-"}`);
+  const auto = d.mode === "auto"
+    ? ` (answers ${d.answers}; missing probes: ${(d.deaf_nodes || []).join(", ") || "none"})`
+    : "";
+  return `; delivery ${d.mode}${auto}, entries ${entries.join(", ") || "-"}`;
+}
+
 function renderFarm() {
   if (!farm) return;
   $("#farm-name").textContent = farm.farm;
@@ -91,6 +100,7 @@ function renderFarm() {
     `${up} of ${farm.nodes.length} nodes UP, ${farm.nodes.length - live.length} dead; ` +
     `shares add up to ${farm.share_total.toFixed(1)} %` +
     (farm.split_brain ? "; SPLIT BRAIN detected" : "") +
+    deliveryText(farm.delivery) +
     (farm.pulse_answered ? "" : `; ${farm.me}'s pulse is not answering`);
   const body = $("#nodes tbody");
   body.replaceChildren(...farm.nodes.map((n) => {
