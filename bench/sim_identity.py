@@ -22,7 +22,6 @@ compared: they depend on the machine's load).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -37,21 +36,34 @@ RUNS: list[dict[str, Any]] = [
         for seed in (1, 2, 3)
     ),
     *(
-        {"nodes": 8, "scenario": s, "loss": 0.05, "duplicate": 0.05, "reorder": 0.05,
-         "duration": 60.0, "seed": 4}
+        {
+            "nodes": 8,
+            "scenario": s,
+            "loss": 0.05,
+            "duplicate": 0.05,
+            "reorder": 0.05,
+            "duration": 60.0,
+            "seed": 4,
+        }
         for s in ("crash", "join", "drain", "partition", "flap", "rolling")
     ),
     *(
         {"nodes": 8, "scenario": s, "loss": 0.05, "networks": 2, "duration": 60.0, "seed": 5}
         for s in ("crash", "partition", "rolling")
     ),
-    {"nodes": 8, "scenario": "crash", "loss": 0.05, "weights": [1, 2, 3, 1, 1, 2, 0, 1],
-     "duration": 60.0, "seed": 6},
+    {
+        "nodes": 8,
+        "scenario": "crash",
+        "loss": 0.05,
+        "weights": [1, 2, 3, 1, 1, 2, 0, 1],
+        "duration": 60.0,
+        "seed": 6,
+    },
     {"nodes": 8, "scenario": "crash", "loss": 0.3, "duration": 60.0, "seed": 7},
     {"nodes": 16, "scenario": "crash", "loss": 0.05, "duration": 60.0, "seed": 8},
     {"nodes": 32, "scenario": "drain", "loss": 0.05, "duration": 40.0, "seed": 9},
 ]
-BIG = [
+BIG: list[dict[str, Any]] = [
     {"nodes": 64, "duration": 600.0},
     {"nodes": 64, "duration": 120.0, "loss": 0.05, "scenario": "rolling", "seed": 10},
 ]
@@ -111,8 +123,11 @@ def run_tree(src: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     keys = [k for k in ("sent", "heartbeats", "events_digest", "event_count") if a[k] != b[k]]
-    keys += [f"result.{k}" for k in sorted(set(a["result"]) | set(b["result"]))
-             if a["result"].get(k) != b["result"].get(k)]
+    keys += [
+        f"result.{k}"
+        for k in sorted(set(a["result"]) | set(b["result"]))
+        if a["result"].get(k) != b["result"].get(k)
+    ]
     return keys
 
 
