@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import vipfarm.membership.assignment as assignment_module
 from vipfarm.membership.assignment import (
     Assignment,
     Members,
@@ -234,6 +235,62 @@ def test_a_planner_always_answers_what_rebalance_would(
             current[i] ^= step
         else:
             current[i] ^= 1 << rnd.randrange(buckets)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.sampled_from([0, 1, 1, 2, 3]), min_size=1, max_size=6),
+    st.sampled_from([8, 64]),
+    st.randoms(use_true_random=False),
+)
+def test_a_planner_told_which_positions_changed_answers_the_same(
+    weights: list[int], buckets: int, rnd: random.Random
+) -> None:
+    """The core tells its planner which members' bitmaps may have changed (`changed`, a
+    superset): the answers are those of a planner that compares every position."""
+    members = tuple((f"n{i}", w) for i, w in enumerate(weights))
+    told, plain = Planner(), Planner()
+    current = [rnd.getrandbits(buckets) & rnd.getrandbits(buckets) for _ in members]
+    hint: list[int] | None = None
+    for _ in range(40):
+        got = told.plan(members, tuple(current), buckets, members, changed=hint)
+        assert got == plain.plan(members, tuple(current), buckets, members)
+        assert got == rebalance(members, tuple(current), buckets, members)
+        touched = set(rnd.sample(range(len(members)), rnd.randint(0, len(members))))
+        for i in touched:
+            if rnd.random() < 0.7:  # a step of the plan, or anything else
+                current[i] ^= (current[i] ^ got.masks[i]) & rnd.getrandbits(buckets)
+            elif rnd.random() < 0.5:
+                current[i] ^= 1 << rnd.randrange(buckets)
+        hint = sorted(touched)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 5), min_size=1, max_size=40),
+    st.sampled_from([16, 256, 1024]),
+    st.randoms(use_true_random=False),
+)
+def test_the_scan_for_few_free_buckets_gives_what_the_walk_gives(
+    weights: list[int], buckets: int, rnd: random.Random
+) -> None:
+    """`_fill` finds a node's next free bucket by a scan of the free ones when there are few,
+    by a walk along its preferences otherwise: the assignment is the same either way."""
+    members = tuple((f"node{i:02d}", w) for i, w in enumerate(weights))
+    keep = rnd.random()
+    current = tuple(
+        m & rnd.getrandbits(buckets) if rnd.random() < keep else 0
+        for m in assign(members, buckets).masks
+    )
+    results = []
+    default = assignment_module._SCAN_FREE
+    try:
+        for scan in (0, buckets + 1):  # always walk, always scan
+            assignment_module._SCAN_FREE = scan
+            results.append(rebalance.__wrapped__(members, current, buckets, members))
+    finally:
+        assignment_module._SCAN_FREE = default
+    assert results[0] == results[1]
 
 
 def test_quotas() -> None:

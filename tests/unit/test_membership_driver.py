@@ -287,12 +287,27 @@ def test_the_simulator_feeds_its_nodes_exactly_what_a_plain_driver_would_send(
             self.tee = Tee(io, inputs.setdefault(core.name, []))
             self.poking = False  # poke calls timer itself: that call is not an input
             super().__init__(core, self.tee)
+            # The simulator calls `receive` and then, unless it answered False, `received`.
+            self.heard: tuple[bytes, str] | None = None
+            receive = self.receive
 
-        def datagram(self, data: bytes, network: str, now: float) -> Drop | None:
-            self.tee.now = now
-            result = super().datagram(data, network, now)
-            self.tee.log.append(("datagram", now, (data, network, result)))
-            return result
+            def tapped(data: bytes, network: str, now: float) -> bool | Drop:
+                self.tee.now = now
+                result = receive(data, network, now)
+                if result is False:
+                    self.tee.log.append(("datagram", now, (data, network, None)))
+                else:
+                    self.heard = (data, network)
+                return result
+
+            self.receive = tapped
+
+        def received(self, result: bool | Drop, now: float) -> Drop | None:
+            out = super().received(result, now)
+            assert self.heard is not None
+            self.tee.log.append(("datagram", now, (*self.heard, out)))
+            self.heard = None
+            return out
 
         def timer(self, now: float) -> None:
             self.tee.now = now

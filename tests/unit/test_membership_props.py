@@ -16,6 +16,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vipfarm.membership.core import Membership
 from vipfarm.membership.sim import Action, SimConfig, Simulator
 
 KINDS = ["crash", "start", "drain", "healthy", "unhealthy", "partition", "heal"]
@@ -62,3 +63,40 @@ def test_never_two_owners_and_settles_once_quiet(case: tuple[SimConfig, list[Act
     ]
     owners = [sum(1 for n in sim.nodes if n.kernel >> b & 1) for b in range(cfg.buckets)]
     assert owners == [1 if live_up else 0] * cfg.buckets
+
+
+@settings(max_examples=25, deadline=None)
+@given(schedules())
+def test_the_tallies_of_live_claims_equal_a_scan_of_the_live_peers(
+    case: tuple[SimConfig, list[Action]],
+) -> None:
+    """The core keeps the union of the live peers' owned buckets (and of the owned and wanted
+    buckets of peers with priority) per change instead of scanning every live peer at every
+    evaluation: at every evaluation of every core the tallies equal that scan."""
+    cfg, script = case
+    evaluate = Membership._evaluate
+    checked = [0]
+
+    def checking(self: Membership, now: float) -> None:
+        others = prio_owned = prio_want = 0
+        for p in self._peer_list:
+            if p.alive:
+                assert p.hb is not None
+                others |= p.hb.owned
+                if p.prio:
+                    prio_owned |= p.hb.owned
+                    prio_want |= p.hb.want
+        assert (self._others, self._prio_owned, self._prio_want) == (
+            others,
+            prio_owned,
+            prio_want,
+        )
+        checked[0] += 1
+        evaluate(self, now)
+
+    Membership._evaluate = checking  # type: ignore[method-assign]
+    try:
+        Simulator(cfg, script).run()
+    finally:
+        Membership._evaluate = evaluate  # type: ignore[method-assign]
+    assert checked[0] > 0

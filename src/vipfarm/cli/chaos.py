@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vipfarm.lab.chaos import FAULTS, run_chaos, write_report
+from vipfarm.lab.chaos import FAULT_HELP, FAULTS, run_chaos, write_report
 from vipfarm.lab.topology import LabError
 
 
@@ -21,6 +21,9 @@ def chaos(
     faults: str = typer.Option(
         ",".join(FAULTS), "--faults", help="comma-separated faults to draw from"
     ),
+    loss: float = typer.Option(
+        0.0, "--loss", help="heartbeat loss on every node for the whole run (e.g. 0.05)"
+    ),
     out: Path | None = typer.Option(None, "--out", help="also write the JSON report here"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON report only"),
     no_flood: bool = typer.Option(
@@ -30,9 +33,9 @@ def chaos(
         "flood", "--delivery", help="the farm's delivery: flood, directed or auto"
     ),
 ) -> None:
-    """Keep a load on a lab farm while injecting random faults; report convergence, failed
-    requests, connections accepted twice (must be 0), unowned time and false failovers.
-    Exit status 1 when a connection was accepted twice."""
+    if not 0.0 <= loss < 1.0:
+        typer.echo(f"error: --loss {loss} is out of range: use a probability in [0, 1)", err=True)
+        raise typer.Exit(2)
     if os.geteuid() != 0:
         typer.echo("error: chaos builds network namespaces: run it as root", err=True)
         raise typer.Exit(2)
@@ -51,6 +54,7 @@ def chaos(
             faults=chosen,
             no_flood=no_flood,
             delivery=delivery,
+            loss=loss,
         )
     except LabError as e:
         typer.echo(f"error: {e}", err=True)
@@ -61,7 +65,8 @@ def chaos(
         typer.echo(report.to_json())
     else:
         table = Table(title=f"chaos: {report.duration_s} s, seed {seed}, {report.nodes} nodes")
-        for col in ("t (s)", "fault", "node", "converged ms", "recovered ms", "conns", "failed"):
+        columns = ("t (s)", "fault", "node", "converged ms", "recovered ms", "conns", "failed")
+        for col in (*columns, "false failovers", "left the farm"):
             table.add_column(col)
         for f in report.faults:
             table.add_row(
@@ -72,6 +77,8 @@ def chaos(
                 "-" if f.recover_ms is None else f"{f.recover_ms:.0f}",
                 str(f.requests),
                 json.dumps(f.failed) if f.failed else "0",
+                str(f.false_failovers),
+                ", ".join(f.left_farm) or "-",
             )
         console.print(table)
         console.print(
@@ -82,3 +89,13 @@ def chaos(
         )
     if report.accepted_twice:
         raise typer.Exit(1)
+
+
+chaos.__doc__ = (
+    "Keep a load on a lab farm while injecting random faults; report convergence, failed "
+    "requests, connections accepted twice (must be 0), unowned time and false failovers. "
+    "Exit status 1 when a connection was accepted twice. A node whose restart policy a fault "
+    "used up leaves the farm by design: chaos records it (`left_farm`) and starts it again "
+    "as an operator would (vipfarm start).\n\nFault kinds (--faults):\n\n"
+    + "\n\n".join(f"{kind}: {what}" for kind, what in FAULT_HELP.items())
+)

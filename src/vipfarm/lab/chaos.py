@@ -32,8 +32,28 @@ a heartbeat's header, from the attacker's and the nodes' addresses to every node
 networks; `api_flood` holds 300 idle or half-sent connections to a node's API. None of them may
 cost a failover or a bucket.
 
+Two faults load the machine or the network instead of breaking anything: `cpu_hog` runs one
+busy process per CPU in one node's namespace (`cpu_hog_all`: in every node's at once) for the
+hold time, ended by PID; `heartbeat_delay` delays every frame on one node's port of heartbeat
+network 2 by 40 ms plus up to 80 ms of jitter (so they are also reordered), both ways. This
+kernel has no `sch_netem` (tc netem is the usual tool; nftables cannot delay), so the delay is
+a forwarder (`vipfarm.lab.delay`) that the node's switch port is moved behind for the hold
+time. `--loss` adds heartbeat loss on every node for the whole run (each heartbeat received is
+dropped with that probability, in a chain of its own that the faults never flush). None of
+these may cost a failover. `FAULT_HELP` says what every kind does; `vipfarm chaos --help` shows
+it.
+
 **False failovers** are `peer_down` events in the nodes' logs for a peer that was not down: not
-killed, not isolated, not within its fault's window.
+killed, not isolated, not within its fault's window; each fault's result counts those that
+fell between its start and the next fault's.
+
+**A node the farm takes out by design.** Three application crashes within the lab's restart
+window (`restart.max = 2` per 60 s) use up the node's restart policy: its daemon leaves the
+farm (drains to STOP) and stays out, as in production, until an operator starts it again. Chaos
+notices (a node not UP whose log says `leaving_farm`), records it in the fault's result
+(`left_farm`), waits for the node to reach STOP, starts it as an operator would (`vipfarm
+start`, the control socket's `start`), and measures the recovery from that start, so later
+faults converge and recover as usual.
 """
 
 from __future__ import annotations
@@ -43,6 +63,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -53,6 +74,7 @@ from pathlib import Path
 
 from vipfarm.lab import attacker, testbed
 from vipfarm.lab.load import Reply
+from vipfarm.lab.procs import ProcRecord, terminate
 from vipfarm.lab.testbed import API_PORT, Lab
 from vipfarm.lab.topology import (
     BUCKETS,
@@ -65,18 +87,23 @@ from vipfarm.lab.topology import (
 )
 from vipfarm.membership.wire import MAGIC, VERSION, farm_id
 
-FAULTS = (
-    "kill9",
-    "daemon_crash",
-    "app_crash",
-    "link_flap",
-    "hb_loss",
-    "hb_partition",
-    "rolling_restart",
-    "hb_forge",
-    "hb_flood",
-    "api_flood",
-)
+# Every fault kind and what it does (`vipfarm chaos --help` prints this table).
+FAULT_HELP = {
+    "kill9": "kill -9 of every process of a node; started again after the hold time",
+    "daemon_crash": "kill -9 of a node's daemon only (its application keeps running)",
+    "app_crash": "kill -9 of a node's application; its supervisor restarts it",
+    "link_flap": "a node's LAN and heartbeat links down for the hold time",
+    "hb_loss": "half of a node's heartbeats lost, both ways, on every network",
+    "hb_partition": "heartbeat network 2 cut off at a node",
+    "rolling_restart": "every node in turn: vipfarm stop, then vipfarm start",
+    "hb_forge": "an attacker replays and forges a peer's heartbeats to a node",
+    "hb_flood": "an attacker floods every node's heartbeat port with random datagrams",
+    "api_flood": "an attacker holds 300 idle or half-sent connections to a node's API",
+    "cpu_hog": "one busy process per CPU in a node's namespace for the hold time",
+    "cpu_hog_all": "one busy process per CPU in every node's namespace at once",
+    "heartbeat_delay": "40-120 ms delay with jitter on a node's heartbeat network 2, both ways",
+}
+FAULTS = tuple(FAULT_HELP)
 # Faults after which a node is really gone for a while: a peer_down for it is expected.
 NODE_DOWN_FAULTS = {"kill9", "daemon_crash", "link_flap"}
 PORT_FIRST, PORT_LAST = 20000, 59999
@@ -86,6 +113,14 @@ HB_PORT = 9001  # the lab's heartbeat port (vipfarm.lab.farm)
 ATTACKER = 9  # the attacker is extra host 9, on the LAN and heartbeat network 2
 FLOOD_PER_NETWORK = 1000
 API_FLOOD_CONNECTIONS = 300
+HB_DELAY_MS, HB_JITTER_MS = 40.0, 80.0  # heartbeat_delay: each frame 40 ms + U(0, 80 ms) late
+STOP_TIMEOUT_S = 45.0  # a node that left the farm drains to STOP within the lab's 30 s drain
+# A busy loop bounded in time (the fault ends it earlier by PID).
+HOG = """import sys, time
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    pass
+"""
 
 CLIENT_TABLE = f"""
 table inet vfchaos {{
@@ -110,6 +145,9 @@ table inet vfchaos {{
   chain hb_out {{
     type filter hook output priority -300; policy accept;
   }}
+  chain hb_background {{
+    type filter hook prerouting priority -301; policy accept;
+  }}
 }}
 """
 
@@ -123,6 +161,10 @@ class FaultResult:
     recover_ms: float | None  # from repair to the farm settled with every node again
     requests: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    false_failovers: int = 0  # unexplained peer_down lines between this fault and the next
+    # Nodes the farm took out by design during the fault (restart policy used up): chaos
+    # started them again, and recover_ms is then measured from that start.
+    left_farm: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +173,7 @@ class ChaosReport:
     seed: int
     duration_s: float
     nodes: int
+    loss: float = 0.0  # background heartbeat loss on every node
     requests: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     accepted_twice: int = 0
@@ -145,8 +188,13 @@ class ChaosReport:
 
 
 class Chaos:
-    def __init__(self, lab: Lab, seed: int, duration_s: float, client: str = "client1") -> None:
+    def __init__(
+        self, lab: Lab, seed: int, duration_s: float, client: str = "client1", loss: float = 0.0
+    ) -> None:
+        if not 0.0 <= loss < 1.0:
+            raise ValueError(f"heartbeat loss {loss} is out of range: use a probability in [0, 1)")
         self.lab = lab
+        self.loss = loss
         self.rng = random.Random(seed)
         self.seed = seed
         self.duration_s = duration_s
@@ -167,11 +215,26 @@ class Chaos:
         # heartbeats captured by hb_forge, by (sender, network address), replayed by later ones
         self.recorded: dict[tuple[str, str], list[bytes]] = {}
         self.attacker_ns: str | None = None
+        # Nodes that left the farm by design (restart policy used up) since the last check,
+        # and how far each node's module log has been read for that.
+        self._left: set[str] = set()
+        self._log_seen: dict[str, int] = {}
+        for node in lab.node_names:
+            with contextlib.suppress(OSError):
+                self._log_seen[node] = (lab.dir / "nodelogs" / node / "module.log").stat().st_size
 
     # ------------------------------------------------------------------ setup
     def install_probes(self) -> None:
+        table = CHAOS_TABLE
+        if self.loss:
+            # Per mille: numgen draws 0..999 for every heartbeat received.
+            permille = round(self.loss * 1000)
+            table += (
+                "add rule inet vfchaos hb_background "
+                f"udp dport {HB_PORT} numgen random mod 1000 < {permille} drop\n"
+            )
         for node in self.lab.node_names:
-            self.lab.exec(node, ["nft", "-f", "-"], input=CHAOS_TABLE, check=True)
+            self.lab.exec(node, ["nft", "-f", "-"], input=table, check=True)
         self.lab.exec(self.client, ["nft", "-f", "-"], input=CLIENT_TABLE, check=True)
 
     def _attacker(self) -> str:
@@ -232,20 +295,70 @@ class Chaos:
 
     # ------------------------------------------------------------------ convergence
     def _settled(self, nodes: list[str]) -> bool:
-        if not self.lab.holds_every_bucket_once(nodes):
+        """Every node of `nodes` UP and their kernels holding every bucket once. Notes nodes
+        whose restart policy is used up (they are leaving the farm: see `_bring_back`)."""
+        states = {}
+        for n in nodes:
+            try:
+                states[n] = self.lab.daemon_state(n, timeout=2)
+            except Exception:
+                return False
+        for n, st in states.items():
+            # `exhausted` lasts only until the drain ends (then the app is `stopped` and the
+            # node STOP), so the node's own log says why it is out.
+            if (st["state"] != "UP" or st.get("app") == "exhausted") and self._logged_leaving(n):
+                self._left.add(n)
+        if any(st["state"] != "UP" for st in states.values()):
             return False
+        return self.lab.holds_every_bucket_once(nodes)
+
+    def _logged_leaving(self, node: str) -> bool:
+        """Whether `node`'s module log has a `leaving_farm` line (its daemon left the farm by
+        itself: restart policy used up) that was not looked at yet."""
+        path = self.lab.dir / "nodelogs" / node / "module.log"
         try:
-            return all(self.lab.daemon_state(n, timeout=2)["state"] == "UP" for n in nodes)
-        except Exception:
+            with path.open("rb") as f:
+                f.seek(self._log_seen.get(node, 0))
+                data = f.read()
+        except OSError:
             return False
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self._log_seen[node] = self._log_seen.get(node, 0) + end
+        return b" leaving_farm " in data[:end]
 
     def _converge(self, nodes: list[str]) -> float | None:
+        """ms until `nodes` have settled; None after CONVERGE_TIMEOUT_S, or at once when one of
+        them has left the farm by design (it will not come back on its own)."""
         t = time.monotonic()
         while time.monotonic() - t < CONVERGE_TIMEOUT_S:
             if self._settled(nodes):
                 return round((time.monotonic() - t) * 1000, 1)
+            if self._left & set(nodes):
+                return None
             time.sleep(0.02)
         return None
+
+    def _bring_back(self) -> tuple[list[str], float | None]:
+        """Start again, as an operator would (`vipfarm start`), every node that left the farm
+        by design since the last check (restart policy used up), once it has drained to STOP;
+        then ms from the first start until the whole farm has settled (None if it did not)."""
+        left = sorted(self._left)
+        self._left.clear()
+        if not left:
+            return [], None
+        for node in left:
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    if self.lab.daemon_state(node)["state"] == "STOP":
+                        break
+                time.sleep(0.05)
+        t = time.monotonic()
+        for node in left:
+            with contextlib.suppress(Exception):
+                self.lab.daemon_call(node, "start")
+        done = self._converge(self.lab.node_names)
+        return left, None if done is None else round((time.monotonic() - t) * 1000, 1)
 
     # ------------------------------------------------------------------ faults
     def _hb_rules(self, node: str, rule_in: str | None = None, rule_out: str | None = None) -> None:
@@ -265,11 +378,64 @@ class Chaos:
                 node, ["ip", "route", "replace", "default", "via", "198.51.100.1"], check=True
             )
 
-    def _ensure_started(self, node: str) -> None:
-        """An application killed too often exhausts its restart policy: bring the node back."""
-        with contextlib.suppress(Exception):
-            if self.lab.daemon_state(node)["state"] == "STOP":
-                self.lab.daemon_call(node, "start")
+    def _until_app_not_healthy(self, node: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if self.lab.daemon_state(node, timeout=2).get("app") != "healthy":
+                    return
+            time.sleep(0.02)
+
+    def _hog(self, nodes: list[str], hold_s: float) -> None:
+        """One busy process per CPU in each of `nodes`' namespaces for `hold_s`, ended by PID
+        (each one also stops by itself a little later, should chaos itself die)."""
+        recs: list[ProcRecord] = []
+        try:
+            for node in nodes:
+                for c in range(os.cpu_count() or 1):
+                    argv = [sys.executable, "-c", HOG, f"{hold_s + 5:g}"]
+                    recs.append(self.lab.spawn(f"{node}-hog{c}", node, argv))
+            time.sleep(hold_s)
+        finally:
+            terminate([(r.pid, r.start) for r in recs], grace_s=1.0)
+
+    def _delay_ports(self, node: str) -> tuple[str, str, str]:
+        """(the node's port on heartbeat network 2, the forwarder's veth end, its bridge end)."""
+        i = node_index(node)
+        return f"n{i}h", f"d{i}h", f"d{i}b"
+
+    def delay_heartbeats(self, node: str, seconds: float) -> ProcRecord:
+        """Move `node`'s port on heartbeat network 2 behind a delaying forwarder
+        (`vipfarm.lab.delay`, at most `seconds`); `undelay_heartbeats` puts it back."""
+        port, fwd, plug = self._delay_ports(node)
+        self.lab.ip_batch(
+            "switch",
+            [
+                f"link add {plug} type veth peer name {fwd}",
+                f"link set {plug} master br1 up",
+                f"link set {fwd} promisc on up",
+            ],
+        )
+        argv = [sys.executable, "-m", "vipfarm.lab.delay", port, fwd]
+        argv += ["--delay-ms", f"{HB_DELAY_MS:g}", "--jitter-ms", f"{HB_JITTER_MS:g}"]
+        argv += ["--seconds", f"{seconds:g}", "--seed", str(self.rng.randrange(2**31))]
+        rec = self.lab.spawn(f"{node}-hbdelay", "switch", argv)
+        log = Path(rec.log)
+        deadline = time.monotonic() + 10.0
+        while "delay_ready" not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                self.undelay_heartbeats(node, rec)
+                raise RuntimeError(f"the delaying forwarder of {node} did not start: {log}")
+            time.sleep(0.02)
+        # Only now off the bridge: the forwarder already listens on both ends.
+        self.lab.ip_batch("switch", [f"link set {port} nomaster", f"link set {port} promisc on"])
+        return rec
+
+    def undelay_heartbeats(self, node: str, rec: ProcRecord) -> None:
+        port, _fwd, plug = self._delay_ports(node)
+        self.lab.ip_batch("switch", [f"link set {port} promisc off master br1"], check=False)
+        terminate([(rec.pid, rec.start)], grace_s=2.0)
+        self.lab.ip_batch("switch", [f"link del {plug}"], check=False)
 
     def inject(self, kind: str, node: str) -> FaultResult:
         names = self.lab.node_names
@@ -290,8 +456,9 @@ class Chaos:
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            time.sleep(0.2)
-            self._ensure_started(node)
+                # Measure from the moment the supervisor noticed: before it, the farm still
+                # looks settled with the dead application.
+                self._until_app_not_healthy(node)
             recover = self._converge(names)
         elif kind == "link_flap":
             self._links(node, up=False)
@@ -329,6 +496,16 @@ class Chaos:
         elif kind == "hb_flood":
             self._flood(hold_s)
             recover = self._converge(names)
+        elif kind in ("cpu_hog", "cpu_hog_all"):
+            self._hog([node] if kind == "cpu_hog" else names, hold_s)
+            recover = self._converge(names)
+        elif kind == "heartbeat_delay":
+            rec = self.delay_heartbeats(node, hold_s + 30)
+            try:
+                time.sleep(hold_s)
+            finally:
+                self.undelay_heartbeats(node, rec)
+            recover = self._converge(names)
         elif kind == "api_flood":
             attacker.hold_api(
                 self._attacker(),
@@ -342,7 +519,14 @@ class Chaos:
             raise ValueError(f"unknown fault {kind!r}: choose from {', '.join(FAULTS)}")
         if kind in NODE_DOWN_FAULTS:
             self.expected_down.append((node, wall, time.time() + 1.0))
-        return FaultResult(kind, node, round(started, 3), converge, recover)
+        result = FaultResult(kind, node, round(started, 3), converge, recover)
+        # A node the farm took out by design (its restart policy used up) stays out until an
+        # operator starts it: do that, and measure the recovery from there.
+        left, recovered = self._bring_back()
+        if left:
+            result.left_farm = left
+            result.recover_ms = recovered
+        return result
 
     def _forge(self, node: str, others: list[str], hold_s: float) -> None:
         """Replay a peer's heartbeats to `node` and forge some, all from the peer's address."""
@@ -436,29 +620,36 @@ class Chaos:
         with self._lock:
             replies = list(self.replies)
         bounds = [r.started_s for r in results] + [time.monotonic() - self.t0]
+        false = self._false_failovers()
         for i, res in enumerate(results):
             window = [r for r in replies if bounds[i] <= r.t < bounds[i + 1]]
             res.requests = len(window)
             res.failed = dict(Counter(r.error for r in window if r.error))
-        false = self.false_failovers()
+            lo, hi = self.wall0 + bounds[i], self.wall0 + bounds[i + 1]
+            res.false_failovers = sum(1 for stamp, _ in false if lo <= stamp < hi)
         return ChaosReport(
             name=self.lab.name,
             seed=self.seed,
             duration_s=round(time.monotonic() - self.t0, 1),
             nodes=len(self.lab.node_names),
+            loss=self.loss,
             requests=len(replies),
             failed=dict(Counter(r.error for r in replies if r.error)),
             accepted_twice=self.accepted_twice(),
             syn_accepted_by_two=self.syn_accepted_by_two(),
             max_unowned_ms=round(self.max_unowned_s * 1000, 1),
             false_failovers=len(false),
-            false_failover_events=false,
+            false_failover_events=[line for _, line in false],
             faults=results,
         )
 
     def false_failovers(self) -> list[str]:
         """`peer_down` log lines no fault explains, as `node: line`."""
-        found: list[str] = []
+        return [line for _, line in self._false_failovers()]
+
+    def _false_failovers(self) -> list[tuple[float, str]]:
+        """(wall-clock time, `node: line`) of every `peer_down` log line no fault explains."""
+        found: list[tuple[float, str]] = []
         for node in self.lab.node_names:
             path = self.lab.dir / "nodelogs" / node / "module.log"
             with contextlib.suppress(OSError):
@@ -474,8 +665,8 @@ class Chaos:
                         for gone, start, end in self.expected_down
                     )
                     if not expected:
-                        found.append(f"{node}: {line}")
-        return found
+                        found.append((stamp, f"{node}: {line}"))
+        return sorted(found)
 
 
 def run_chaos(
@@ -487,6 +678,7 @@ def run_chaos(
     faults: tuple[str, ...] = FAULTS,
     no_flood: bool = False,
     delivery: str = "flood",
+    loss: float = 0.0,
 ) -> ChaosReport:
     """Build a lab of daemons, run the chaos on it, always tear it down. `no_flood` and
     `delivery`: a switch that floods no unknown unicast and the farm's delivery (issue 15)."""
@@ -501,7 +693,7 @@ def run_chaos(
         delivery=delivery,
     )
     try:
-        chaos = Chaos(lab, seed, duration_s)
+        chaos = Chaos(lab, seed, duration_s, loss=loss)
         if progress is not None:
             chaos.on_progress = progress
         return chaos.run(faults)

@@ -496,6 +496,18 @@ class Lab:
         suffix = "-datapath"
         return {r.role.removesuffix(suffix): r for r in self.records() if r.role.endswith(suffix)}
 
+    def ip_batch(self, who: str, lines: list[str], check: bool = True) -> None:
+        """`ip -n <namespace of who> -batch -` with `lines` (chaos rewires switch ports)."""
+        _run(
+            [self.ip, "-n", self.ns(who), "-batch", "-"], input="\n".join(lines) + "\n", check=check
+        )
+
+    def spawn(self, role: str, who: str, argv: list[str]) -> ProcRecord:
+        """Start `argv` in the namespace of `who` (a host or `switch`), recorded like the lab's
+        own processes: `down()` ends it if its owner does not (chaos faults end theirs by PID
+        with `procs.terminate`). Output goes to `logs/<role>.log`."""
+        return self._start(role, self.ns(who), argv)
+
     def _start(self, role: str, ns: str, argv: list[str]) -> ProcRecord:
         (self.dir / "procs").mkdir(exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)

@@ -59,6 +59,10 @@ Members = tuple[tuple[str, int], ...]
 """UP nodes as (name, weight), sorted by name; weight-0 nodes take no buckets."""
 
 _ANCHOR_BONUS = 1e9  # larger than any cost (-ln(2**-64) / 1 < 45): anchor pairs come first
+_SCAN_FREE = 32  # with at most this many free buckets, _fill finds a node's next one by a scan
+# A node's preferences (`_prefs`): buckets in its order, their costs and anchor bonuses in that
+# order, and per bucket its position in the order.
+_Prefs = tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], tuple[int, ...]]
 
 
 @lru_cache(maxsize=1024)
@@ -105,31 +109,38 @@ def _fill(
     tickets = buckets - sum(max(q, c) for q, c in zip(lo, counts, strict=True))
     got = [0] * len(members)
     is_free = bytearray(buckets)
-    for b in bits_of(free):
+    free_now = bits_of(free)  # the free buckets, for the scan below
+    for b in free_now:
         is_free[b] = 1
-    left = free.bit_count()
+    left = len(free_now)
     heap: list[tuple[float, int]] = []
-    # Per node with room: its preference list, each position's cost and anchor bonus, and where
-    # its walk stands (the candidate in the heap).
-    walks: list[tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]] = []
+    # Per node with room: its preference list, each position's cost and anchor bonus, each
+    # bucket's position, and where its walk stands (the candidate in the heap).
+    walks: list[_Prefs] = []
     pos = [0] * len(members)
     inv = [1.0 / w for _, w in members]
     for i, (name, _) in enumerate(members):
         c = counts[i]
         if not (left and (c < lo[i] or (c < hi[i] and tickets > 0))):
-            walks.append(((), (), ()))  # full: never a candidate
+            walks.append(((), (), (), ()))  # full: never a candidate
             continue
-        order, cost, bonus = walk = _prefs(name, anchor, buckets)
+        order, cost, bonus, rank = walk = _prefs(name, anchor, buckets)
         walks.append(walk)
-        p = 0
-        while not is_free[order[p]]:
-            p += 1
+        # The node's first free bucket in its order. Buckets behind its walk are never free
+        # again, so that is also the free bucket of lowest position: with few free buckets
+        # (a node left), finding that minimum in C beats walking past the taken ones.
+        if left <= _SCAN_FREE:
+            p = min(map(rank.__getitem__, free_now))
+        else:
+            p = 0
+            while not is_free[order[p]]:
+                p += 1
         pos[i] = p
         heap.append((cost[p] * inv[i] - bonus[p], i))
     heapq.heapify(heap)
     while left:
         _, i = heapq.heappop(heap)
-        order, cost, bonus = walks[i]
+        order, cost, bonus, rank = walks[i]
         p = pos[i]
         b = order[p]
         if is_free[b]:
@@ -139,14 +150,18 @@ def _fill(
                     continue  # full for good: counts only grow and tickets only shrink
                 tickets -= 1
             is_free[b] = 0
+            free_now.remove(b)
             got[i] |= 1 << b
             counts[i] = c + 1
             left -= 1
             if not left:
                 break
         # Next candidate of this node (its bucket was taken by another node, or by itself).
-        while not is_free[order[p]]:
-            p += 1
+        if left <= _SCAN_FREE:
+            p = min(map(rank.__getitem__, free_now))
+        else:
+            while not is_free[order[p]]:
+                p += 1
         pos[i] = p
         heapq.heappush(heap, (cost[p] * inv[i] - bonus[p], i))
     return got
@@ -168,18 +183,21 @@ def _anchored(anchor: Members, buckets: int) -> dict[str, int]:
 
 
 @lru_cache(maxsize=4096)
-def _prefs(
-    name: str, anchor: Members | None, buckets: int
-) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+def _prefs(name: str, anchor: Members | None, buckets: int) -> _Prefs:
     """Buckets in the order node `name` prefers them (its anchor buckets, then by cost; a node's
-    own order does not depend on its weight), with each one's cost and anchor bonus."""
+    own order does not depend on its weight), with each one's cost and anchor bonus, and the
+    position of every bucket in that order."""
     cost = _costs(name, buckets)
     home = _anchored(anchor, buckets).get(name, 0) if anchor else 0
     order = tuple(sorted(range(buckets), key=lambda b: (not home >> b & 1, cost[b])))
+    rank = [0] * buckets
+    for p, b in enumerate(order):
+        rank[b] = p
     return (
         order,
         tuple(cost[b] for b in order),
         tuple(_ANCHOR_BONUS if home >> b & 1 else 0.0 for b in order),
+        tuple(rank),
     )
 
 
@@ -348,20 +366,33 @@ class Planner:
         self._twice = 0
 
     def plan(
-        self, members: Members, current: tuple[int, ...], buckets: int, anchor: Members | None
+        self,
+        members: Members,
+        current: tuple[int, ...],
+        buckets: int,
+        anchor: Members | None,
+        changed: Sequence[int] | None = None,
     ) -> Assignment:
+        """`rebalance(members, current, buckets, anchor)`, or the latest plan when `current`
+        only progressed along it. `changed`, if given, holds (once each) every position whose
+        bitmap may differ from the previous call's: only those are compared."""
         key = (members, buckets, anchor)
         plan = self._plan
-        if plan is None or key != self._key or not self._progress(current, plan):
+        if plan is None or key != self._key or not self._progress(current, plan, changed):
             plan = self._plan = rebalance(members, current, buckets, anchor)
             self._key = key
             self._union = None
         self._current = current
         return plan
 
-    def _progress(self, current: tuple[int, ...], plan: Assignment) -> bool:
+    def _progress(
+        self, current: tuple[int, ...], plan: Assignment, hint: Sequence[int] | None
+    ) -> bool:
         before = self._current
-        changed = [i for i, (a, b) in enumerate(zip(current, before, strict=True)) if a != b]
+        if hint is None:
+            changed = [i for i, (a, b) in enumerate(zip(current, before, strict=True)) if a != b]
+        else:
+            changed = [i for i in hint if current[i] != before[i]]
         if len(changed) != 1:
             self._union = None
             return not changed or on_plan(before, current, plan)

@@ -167,12 +167,27 @@ class MembershipConfig:
         object.__setattr__(self, "nodes_sorted", tuple(sorted(self.nodes.items())))
 
 
+def _shift(counts: list[int], union: int, old: int, new: int) -> int:
+    """One member of a tally goes from bitmap `old` to `new`: update the per-bucket counts and
+    return the new union (the buckets counted at least once)."""
+    for b in bits_of(old & ~new):
+        counts[b] -= 1
+        if not counts[b]:
+            union &= ~(1 << b)
+    for b in bits_of(new & ~old):
+        if not counts[b]:
+            union |= 1 << b
+        counts[b] += 1
+    return union
+
+
 class _Peer:
     __slots__ = (
         "alive",
         "cand",
         "cand_heard",
         "cand_top",
+        "counted",
         "hb",
         "heard",
         "id",
@@ -201,6 +216,7 @@ class _Peer:
         self.alive = False
         self.vouched = False  # alive only because other peers still hear it
         self.hb: Heartbeat | None = None
+        self.counted: Heartbeat | None = None  # whose claims the core's tallies hold (alive)
         self.incarnation = 0
         self.seq = 0  # latest applied heartbeat
         self.heard = -math.inf  # latest valid heartbeat, any network
@@ -247,6 +263,7 @@ class Membership:
         self._anchor: Members = config.nodes_sorted
         self._fresh_len = (len(config.nodes) + 7) // 8
         self._nets = {n: i for i, n in enumerate(config.networks)}
+        self._net0 = config.networks[0]
         self._multi = len(config.networks) > 1
         self._dead_after = config.dead_after
         others = [(i, n) for i, (n, _) in enumerate(config.nodes_sorted) if n != config.node]
@@ -257,6 +274,16 @@ class Membership:
         for p in self._peer_list:
             p.id = codec.intern_id(p.id)  # the decoder's object: dict lookups match by identity
         self._peers = {p.id: p for p in self._peer_list}
+        self._by_name = {p.name: p for p in self._peer_list}
+        # The claims of the live peers, kept per change of a heartbeat's claim instead of a scan
+        # of every live peer at every evaluation: per bucket, how many live peers own it, and
+        # how many of those with priority own it and want it; and each tally's union.
+        self._n_owned = [0] * config.buckets
+        self._n_prio_owned = [0] * config.buckets
+        self._n_prio_want = [0] * config.buckets
+        self._others = 0  # owned by some live peer
+        self._prio_owned = 0  # owned by a live peer with priority
+        self._prio_want = 0  # wanted by a live peer with priority
         # Live peers heard directly within dead_after, and when each was last heard (any
         # network; +inf for the other peers), by slot: a heartbeat costs one list store, and the
         # earliest death deadline is min(_heard_at) + dead_after, which C computes quickly.
@@ -296,6 +323,13 @@ class Membership:
         self._plan_stale = True  # the view or a peer's owned buckets changed since _plan_mine
         self._plan_held = 0  # our own buckets when _plan_mine was computed
         self._plan_mine = 0  # our buckets in the latest plan
+        # The plan's input, kept per change like the tallies: every member's owned bitmap by
+        # its position in `_plan_members` (the view's members when they were laid out), and the
+        # peers whose claims changed since the latest plan.
+        self._plan_members: Members | None = None
+        self._plan_pos: dict[str, int] = {}
+        self._plan_cur: list[int] = []
+        self._plan_touched: set[str] = set()
         self._split = False
         # Directed delivery: the buckets this node keeps but no longer owns, which the daemon
         # sets and every heartbeat then carries (wire.FLAG_KEPT); None in flood farms.
@@ -320,15 +354,23 @@ class Membership:
         events or an earlier timer may be pending; a driver may skip `next_event`/`get_timer` on
         False (the timer can then only have moved later).
         """
-        hb = self._cached(data) or self._decode(data)
-        if not isinstance(hb, Heartbeat):
-            return self._count(hb)
-        peer = self._peers.get(hb.node_id)
-        if peer is None:
-            return self._count(Drop.OWN if hb.node_id == self._id else Drop.UNKNOWN_NODE)
-        ni = self._nets.get(network)
-        if ni is None:
-            return self._count(Drop.UNKNOWN_NETWORK)
+        got = self._cached(data) or self._decode(data)
+        try:
+            # The usual case, a heartbeat of a configured peer, in one subscript: a Drop has no
+            # node_id, and neither our own id nor an unknown one is a key (try is free in 3.11).
+            peer = self._peers[got.node_id]  # type: ignore[union-attr]
+        except (AttributeError, KeyError):
+            if not isinstance(got, Heartbeat):
+                return self._count(got)
+            return self._count(Drop.OWN if got.node_id == self._id else Drop.UNKNOWN_NODE)
+        hb: Heartbeat = got  # type: ignore[assignment]  # a Drop raised above
+        ni: int | None
+        if network is self._net0:
+            ni = 0  # the first network's own name object (a simulator's, a pulse's)
+        else:
+            ni = self._nets.get(network)
+            if ni is None:
+                return self._count(Drop.UNKNOWN_NETWORK)
         seq = hb.seq
         multi = self._multi
         if hb.incarnation != peer.incarnation:
@@ -394,6 +436,8 @@ class Membership:
             old.state != hb.state or old.weight != hb.weight or old.digest != hb.digest
         ):
             self._view_dirty = True
+        if alive:
+            self._tally(peer, hb)
         if hb.version != peer.version or hb.incarnation != peer.version_inc:
             self._set_version(peer, hb)
         if old is None or old.owned != hb.owned:
@@ -738,6 +782,7 @@ class Membership:
 
     def _bury(self, p: _Peer) -> None:
         p.alive = p.vouched = False
+        self._tally(p, None)
         self._undirect(p)
         self._vouched.pop(p.id, None)
         self._wanting.pop(p.id, None)
@@ -766,6 +811,7 @@ class Membership:
 
     def _revive(self, p: _Peer, hb: Heartbeat) -> None:
         p.alive = True
+        self._tally(p, hb)
         p.vouched = False
         self._direct_add(p)
         for n, order in enumerate(self._by_net):
@@ -966,31 +1012,17 @@ class Membership:
 
     def _evaluate(self, now: float) -> None:
         """Recompute the view and move buckets: the heart of release-before-acquire."""
-        alive = [p for p in self._peer_list if p.alive]
         if self._view_dirty:
             self._view_dirty = False
-            self._update_view(alive)
+            self._update_view([p for p in self._peer_list if p.alive])
         mine_held = self._held | self._requested
-        prio_owned = prio_want = others = 0
-        for p in alive:
-            hb = p.hb
-            assert hb is not None
-            others |= hb.owned
-            if p.prio:
-                prio_owned |= hb.owned
-                prio_want |= hb.want
+        others, prio_owned, prio_want = self._others, self._prio_owned, self._prio_want
         mine = 0
         if self.state is NodeState.UP and not self._learning():
             if self._plan_stale or mine_held != self._plan_held:
                 # Only a changed view or ownership can change the plan; wants and
                 # acknowledgements, most of a handover's heartbeats, cannot.
-                assert self._view is not None
-                members, anchor = self._view
-                owned = {p.name: p.hb.owned for p in alive if p.hb is not None}
-                owned[self.name] = mine_held
-                current = tuple(owned[n] for n, _ in members)
-                plan = self._planner.plan(members, current, self.config.buckets, anchor)
-                self._plan_mine = plan.mask(self.name)
+                self._plan_mine = self._replan(mine_held)
                 self._plan_held = mine_held
                 self._plan_stale = False
             mine = self._plan_mine
@@ -1030,7 +1062,10 @@ class Membership:
         if dup and not self._split:
             self._split = True
             holders = tuple(
-                sorted([self.name] + [p.name for p in alive if p.hb and p.hb.owned & dup])
+                sorted(
+                    [self.name]
+                    + [p.name for p in self._peer_list if p.alive and p.hb and p.hb.owned & dup]
+                )
             )
             self._emit(ev.SplitBrainDetected(frozenset(bits_of(dup)), holders))
         elif not dup and self._split:
@@ -1044,6 +1079,58 @@ class Membership:
         ):
             self._emit(ev.Drained())
             self._fire(Trigger.DRAINED, now)
+
+    def _tally(self, p: _Peer, hb: Heartbeat | None) -> None:
+        """`p`'s claims in the tallies become those of `hb` (None: `p` is not alive). The cost
+        is one step per bucket that changed in its claim, not one per live peer."""
+        old = p.counted
+        p.counted = hb
+        o0 = old.owned if old is not None else 0
+        o1 = hb.owned if hb is not None else 0
+        if o0 != o1:
+            self._plan_touched.add(p.name)
+            self._others = _shift(self._n_owned, self._others, o0, o1)
+            if p.prio:
+                self._prio_owned = _shift(self._n_prio_owned, self._prio_owned, o0, o1)
+        if p.prio:
+            w0 = old.want if old is not None else 0
+            w1 = hb.want if hb is not None else 0
+            if w0 != w1:
+                self._prio_want = _shift(self._n_prio_want, self._prio_want, w0, w1)
+
+    def _replan(self, mine_held: int) -> int:
+        """Our buckets in the plan for the current view and ownership. The members are this
+        node and UP live peers (the view is up to date), so each one's bitmap is its latest
+        heartbeat's; only those of the peers tallied since the latest plan are read again, and
+        the planner is told which positions may have changed instead of comparing them all."""
+        assert self._view is not None
+        members, anchor = self._view
+        by_name, me = self._by_name, self.name
+        hint: list[int] | None
+        if members is not self._plan_members:
+            self._plan_members = members
+            self._plan_pos = {n: i for i, (n, _) in enumerate(members)}
+            self._plan_cur = [
+                mine_held if n == me else by_name[n].hb.owned  # type: ignore[union-attr]
+                for n, _ in members
+            ]
+            hint = None
+        else:
+            pos, cur = self._plan_pos, self._plan_cur
+            hint = []
+            for name in self._plan_touched:
+                i = pos.get(name)
+                if i is not None:
+                    cur[i] = by_name[name].hb.owned  # type: ignore[union-attr]
+                    hint.append(i)
+            i = pos[me]
+            cur[i] = mine_held
+            hint.append(i)
+        self._plan_touched.clear()
+        plan = self._planner.plan(
+            members, tuple(self._plan_cur), self.config.buckets, anchor, changed=hint
+        )
+        return plan.masks[self._plan_pos[me]]
 
     def _update_view(self, alive: list[_Peer]) -> None:
         members = [(p.name, p.hb.weight) for p in alive if p.hb and p.hb.state is NodeState.UP]

@@ -13,7 +13,8 @@ The driver's rules, in the order they apply:
   by the core, and by the caller per network); a heartbeat that changed only a peer's liveness
   ends there (the timer can only have moved later). Otherwise the core's events are applied and
   the timer is re-armed if it moved earlier, which is how quick acknowledgements and announced
-  releases go out at once instead of at the next interval.
+  releases go out at once instead of at the next interval. A caller may call the core itself
+  (`Driver.receive`) and hand any answer but False to `received`, the rest of `datagram`.
 * When the timer fires: `handle_timer`, then the heartbeats that are due. With every batch of
   heartbeats the kernel leases are renewed (`Io.renew_leases`; the pulse hands it to a thread of
   its own, so a slow kernel never holds a heartbeat back, and a late renewal only shortens this
@@ -61,19 +62,25 @@ class Io(Protocol):
 class Driver:
     # The simulator calls `datagram` 26 million times per 64-node run: slots and the bound
     # receive method spare it two dictionary lookups per reception.
-    __slots__ = ("_armed", "_receive", "core", "io")
+    __slots__ = ("_armed", "core", "io", "receive")
 
     def __init__(self, core: Membership, io: Io) -> None:
         self.core = core
         self.io = io
         self._armed = math.inf  # the time last passed to Io.wake_at, +inf after a wake-up
-        self._receive = core.receive_datagram
+        # The core's receive_datagram: a caller may call it itself and hand an answer other
+        # than False to `received` (that is `datagram` without the frame of its own).
+        self.receive = core.receive_datagram
 
     def datagram(self, data: bytes, network: str, now: float) -> Drop | None:
         """One received datagram; a rejected one is returned as its reason."""
-        result = self._receive(data, network, now)
-        if result is False:
-            return None
+        result = self.receive(data, network, now)
+        return None if result is False else self.received(result, now)
+
+    def received(self, result: bool | Drop, now: float) -> Drop | None:
+        """The rest of `datagram` for a caller that called `receive` itself and got something
+        else than False (the simulator: 98 % of its 26 million receptions per 64-node run end
+        at False, and a Python call less for each of them is a tenth of its time)."""
         if isinstance(result, Drop):
             return result
         self._events(now)

@@ -56,7 +56,7 @@ from vipfarm.membership import events as ev
 from vipfarm.membership.assignment import Members, balanced, min_moves, moved
 from vipfarm.membership.core import Membership, MembershipConfig
 from vipfarm.membership.driver import Driver
-from vipfarm.membership.wire import Codec, NodeState, bits_of, mask_of
+from vipfarm.membership.wire import Codec, Drop, NodeState, bits_of, mask_of
 
 SCENARIOS = ("crash", "join", "drain", "partition", "flap", "rolling")
 RES = 1e-4  # seconds per slot
@@ -119,6 +119,10 @@ class _Node:
     name: str
     weight: int
     driver: Driver | None = None
+    # Its driver's `receive` (the core's receive_datagram) while the daemon runs, None while it
+    # is down: a reception calls it directly and the driver only when it answers more than
+    # False (see Driver.received), a Python call less per reception.
+    recv: Callable[[bytes, str, float], bool | Drop] | None = None
     incarnation: int = 0
     kernel: int = 0
     lease_until: float = -math.inf
@@ -312,6 +316,7 @@ class Simulator:
         self.believed_dead = {(a, b) for a, b in self.believed_dead if a != node.index}
         core = Membership(self.mcfg[node.name], node.incarnation, codec=self.codec)
         node.driver = Driver(core, node)
+        node.recv = node.driver.receive
         node.wake = 2**62
         node.joining = True
         self._retarget()
@@ -326,7 +331,7 @@ class Simulator:
             # its lease still runs, which is the split brain outliving the partition.
             self.blind_until = max(self.blind_until, node.lease_until)
         self._unserve(node, node.kernel, now)
-        node.driver = None
+        node.driver = node.recv = None
         node.wake = 2**62
         self._retarget()
         self._pend("crash", now, node.name)
@@ -428,7 +433,7 @@ class Simulator:
             driver.shutdown(now)  # the daemon says goodbye and exits after STOP
             self._after(now)
             self._unserve(node, node.kernel, now)
-            node.driver = None
+            node.driver = node.recv = None
             node.wake = 2**62
             self._retarget()
 
@@ -599,17 +604,22 @@ class Simulator:
             ring[k & mask] = []
             self.k, self.soonest = k, k + 1
             now = k * RES
+            assert not self.relevant
             for node, payload, net in items:
-                driver = node.driver
-                if driver is None:
-                    continue
                 if payload is not None:
-                    driver.datagram(payload, net, now)
-                elif node.wake == k:
+                    recv = node.recv
+                    if recv is None:
+                        continue  # the daemon is down
+                    result = recv(payload, net, now)
+                    if result is False:
+                        continue  # only a peer's liveness changed: no event, nothing to send
+                    node.driver.received(result, now)  # type: ignore[union-attr]
+                else:
+                    driver = node.driver
+                    if driver is None or node.wake != k:
+                        continue  # down, or a stale wake-up: the node asked for another slot
                     node.wake = 2**62
                     driver.timer(now)
-                else:
-                    continue  # a stale wake-up: the node asked for another slot since
                 if self.relevant:
                     self._after(now)
         return self._result(time.perf_counter() - wall)
