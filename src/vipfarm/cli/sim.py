@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from vipfarm.config.schema import TIMING_PROFILES
 from vipfarm.membership.sim import SCENARIOS, SimConfig, simulate
 
 
@@ -49,11 +50,27 @@ def sim(
     period: float = typer.Option(4.0, "--period", help="seconds between scenario events"),
     weights: str | None = typer.Option(None, "--weights", help="per-node weights, e.g. 1,1,2"),
     networks: int = typer.Option(1, "--networks", help="heartbeat networks (1-3)"),
+    profile: str = typer.Option(
+        "tolerant",
+        "--profile",
+        help="the timers of this timing.profile: fast|default|tolerant|wan (tolerant, "
+        "100/300/500 ms, keeps the figures of docs/MEMBERSHIP.md comparable)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Run the membership core over a simulated network with a virtual clock."""
+    timers = TIMING_PROFILES.get(profile)
+    if timers is None:
+        typer.echo(
+            f"error: --profile {profile!r}: use one of {', '.join(TIMING_PROFILES)}", err=True
+        )
+        raise typer.Exit(2)
+    interval_ms, lease_ms, dead_after_ms = timers
     try:
         cfg = SimConfig(
+            interval=interval_ms / 1000,
+            dead_after=dead_after_ms / 1000,
+            lease=lease_ms / 1000,
             nodes=nodes,
             buckets=buckets,
             scenario=scenario,
