@@ -42,7 +42,7 @@ from vipfarm.lab.testbed import Lab
 
 Figure = float | dict[str, float]
 RESERVED = frozenset(
-    {"meta", "settings", "targets", "safety", "runs", "notes", "profiles", "spread"}
+    {"meta", "settings", "targets", "safety", "runs", "notes", "profiles", "spread", "chaos"}
 )
 
 

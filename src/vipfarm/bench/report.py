@@ -214,7 +214,40 @@ def markdown(
             ]
         if s.name in results.get("profiles", {}):
             lines += ["", *_profile_lines(results["profiles"][s.name])]
+    if "chaos" in results:
+        lines += ["", *_chaos_lines(results["chaos"])]
     return "\n".join(lines) + "\n"
+
+
+def _chaos_lines(c: Mapping[str, Any]) -> list[str]:
+    """A long chaos run recorded apart from the bench (`vipfarm chaos --out`, `--chaos`)."""
+    lines = [
+        "## Chaos",
+        "",
+        f"`vipfarm chaos`, {c.get('duration_s', 0):.0f} s, {c.get('nodes')} nodes, "
+        f"{float(c.get('loss', 0)) * 100:g} % heartbeat loss throughout, seed {c.get('seed')}, "
+        "the default timers; faults drawn from every kind while one client opens new "
+        f"connections without pause (report: `{c.get('source')}`).",
+        "",
+        "| figure | value | goal |",
+        "|---|---:|---|",
+        f"| connections | {c.get('requests')} | |",
+        f"| failed, by error | {c.get('failed') or 0} | |",
+        f"| accepted by two nodes | {c.get('accepted_twice')} | 0 |",
+        f"| SYNs let through by two nodes | {c.get('syn_accepted_by_two')} | 0 |",
+        f"| false failovers | {c.get('false_failovers')} | 0 |",
+        f"| longest unowned bucket (ms) | {fmt(c.get('max_unowned_ms'))} | |",
+        "",
+        "| fault | times | worst converged (ms) | worst recovered (ms) |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind, k in sorted(c.get("kinds", {}).items()):
+        lines.append(
+            f"| {kind} | {k['count']} | {fmt(k['converge_ms_max'])} | {fmt(k['recover_ms_max'])} |"
+        )
+    for e in c.get("false_failover_events", []):
+        lines.append(f"\nFalse failover: `{e}`")
+    return lines
 
 
 def _profile_lines(profile: Mapping[str, Any]) -> list[str]:

@@ -129,10 +129,13 @@ def run_bench(
     only: Sequence[str] = (),
     docs: Path | None = None,
     console: Console | None = None,
+    chaos: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the scenarios selected by `only` (all when empty); return what results.json holds."""
+    """Run the scenarios selected by `only` (all when empty); return what results.json holds.
+    `chaos`: a chaos report recorded apart (`vipfarm chaos --out`), summarised with the run."""
     console = console or Console()
     chosen = select(only)
+    recorded = read_chaos(chaos) if chaos is not None else None
     preflight()
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
@@ -147,6 +150,8 @@ def run_bench(
     outcomes, seconds, safety = _measure(settings, chosen, console)
     meta["seconds"] = round(time.monotonic() - t0, 1)
     results = compose(meta, settings, chosen, outcomes, safety, seconds)
+    if recorded is not None:
+        results["chaos"] = recorded
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     images = {s.name: s.plot(results, out) if s.plot else [] for s in chosen}
     (out / "summary.md").write_text(markdown(results, chosen, images, out))
@@ -156,6 +161,36 @@ def run_bench(
         docs.write_text(markdown(results, chosen, images, None))
     _print_summary(console, results, out, docs)
     return results
+
+
+def read_chaos(path: Path) -> dict[str, Any]:
+    """A chaos report's summary: the run's totals and each fault kind's count and worst figures."""
+    try:
+        data = json.loads(path.read_text())
+        faults = data["faults"]
+        kinds: dict[str, dict[str, Any]] = {}
+        for f in faults:
+            k = kinds.setdefault(
+                f["kind"], {"count": 0, "converge_ms_max": None, "recover_ms_max": None}
+            )
+            k["count"] += 1
+            for key, name in (("converge_ms", "converge_ms_max"), ("recover_ms", "recover_ms_max")):
+                if f.get(key) is not None:
+                    k[name] = max(k[name] or 0.0, round(float(f[key]), 1))
+        summary = {
+            key: data[key]
+            for key in (
+                "duration_s", "nodes", "loss", "seed", "requests", "failed", "accepted_twice",
+                "syn_accepted_by_two", "max_unowned_ms", "false_failovers",
+                "false_failover_events",
+            )
+            if key in data
+        }  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(
+            f"--chaos {path}: not a chaos report written by `vipfarm chaos --out` ({e})"
+        ) from None
+    return {**summary, "source": str(path), "kinds": kinds}
 
 
 def _measure(

@@ -22,6 +22,11 @@ def bench(
     only: list[str] = typer.Option(
         [], "--only", help="run only the scenario producing this result key (or named so)"
     ),
+    chaos: Path | None = typer.Option(
+        None,
+        "--chaos",
+        help="include this chaos report (`vipfarm chaos --out FILE`) in the results and summary",
+    ),
 ) -> None:
     """Measure throughput, latency and data path costs; write results.json, plots, a summary."""
     from vipfarm.bench.framework import BenchError, Settings
@@ -30,7 +35,7 @@ def bench(
 
     command = shlex.join(["vipfarm", *sys.argv[1:]])
     try:
-        results = run_bench(Settings.make(quick), out, command, only, docs)
+        results = run_bench(Settings.make(quick), out, command, only, docs, chaos=chaos)
     except (BenchError, LabError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
