@@ -76,6 +76,7 @@ log = logging.getLogger("vipfarm.lab")
 
 API_PORT = 9010  # the API's default port, which the lab's farm configuration keeps
 READY_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine starts a few Pythons slowly
+READY_PER_NODE_S = 2.0  # and more for every node of a lab of daemons
 KERNEL_ROLES = ("-datapath", "-daemon")  # processes that own kernel state: stopped first
 
 
@@ -636,7 +637,9 @@ class Lab:
             self.node_config(node).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.farm_config, self.node_config(node))
             self.start_daemon(node, wait=False)
-        self.wait_farm_up(READY_TIMEOUT_S)
+        # Every node starts three Pythons (daemon, pulse, manager) at once: a big lab on two
+        # cores needs longer than a small one.
+        self.wait_farm_up(READY_TIMEOUT_S + READY_PER_NODE_S * self.config.nodes)
 
     def start_daemon(self, node: str, wait: bool = True) -> ProcRecord:
         """Start `node`'s daemon (again); with `wait`, until it reports UP."""
