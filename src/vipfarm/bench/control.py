@@ -15,14 +15,13 @@ together they need a sizeable share of a core: the 24-node farm runs the `tolera
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vipfarm.bench.cpu import task_cpu_ns
+from vipfarm.bench.cpu import lab_tasks, task_cpu_ns
 from vipfarm.bench.framework import Context, Goal, Scenario, ScenarioResult, Settings, register
 from vipfarm.config.schema import TIMING_PROFILES
 from vipfarm.lab import testbed
@@ -44,22 +43,11 @@ def _sizes(s: Settings) -> tuple[int, ...]:
 
 def _role_pids(namespaces: Iterable[str], role: str) -> list[int]:
     """PIDs of the lab's processes whose command line names `role` (vipfarm.node.pulse...)."""
-    inodes = set()
-    for ns in namespaces:
-        with contextlib.suppress(OSError):
-            inodes.add(os.stat(f"/run/netns/{ns}").st_ino)
     out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry.name}/ns/net").st_ino not in inodes:
-                continue
-            cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if role.encode() in cmd:
-            out.append(int(entry.name))
+    for pid in lab_tasks(namespaces):
+        with contextlib.suppress(OSError):
+            if role.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
     return out
 
 

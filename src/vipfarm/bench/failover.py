@@ -385,7 +385,7 @@ def _failover(ctx: Context) -> ScenarioResult:
         if n == 3 and (m := _median(got["client"])) is not None:
             figures["client_failover_ms"] = m
     if all(vrrp.values()):
-        figures["vrrp_failover_ms"] = {k: round(statistics.median(v), 1) for k, v in vrrp.items()}
+        figures["vrrp_failover_ms"] = {k: _median(v) for k, v in vrrp.items()}
         if "failover_ms" in figures:
             figures["farm_vs_vrrp_fast_failover"] = round(
                 figures["vrrp_failover_ms"]["fast"] / figures["failover_ms"], 2
@@ -395,9 +395,7 @@ def _failover(ctx: Context) -> ScenarioResult:
                 figures["vrrp_failover_ms"]["fast"] / figures["client_failover_ms"], 2
             )
     if all(vrrp_stall.values()):
-        figures["vrrp_client_stall_ms"] = {
-            k: round(statistics.median(v), 1) for k, v in vrrp_stall.items()
-        }
+        figures["vrrp_client_stall_ms"] = {k: _median(v) for k, v in vrrp_stall.items()}
     # keepalived SIGKILLed leaves the VIP on the old master, whose kernel resets the SYNs of
     # clients that still resolve the VIP to it: they fail at once instead of stalling.
     figures["vrrp_client_stall_failed"] = {k: sum(v.values()) for k, v in vrrp_failed.items()}

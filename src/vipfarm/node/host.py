@@ -108,20 +108,12 @@ def listening(path: str) -> bool:
 _DOWN_STATES = (b"down", b"lowerlayerdown", b"notpresent", b"dormant")
 
 
-def link_up(ifname: str) -> bool:
-    """Whether an interface can carry traffic, by its operational state ("unknown", which
-    drivers without carrier reporting show, counts as up)."""
-    try:
-        with open(f"/sys/class/net/{ifname}/operstate", "rb") as f:
-            return f.read().strip() not in _DOWN_STATES
-    except OSError:
-        return False
-
-
 class LinkState:
-    """`link_up` for one interface, read with one `pread` of a file kept open (sysfs builds
-    the text afresh for every read at offset 0): the pulse asks many times a second. Reopened
-    when the read fails (the interface was removed, or renamed and back)."""
+    """Whether one interface can carry traffic, by its operational state ("unknown", which
+    drivers without carrier reporting show, counts as up). Read with one `pread` of a file
+    kept open (sysfs builds the text afresh for every read at offset 0): the pulse asks many
+    times a second. Reopened when the read fails (the interface was removed, or renamed and
+    back)."""
 
     def __init__(self, ifname: str) -> None:
         self.path = f"/sys/class/net/{ifname}/operstate"

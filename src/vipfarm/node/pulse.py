@@ -543,7 +543,8 @@ class Pulse:
 
     def _fire(self) -> None:
         self._timer = None
-        self.lateness.add(time.monotonic() - self._timer_when, time.monotonic())
+        woke = time.monotonic()
+        self.lateness.add(woke - self._timer_when, woke)
         for network in self._socks:
             self._drain(network)  # what arrived counts before the core looks at silences
         now = time.monotonic()
