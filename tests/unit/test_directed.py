@@ -486,3 +486,50 @@ def test_directed_tick_waits_for_every_mac_then_steers_and_answers(tmp_path: Pat
 
     asyncio.run(run())
     assert "peer_mac_learned" in events
+
+
+def test_a_node_of_an_older_release_is_never_an_entry() -> None:
+    claims: list[Claim] = [
+        ("node2", True, NodeState.UP, 1, 0, 0, False),
+        ("node3", True, NodeState.UP, 2, 0, 0, False),
+    ]
+    assert candidates("node1", NodeState.UP, claims, ["node3"]) == ["node1", "node2"]
+    vips = [ipaddress.IPv4Address(f"198.51.100.{100 + i}") for i in range(20)]
+    got = entries("node1", NodeState.UP, claims, vips, ["node3"])
+    assert set(got.values()) == {"node1", "node2"}
+    # a node never leaves itself out: every VIP keeps an entry that answers for it
+    assert candidates("node3", NodeState.UP, claims[:1], ["node1"]) == ["node2", "node3"]
+
+
+def test_directed_tick_with_an_older_peer_says_so_once_and_keeps_it_out(tmp_path: Path) -> None:
+    kernel = FakeKernel(lambda: 0.0, {"lo": "00:00:00:00:00:00", "eth0": ME})
+    kernel.neigh["eth0"] = {"198.51.100.12": A, "198.51.100.13": B}
+    service = DatapathService(spec(), tmp_path, kernel)
+    events: list[tuple[str, dict[str, Any]]] = []
+    d = Directed(
+        "node1",
+        service,
+        {"node2": ["198.51.100.12"], "node3": ["198.51.100.13"]},
+        lambda name, _level, **fields: events.append((name, fields)),
+    )
+    claims: list[Claim] = [
+        ("node2", True, NodeState.UP, mask_of([1]), 0, 0, False),
+        ("node3", True, NodeState.UP, mask_of([2]), 0, 0, False),
+    ]
+
+    async def run() -> None:
+        for t in range(3):
+            d.tick(float(t), NodeState.UP, claims, frozenset({0}), frozenset({0}), ["node3"])
+            await asyncio.sleep(0.01)
+        assert "node3" not in d.entry_of.values()
+        assert d.state()["legacy_peers"] == ["node3"]
+        d.tick(5.0, NodeState.UP, claims, frozenset({0}), frozenset({0}), [])  # upgraded
+        await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    said = [f for name, f in events if name == "delivery_legacy_peers"]
+    assert said == [
+        {"peers": "node3", "effect": "they are never entries; what they keep is not steered"},
+        {"peers": "-", "effect": "-"},
+    ]
+    assert set(d.entry_of.values()) <= {"node1", "node2", "node3"} and d.legacy == ()

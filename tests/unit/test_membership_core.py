@@ -16,7 +16,7 @@ import pytest
 
 from vipfarm.membership import events as ev
 from vipfarm.membership.core import Membership, MembershipConfig
-from vipfarm.membership.wire import Codec, Drop, Heartbeat, NodeState
+from vipfarm.membership.wire import VERSION, Codec, Drop, Heartbeat, NodeState
 
 KEY = b"test-farm-key-0123456789abcdef-0123"
 INTERVAL, LEASE, DEAD_AFTER, DELAY = 0.125, 0.25, 0.5, 1 / 64
@@ -762,11 +762,59 @@ def test_a_farm_with_one_node_still_on_version_1() -> None:
     # peer that they speak version 2)
     assert h.cores["c"].drops.get("version", 0) <= 2 * (DEAD_AFTER / INTERVAL + 4)
     assert not any(isinstance(e, ev.PeerDown) for _, _, e in h.log)
-    # c is upgraded: its new incarnation speaks version 2, and so does everybody again
+    # c is upgraded: its new incarnation speaks the newest version, and so does everybody again
     h.restart("c", 3.0, 2)
     h.run_until(5.0)
-    assert versions_sent(h, 4.0) == {n: {2} for n in h.names}
+    assert versions_sent(h, 4.0) == {n: {VERSION} for n in h.names}
     assert not any(isinstance(e, ev.PeerDown) for _, _, e in h.log)
+    only_owners(h)
+
+
+class V2Node(Membership):
+    """A node of the release before directed delivery: the frozen codec of that release reads
+    what it receives (it drops version 3 and the kept and deaf flags), and it sends version 2 at
+    most."""
+
+    def receive_datagram(self, data: bytes, network: str, now: float) -> bool | Drop:
+        from tests.fakes import wire_v2
+
+        got = wire_v2.Codec("test", KEY, 16).decode(data)
+        if not isinstance(got, wire_v2.Heartbeat):
+            return self._count(Drop(got.value))
+        return super().receive_datagram(data, network, now)
+
+    def _version_now(self, now: float) -> int:
+        return min(super()._version_now(now), 2)
+
+
+def test_a_node_of_the_release_before_directed_delivery_reads_every_heartbeat() -> None:
+    from tests.fakes import wire_v2
+
+    h = Harness(["a", "b", "c"])
+    h.cores["c"] = h.make("c", 1, V2Node)
+    for n in ("a", "b"):  # directed or auto delivery: kept buckets and the deaf flag to say
+        h.cores[n].kept, h.cores[n].deaf = 0b101, True
+    for n in h.names:
+        h.start(n, 0.0)
+    h.run_until(3.0)
+    only_owners(h)
+    assert versions_sent(h, 1.0) == {n: {2} for n in h.names}
+    old = wire_v2.Codec("test", KEY, 16)
+    for t, src, _, data in h.tap:
+        if t >= 1.0:  # the released decoder takes every heartbeat sent now, flags stripped
+            assert isinstance(old.decode(data), wire_v2.Heartbeat), (src, data[3])
+    # c dropped only what a and b sent in their first dead_after
+    assert h.cores["c"].drops.get("version", 0) <= 2 * (DEAD_AFTER / INTERVAL + 4)
+    assert not any(isinstance(e, ev.PeerDown) for _, _, e in h.log)
+    assert h.cores["a"].legacy_peers(h.now) == ["c"]
+    # c is upgraded: everybody speaks version 3 again, with the flags
+    h.restart("c", 3.0, 2)
+    h.run_until(5.0)
+    assert versions_sent(h, 4.0) == {n: {3} for n in h.names}
+    assert all(not core.legacy_peers(h.now) for core in h.cores.values())
+    last = next(d for t, src, _, d in reversed(h.tap) if src == "a")
+    hb = h.codec.decode(last)
+    assert isinstance(hb, Heartbeat) and (hb.kept, hb.deaf) == (0b101, True)
     only_owners(h)
 
 

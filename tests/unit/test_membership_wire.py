@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import vipfarm.membership.wire as wire
 from vipfarm.membership.wire import (
     FLAG_BYE,
+    FLAG_DEAF,
     HEADER1_LEN,
     HEADER_LEN,
     MAX_DATAGRAM,
@@ -54,7 +55,8 @@ def encode(codec: Codec, **over: object) -> bytes:
 
 
 def subkey(key: bytes, version: int) -> bytes:
-    return hmac.digest(key, f"vipfarm heartbeat v{version}".encode(), "sha256")
+    label = min(version, 2)  # versions 2 and 3 share one (the version byte is under the MAC)
+    return hmac.digest(key, f"vipfarm heartbeat v{label}".encode(), "sha256")
 
 
 def remac(codec: Codec, msg: bytes, key: bytes = KEY) -> bytes:
@@ -100,10 +102,11 @@ def test_body_ignores_seq_fresh_and_acks() -> None:
         (b"VF\x01" + bytes(HEADER_LEN + TAG_LEN), Drop.FOREIGN_FARM),
         (b"XX" + bytes(HEADER_LEN + TAG_LEN), Drop.NOT_VIPFARM),
         (b"VF\x02" + bytes(HEADER_LEN + TAG_LEN), Drop.FOREIGN_FARM),
-        (b"VF\x03" + bytes(HEADER_LEN + TAG_LEN), Drop.VERSION),
+        (b"VF\x03" + bytes(HEADER_LEN + TAG_LEN), Drop.FOREIGN_FARM),
+        (b"VF\x04" + bytes(HEADER_LEN + TAG_LEN), Drop.VERSION),
         (b"VF\x02" + bytes(MAX_DATAGRAM), Drop.MALFORMED),
     ],
-    ids=["empty", "zero-farm", "magic", "zero-farm-v2", "version", "too-long"],
+    ids=["empty", "zero-farm", "magic", "zero-farm-v2", "zero-farm-v3", "version", "too-long"],
 )
 def test_cheap_checks_come_first(data: bytes, reason: Drop) -> None:
     assert Codec("farm", KEY, B).decode(data) == reason
@@ -160,6 +163,27 @@ def test_bits_beyond_bucket_count_are_malformed() -> None:
     msg = bytearray(encode(codec, owned=1, want=0, acks=())[:-TAG_LEN])
     msg[HEADER_LEN + 1] = 0x80  # bucket 15 of 12
     assert codec.decode(remac(codec, bytes(msg))) == Drop.MALFORMED
+
+
+def test_the_delivery_flags_travel_in_version_3_only() -> None:
+    """Version 3 carries the kept bitmap and the deaf flag; a version 2 heartbeat leaves them
+    out (the release before them drops a heartbeat with an unknown flag), and one that has
+    them anyway is malformed, as that release finds it."""
+    codec = Codec("farm", KEY, B)
+    hb = codec.decode(encode(codec, kept=mask_of([3, 200]), deaf=True))
+    assert isinstance(hb, Heartbeat)
+    assert (hb.version, bits_of(hb.kept), hb.deaf, bits_of(hb.owned)) == (
+        3,
+        [3, 200],
+        True,
+        [0, 5, 255],
+    )
+    plain = encode(codec, version=2)
+    assert encode(codec, version=2, kept=mask_of([3]), deaf=True) == plain
+    old = codec.decode(plain)
+    assert isinstance(old, Heartbeat) and (old.version, old.kept, old.deaf) == (2, 0, False)
+    msg = plain[:-TAG_LEN]
+    assert codec.decode(remac(codec, msg[:3] + bytes([FLAG_DEAF]) + msg[4:])) == Drop.MALFORMED
 
 
 def test_goodbye_only_from_a_stopped_node_that_owns_nothing() -> None:
@@ -250,8 +274,8 @@ def test_version_1_round_trip() -> None:
     assert isinstance(hb, Heartbeat)
     assert (hb.version, hb.key_id, hb.alt_key_id, hb.need) == (1, 0, 0, ())
     assert bits_of(hb.owned) == [0, 5, 255] and hb.acks == {node_id("node2"): (9, 77)}
-    with pytest.raises(ValueError, match="version 3 is not spoken"):
-        encode(codec, version=3)
+    with pytest.raises(ValueError, match="version 4 is not spoken"):
+        encode(codec, version=4)
 
 
 def test_keys_are_named_and_both_accepted_during_a_rotation() -> None:
@@ -398,9 +422,9 @@ def test_fuzz_mutations_never_raise_and_never_authenticate(data: st.DataObject) 
 def test_fuzz_authenticated_garbage_is_malformed_or_parsed(body: bytes) -> None:
     """Even a peer holding the key cannot crash the parser."""
     codec = Codec("farm", KEY, B)
-    for version in (1, 2):
+    for version in (1, 2, 3):
         head = struct.pack("!2sBB8s", b"VF", version, 0, farm_id("farm"))
-        if version == 2:
+        if version >= 2:
             # node id .. fresh length, then the key id, so that the MAC is reached
             body = body[:24].ljust(24, b"\0") + key_id(KEY).to_bytes(4, "big") + body[24:]
         result = codec.decode(remac(codec, head + body))

@@ -30,7 +30,7 @@ def chaos(
         False, "--no-flood", help="a switch that floods no unknown unicast (as VMware, clouds)"
     ),
     delivery: str = typer.Option(
-        "flood", "--delivery", help="the farm's delivery: flood, directed or auto"
+        "auto", "--delivery", help="the farm's delivery: flood, directed or auto"
     ),
 ) -> None:
     if not 0.0 <= loss < 1.0:

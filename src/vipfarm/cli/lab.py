@@ -61,7 +61,7 @@ def up(
         help="the LAN switch floods no unknown unicast to the nodes (as VMware, clouds)",
     ),
     delivery: str = typer.Option(
-        "flood", "--delivery", help="the farm's delivery: flood or directed (docs/CONFIG.md)"
+        "auto", "--delivery", help="the farm's delivery: flood, directed or auto (docs/CONFIG.md)"
     ),
 ) -> None:
     """Build a lab: switch, nodes running the vipfarm daemon and their application, clients,

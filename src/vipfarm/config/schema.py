@@ -139,9 +139,10 @@ class FarmSection(Strict):
     seed: int = DatapathSpec.model_fields["seed"].default
     # How frames to a VIP reach the nodes (docs/CONFIG.md, "Delivery"): flood (the VMAC, which
     # the switch floods to every node), directed (an entry node forwards at layer 2) or auto
-    # (chosen by a probe). The default stays flood until every node of a farm decodes the
-    # heartbeat flags of the other two (see docs/PROTOCOL.md): a mixed farm would drop them.
-    delivery: Delivery = Delivery.FLOOD
+    # (chosen by a probe, the default: it works on any switch). A farm that still runs nodes of
+    # a release without directed delivery answers in flood style until they are upgraded
+    # (docs/PROTOCOL.md, versions).
+    delivery: Delivery = Delivery.AUTO
 
     @field_validator("delivery", mode="before")
     @classmethod

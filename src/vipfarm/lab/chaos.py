@@ -677,7 +677,7 @@ def run_chaos(
     progress: Callable[[str], None] | None = None,
     faults: tuple[str, ...] = FAULTS,
     no_flood: bool = False,
-    delivery: str = "flood",
+    delivery: str = "auto",
     loss: float = 0.0,
 ) -> ChaosReport:
     """Build a lab of daemons, run the chaos on it, always tear it down. `no_flood` and

@@ -44,7 +44,7 @@ def farm_toml(
     drain_timeout_s: float = 30.0,
     token_file: Path | None = None,
     timing: str = "default",
-    delivery: str = "flood",
+    delivery: str = "auto",
 ) -> str:
     lines = [
         f"# Farm configuration of lab {name}, written by `vipfarm lab up --daemon`.",
@@ -52,7 +52,7 @@ def farm_toml(
         f"name = {_q(name)}",
         f"key_file = {_q(key_file)}",
         f"buckets = {BUCKETS}",
-        *([f"delivery = {_q(delivery)}"] if delivery != "flood" else []),
+        *([f"delivery = {_q(delivery)}"] if delivery != "auto" else []),
         "",
         "[timing]",
         f"profile = {_q(timing)}",

@@ -95,7 +95,7 @@ class LabConfig(BaseModel):
     daemon: bool = False  # node daemons (membership, failover) instead of static runners
     timing: str = "default"  # the daemons' timing.profile
     no_flood: bool = False  # the LAN switch floods no unknown unicast to the nodes' ports
-    delivery: str = "flood"  # the farm's delivery (daemon mode): flood or directed
+    delivery: str = "auto"  # the farm's delivery (daemon mode): flood, directed or auto
 
 
 def unique_name(prefix: str = "vt") -> str:
@@ -785,14 +785,14 @@ def up(
     daemon: bool = False,
     timing: str = "default",
     no_flood: bool = False,
-    delivery: str = "flood",
+    delivery: str = "auto",
 ) -> Lab:
     """Build lab `name` and return it running; on any failure remove what was built.
 
     `daemon=True` runs a node daemon on every node (real membership and failover, the app
     started by the daemon's module); otherwise `datapath` chooses a static runner per node.
     `no_flood`: the LAN switch floods no unknown unicast to the nodes (`Lab.set_flood`);
-    `delivery`: the farm's delivery in daemon mode (flood or directed).
+    `delivery`: the farm's delivery in daemon mode (flood, directed or auto: the default).
     """
     if daemon:
         datapath = False
@@ -869,7 +869,7 @@ class LabFactory(Protocol):
         daemon: bool = False,
         timing: str = "default",
         no_flood: bool = False,
-        delivery: str = "flood",
+        delivery: str = "auto",
     ) -> Lab: ...
 
 

@@ -72,6 +72,7 @@ from vipfarm.membership import events as ev
 from vipfarm.membership.assignment import Members, Planner
 from vipfarm.membership.states import Trigger, next_state
 from vipfarm.membership.wire import (
+    DELIVERY_VERSION,
     MAX_ACKS,
     MAX_NAME_BYTES,
     MIN_VERSION,
@@ -898,6 +899,19 @@ class Membership:
             self._low[p.id] = p
         else:
             self._low.pop(p.id, None)
+
+    def legacy_peers(self, now: float) -> list[str]:
+        """Peers heard within dead_after that speak a version before DELIVERY_VERSION: they drop
+        heartbeats with the kept and deaf flags, so while one lives nobody sends them and
+        directed or auto delivery falls back (vipfarm.node.delivery). Usually none: free."""
+        if not self._low:
+            return []
+        horizon = now - self._dead_after
+        return sorted(
+            p.name
+            for p in self._low.values()
+            if p.version < DELIVERY_VERSION and max(p.heard, p.cand_heard) >= horizon
+        )
 
     def _version_now(self, now: float) -> int:
         """The version to send: the newest during our first dead_after (peers learn that we

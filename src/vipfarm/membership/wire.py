@@ -8,11 +8,17 @@ docs/PROTOCOL.md describes it field by field.
 
 Theory of operation:
 
-- Two versions are spoken. Version 2 (`VERSION`) names the key that MACs the datagram (a 32-bit
-  key id) and the other key the sender accepts, which lets a farm rotate its key without
+- Three versions are spoken, and a node sends the lowest one a live peer speaks (membership.core),
+  so a farm upgrades one node at a time. Version 2 names the key that MACs the datagram (a
+  32-bit key id) and the other key the sender accepts, which lets a farm rotate its key without
   downtime, and carries the *need* list (peers whose current incarnation the sender has not yet
-  proven fresh: they answer with an acknowledgement, see membership.core). Version 1 is the
-  previous format, decoded and encoded for a rolling upgrade (always with the primary key).
+  proven fresh: they answer with an acknowledgement, see membership.core). Version 3
+  (`VERSION`) has version 2's layout and adds two flags for directed and auto delivery
+  (`FLAG_KEPT`, `FLAG_DEAF`): nodes of the release before them drop any heartbeat with an
+  unknown flag, so the flags need a version of their own, which tells every node whether all
+  live peers understand them (`DELIVERY_VERSION`). Versions 2 and 3 share a subkey: the
+  version byte is under the MAC. Version 1 is the oldest format, decoded and encoded for a
+  rolling upgrade (always with the primary key).
 - `Codec.encode` packs the fields and appends `HMAC-SHA256(subkey, everything before)`, where
   the subkey is derived from a farm key with a fixed label per version, so the raw farm key never
   MACs anything else the project may sign later. The codec keeps the SHA-256 states of the keyed
@@ -52,7 +58,8 @@ from enum import IntEnum, StrEnum
 from typing import Final
 
 MAGIC: Final = b"VF"
-VERSION: Final = 2  # the newest version this code speaks
+VERSION: Final = 3  # the newest version this code speaks
+DELIVERY_VERSION: Final = 3  # the oldest one with FLAG_KEPT and FLAG_DEAF
 MIN_VERSION: Final = 1  # the oldest one it still decodes and, for such peers, sends
 TAG_LEN: Final = 32
 MIN_KEY_LEN: Final = 32
@@ -61,24 +68,24 @@ MAX_BUCKETS: Final = 4096
 MAX_ACKS: Final = 255
 MAX_FRESH: Final = (MAX_ACKS + 7) // 8  # a farm has at most 255 nodes
 FLAG_BYE: Final = 0x01  # last heartbeat of a node that stopped and owns nothing
-# Version 2 only: a kept bitmap (buckets the sender no longer owns but still serves established
-# connections in) follows the want bitmap. Sent by farms with directed delivery only, whose
-# entry nodes must know every node that serves a bucket; flood farms never set it, so their
-# heartbeats stay byte-identical with those of nodes that predate it.
+# Version 3 only: a kept bitmap (buckets the sender no longer owns but still serves established
+# connections in) follows the want bitmap. Sent by farms with directed or auto delivery only,
+# whose entry nodes must know every node that serves a bucket.
 FLAG_KEPT: Final = 0x02
-# Version 2 only, farms with delivery = "auto" only: the sender misses the flood probe of a
+# Version 3 only, farms with delivery = "auto" only: the sender misses the flood probe of a
 # live peer (vipfarm.datapath.probe), so frames to the VMAC do not reach every node.
 FLAG_DEAF: Final = 0x04
-_FLAGS2: Final = FLAG_BYE | FLAG_KEPT | FLAG_DEAF
+_FLAGS: Final = {1: FLAG_BYE, 2: FLAG_BYE, 3: FLAG_BYE | FLAG_KEPT | FLAG_DEAF}  # by version
 
 # Version 1: magic, version, flags, farm id, node id, incarnation, seq, ack count, fresh length,
 # then the "body": config digest, state, reserved, weight, buckets (and the two bitmaps after it)
 _HEADER1: Final = struct.Struct("!2sBB8sIQQBHIBBHH")
 HEADER1_LEN: Final = _HEADER1.size
 _BODY1_AT: Final = 35
-# Version 2: magic, version, flags, farm id, node id, incarnation, seq, ack count, need count,
-# fresh length, then the body: key id, other key id, config digest, state, reserved, weight,
-# buckets (and the bitmaps). The key ids are in the body so that a key switch is a claim change.
+# Versions 2 and 3: magic, version, flags, farm id, node id, incarnation, seq, ack count, need
+# count, fresh length, then the body: key id, other key id, config digest, state, reserved,
+# weight, buckets (and the bitmaps). The key ids are in the body so that a key switch is a claim
+# change.
 _HEADER2: Final = struct.Struct("!2sBB8sIQQBBHIIIBBHH")
 HEADER2_LEN: Final = _HEADER2.size
 HEADER_LEN: Final = HEADER2_LEN
@@ -311,8 +318,9 @@ class Codec:
         deaf: bool = False,
     ) -> bytes:
         """Pack and authenticate one heartbeat. `fresh_len` is the fresh bitmap size in bytes.
-        Version 1 has no need list and no key ids (the primary key MACs it). `kept` (version 2
-        only; None: not said) is the kept bitmap of FLAG_KEPT, `deaf` sets FLAG_DEAF (version 2)."""
+        Version 1 has no need list and no key ids (the primary key MACs it). `kept` (None: not
+        said) is the kept bitmap of FLAG_KEPT, `deaf` sets FLAG_DEAF; versions before
+        DELIVERY_VERSION carry neither (their readers would drop the heartbeat)."""
         if len(acks) > MAX_ACKS or len(need) > MAX_ACKS:
             raise ValueError(
                 f"{len(acks)} acks and {len(need)} needs do not fit one heartbeat "
@@ -321,11 +329,12 @@ class Codec:
         n = self._bitmap_len
         flags = FLAG_BYE if bye else 0
         extra: list[bytes] = []
-        if kept is not None and version == VERSION:
-            flags |= FLAG_KEPT
-            extra.append(kept.to_bytes(n, "little"))
-        if deaf and version == VERSION:
-            flags |= FLAG_DEAF
+        if version >= DELIVERY_VERSION:
+            if kept is not None:
+                flags |= FLAG_KEPT
+                extra.append(kept.to_bytes(n, "little"))
+            if deaf:
+                flags |= FLAG_DEAF
         if version == 1:
             head = _HEADER1.pack(
                 MAGIC, 1, flags, self.farm_id, node_id, incarnation, seq, len(acks), fresh_len,
@@ -333,17 +342,19 @@ class Codec:
             )  # fmt: skip
             inner, outer = self._pads1
             tail: list[bytes] = []
-        elif version == VERSION:
+        elif 2 <= version <= VERSION:
             kid = self.next_key_id if use_next and self.next_key_id else self.key_id
             alt = self.key_id if kid != self.key_id else self.next_key_id
             head = _HEADER2.pack(
-                MAGIC, VERSION, flags, self.farm_id, node_id, incarnation, seq, len(acks),
+                MAGIC, version, flags, self.farm_id, node_id, incarnation, seq, len(acks),
                 len(need), fresh_len, kid, alt, digest, int(state), 0, weight, self.buckets,
             )  # fmt: skip
             inner, outer = self._pads2[kid]
             tail = [b"".join(i.to_bytes(4, "big") for i in need)]
         else:
-            raise ValueError(f"heartbeat version {version} is not spoken: use 1 or {VERSION}")
+            raise ValueError(
+                f"heartbeat version {version} is not spoken: use {MIN_VERSION} to {VERSION}"
+            )
         parts = [
             head,
             owned.to_bytes(n, "little"),
@@ -385,7 +396,7 @@ class Codec:
         if data[:2] != MAGIC:
             return Drop.NOT_VIPFARM, False
         version = data[2]
-        if version == VERSION:
+        if 2 <= version <= VERSION:
             if size < HEADER2_LEN + TAG_LEN:
                 return Drop.MALFORMED, False
             (
@@ -408,7 +419,7 @@ class Codec:
         # mismatch means a misconfigured peer rather than noise).
         n = (buckets + 7) // 8
         end = size - TAG_LEN
-        maps = 3 if version == VERSION and flags & FLAG_KEPT else 2
+        maps = 3 if version >= DELIVERY_VERSION and flags & FLAG_KEPT else 2
         fresh_at = head_len + maps * n
         acks_at = fresh_at + fresh_len
         need_at = acks_at + n_acks * ACK_LEN
@@ -427,7 +438,7 @@ class Codec:
         if buckets != self.buckets:
             return Drop.BUCKET_MISMATCH, True
         if (
-            flags & ~(_FLAGS2 if version == VERSION else FLAG_BYE)
+            flags & ~_FLAGS[version]
             or reserved
             or state > NodeState.STOPPING
             or incarnation == 0

@@ -38,6 +38,14 @@ which works on every network; established connections survive a change either wa
 the steering follows the owners and keepers in both modes. A change is an event
 (`delivery_mode_changed`, with the evidence) and `vipfarm state` shows the mode and evidence.
 
+A rolling upgrade from a release without directed delivery: its nodes answer with the VMAC,
+send no probe and drop heartbeats that carry the kept or deaf flag, so nobody sends those while
+such a node lives (`Membership.legacy_peers`). Meanwhile auto delivery answers in flood style,
+which is what the farm did before the upgrade (an old node's probe is not missed, and nobody
+says it is deaf); directed delivery never makes an old node an entry (it would not answer), and
+steers to the owners and wanters it hears of, but not to the buckets an old node keeps, which it
+cannot say. Both are events (`delivery_legacy_peers`), and `vipfarm state` lists such peers.
+
 `Directed.tick` runs on every timer of the pulse: it compares a cheap key of its inputs with the
 last one and does the work only on a change; the kernel transactions (steering plan, neighbour
 reads) run in a worker thread, one at a time, the latest plan winning.
@@ -86,9 +94,15 @@ def entry_for(vip: IPAddress, candidates: Iterable[str]) -> str | None:
     return None if best is None else best[1]
 
 
-def candidates(me: str, my_state: NodeState, claims: Sequence[Claim]) -> list[str]:
-    """The nodes that may be an entry: alive and UP, or alive and WAIT when none is UP."""
-    states = [(me, my_state)] + [(c[0], c[2]) for c in claims if c[1] and c[2] is not None]
+def candidates(
+    me: str, my_state: NodeState, claims: Sequence[Claim], legacy: Iterable[str] = ()
+) -> list[str]:
+    """The nodes that may be an entry: alive and UP, or alive and WAIT when none is UP; never a
+    node of a release without directed delivery (`legacy`)."""
+    old = frozenset(legacy)
+    states = [(me, my_state)] + [
+        (c[0], c[2]) for c in claims if c[1] and c[2] is not None and c[0] not in old
+    ]
     for wanted in (NodeState.UP, NodeState.WAIT):
         found = sorted(n for n, s in states if s is wanted)
         if found:
@@ -97,9 +111,13 @@ def candidates(me: str, my_state: NodeState, claims: Sequence[Claim]) -> list[st
 
 
 def entries(
-    me: str, my_state: NodeState, claims: Sequence[Claim], vips: Iterable[IPAddress]
+    me: str,
+    my_state: NodeState,
+    claims: Sequence[Claim],
+    vips: Iterable[IPAddress],
+    legacy: Iterable[str] = (),
 ) -> dict[IPAddress, str | None]:
-    nodes = candidates(me, my_state, claims)
+    nodes = candidates(me, my_state, claims, legacy)
     return {vip: entry_for(vip, nodes) for vip in vips}
 
 
@@ -201,6 +219,7 @@ class Directed:
         self._probe_sent = -1e9
         self._started: float | None = None
         self.vote: FloodVote | None = None
+        self.legacy: tuple[str, ...] = ()  # live peers of a release without directed delivery
 
     @property
     def active(self) -> bool:
@@ -221,14 +240,17 @@ class Directed:
         claims: Sequence[Claim],
         owned: frozenset[int],
         kept: frozenset[int],
+        legacy: Sequence[str] = (),
     ) -> int | None:
         """Recompute on a change of inputs; returns the kept bitmap the heartbeats must carry
-        (None: flood delivery, carry nothing)."""
+        (None: flood delivery, carry nothing). `legacy`: the live peers that predate directed
+        delivery (see the module's docstring)."""
         if not self.active:
             self.idle()
             return None
         if self._started is None:
             self._started = now
+        self._set_legacy(tuple(legacy))
         if self.service.spec.delivery is Delivery.AUTO:
             self._auto(now, claims)
         else:
@@ -250,6 +272,7 @@ class Directed:
             tuple(sorted(self.macs.items())),
             id(spec),
             self.flood_answers,
+            self.legacy,
         )
         if key != self._key:
             self._key = key
@@ -273,7 +296,7 @@ class Directed:
     def _update_entry(
         self, my_state: NodeState, claims: Sequence[Claim], vips: Iterable[IPAddress]
     ) -> None:
-        entry_of = entries(self.me, my_state, claims, vips)
+        entry_of = entries(self.me, my_state, claims, vips, self.legacy)
         mine = frozenset(v for v, n in entry_of.items() if n == self.me)
         if self.flood_answers:  # auto, frames flood: every node answers with the VMAC
             self._answer = None
@@ -298,6 +321,24 @@ class Directed:
                     entries=",".join(f"{v}={n}" for v, n in entry_of.items()),
                 )
 
+    def _set_legacy(self, legacy: tuple[str, ...]) -> None:
+        if legacy == self.legacy:
+            return
+        self.legacy = legacy
+        auto = self.service.spec.delivery is Delivery.AUTO
+        self.emit(
+            "delivery_legacy_peers",
+            logging.WARNING if legacy else logging.INFO,
+            peers=",".join(legacy) or "-",
+            effect=(
+                "-"
+                if not legacy
+                else "flood answers until they are upgraded"
+                if auto
+                else "they are never entries; what they keep is not steered"
+            ),
+        )
+
     # ---- auto delivery: the flood probe
     def _auto(self, now: float, claims: Sequence[Claim]) -> None:
         prober = self._prober
@@ -317,6 +358,9 @@ class Directed:
         if self.vote is None:
             self.vote = FloodVote(self.me, now)
         vote = self.vote
+        if self.legacy:  # they send no probe: not deaf, they simply predate it
+            old = frozenset(self.legacy)
+            claims = [c for c in claims if c[0] not in old]
         if vote.update(now, claims, heard):
             self.emit(
                 "delivery_mode_changed",
@@ -325,7 +369,10 @@ class Directed:
                 deaf=",".join(vote.deaf_nodes) or "-",
                 missed=",".join(vote.missed) or "-",
             )
-        self.flood_answers, self.deaf = vote.flood, vote.deaf
+        # With an old node alive the farm answers as before the upgrade, and the deaf flag
+        # could not be sent anyway.
+        self.flood_answers = vote.flood or bool(self.legacy)
+        self.deaf = vote.deaf and not self.legacy
         self.deaf_nodes = list(vote.deaf_nodes)
 
     def _stop_prober(self) -> None:
@@ -404,6 +451,7 @@ class Directed:
             "entry_of_here": sorted(str(v) for v in (self.service.entry or ())),
             "peer_macs": dict(sorted(self.macs.items())),
             "mac_unknown": list(self.mac_unknown),
+            "legacy_peers": list(self.legacy),
             "steered_buckets": len(steer.targets) if steer is not None else 0,
             "plans_applied": self.applied,
             "plan_errors": self.errors,

@@ -572,7 +572,12 @@ class Pulse:
                     self.core.kept, self.core.deaf = None, False
                 return
             self.core.kept = directed.tick(
-                now, self.core.state, self.core.peer_claims(), self.kernel_owned, self.datapath.kept
+                now,
+                self.core.state,
+                self.core.peer_claims(),
+                self.kernel_owned,
+                self.datapath.kept,
+                self.core.legacy_peers(now),
             )
             self.core.deaf = directed.deaf
         except Exception as e:  # never the heartbeats' problem
