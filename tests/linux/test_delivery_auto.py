@@ -34,7 +34,7 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> floa
 def lab() -> Iterator[Lab]:
     name = unique_name("dm")
     try:
-        yield testbed.up(name, nodes=3, clients=1, app="builtin", daemon=True, delivery="auto")
+        yield testbed.up(name, nodes=3, clients=1, app="builtin", daemon=True)
     finally:
         testbed.down(name)
 
@@ -50,6 +50,8 @@ def served(lab: Lab, count: int = 60) -> Counter[str | None]:
 
 
 def test_auto_picks_flood_then_directed_when_flooding_stops_and_back(lab: Lab) -> None:
+    # auto is the default: the farm file does not name a delivery
+    assert "delivery" not in lab.farm_config.read_text()
     wait_for("every node to answer in flood style", lambda: answers(lab) == {"flood"})
     st = lab.daemon_state("node1")["delivery"]
     assert st["mode"] == "auto" and st["deaf_nodes"] == []
