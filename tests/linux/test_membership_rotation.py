@@ -44,7 +44,7 @@ def keys_on_the_wire(lab: Lab, seconds: float = 1.5) -> dict[str, set[tuple[int,
         out[peer] = {
             (int.from_bytes(d[36:40], "big"), int.from_bytes(d[40:44], "big"))
             for d in got
-            if len(d) > 44 and d[2] == 2
+            if len(d) > 44 and d[2] >= 2  # versions 2 and 3 name their keys
         }
     return out
 

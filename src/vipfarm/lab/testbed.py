@@ -640,6 +640,24 @@ class Lab:
         # Every node starts three Pythons (daemon, pulse, manager) at once: a big lab on two
         # cores needs longer than a small one.
         self.wait_farm_up(READY_TIMEOUT_S + READY_PER_NODE_S * self.config.nodes)
+        if self.config.delivery == "auto":
+            self.wait_delivery_settled(READY_TIMEOUT_S)
+
+    def wait_delivery_settled(self, timeout: float, nodes: Iterable[str] | None = None) -> None:
+        """Auto delivery: until every node (of `nodes`) answers as this switch calls for: flood
+        style where it floods, directed where it does not. An auto farm starts directed and
+        answers in flood style only once every node heard every other's probe for a while
+        (vipfarm.node.delivery), so a test of flood behaviour waits for that first."""
+        wanted = list(nodes or self.node_names)
+        answers = "directed" if self.config.no_flood else "flood"
+
+        def settled() -> bool:
+            try:
+                return all(self.daemon_state(n)["delivery"]["answers"] == answers for n in wanted)
+            except (OSError, KeyError, TypeError, ValueError):  # as _state_of
+                return False
+
+        _poll(f"every node to answer in {answers} style", settled, timeout, interval=0.2)
 
     def start_daemon(self, node: str, wait: bool = True) -> ProcRecord:
         """Start `node`'s daemon (again); with `wait`, until it reports UP."""

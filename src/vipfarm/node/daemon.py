@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from vipfarm.errors import VipfarmError
+from vipfarm.files import write_atomic
 from vipfarm.log import MODULE_FORMAT, event
 from vipfarm.node import channel as ch
 
@@ -164,7 +165,8 @@ class Daemon:
             (self.run_dir / ch.SOCKET_NAME).unlink(missing_ok=True)
         await child.start()
         assert child.proc is not None
-        (self.run_dir / f"{role}.pid").write_text(f"{child.proc.pid}\n")
+        # Atomic: a reader (the CLI, a test) sees the old pid or the new one, never an empty file.
+        write_atomic(self.run_dir / f"{role}.pid", f"{child.proc.pid}\n")
         if role == "pulse":
             await self._pulse_ready(child, first)
         if not first:

@@ -74,6 +74,16 @@ log = logging.getLogger("vipfarm.delivery")
 # our kernel makes an entry for it; so this is the wait before steering starts again.
 MAC_RETRY_S = 0.2
 MAC_REFRESH_S = 10.0  # and otherwise (a peer's NIC may change)
+# Steering plans are kernel transactions, and while a farm starts or a rebalance runs the plan
+# changes with nearly every heartbeat. Only a VIP's entry, and for a while a former one (clients
+# that missed its successor's announcement), receive frames to steer, so they apply a changed
+# plan at once and then at most every STEER_GAP_S; any other node (at most every SLOW_GAP_S)
+# steers only the frames of clients with a very stale ARP/NDP cache. Without this, a 12-node
+# farm starting on two cores spent most of its CPU on plans no frame used, starved its pulses
+# and took minutes to settle.
+STEER_GAP_S = 0.1
+SLOW_GAP_S = 2.0
+RECENT_ENTRY_S = 60.0  # a former entry keeps the short gap this long
 DEAF_AFTER_S = 3.5 * PROBE_INTERVAL_S  # a live peer's probe missed this long: deaf
 SETTLE_S = 5.0  # flood answers only after no node was deaf for this long (hysteresis)
 
@@ -204,6 +214,9 @@ class Directed:
         self.entry_of: dict[IPAddress, str | None] = {}
         self.mac_unknown: list[str] = []
         self._key: Any = None
+        self._deferred: SteerPlan | None = None  # computed, not yet handed to the kernel
+        self._handed = -1e9  # when a plan was last handed to the kernel
+        self._entry_until = -1e9  # short gaps until then (this node was an entry)
         self._busy = False
         self._pending: SteerPlan | None = None
         self._answer: frozenset[IPAddress] | None = frozenset()  # the entry VIPs to answer
@@ -287,7 +300,14 @@ class Directed:
                 # again, and no disagreement of views can make a frame go round (layer 2 has no
                 # TTL). Frames of a dead node's stale kernel go one hop further at most.
                 plan = SteerPlan(mac=plan.mac, local=plan.local, peers=plan.peers)
-            self._apply(plan)
+            self._deferred = plan
+        if self._deferred is not None:
+            if self._answer or self.service.entry:
+                self._entry_until = now + RECENT_ENTRY_S
+            gap = STEER_GAP_S if now < self._entry_until else SLOW_GAP_S
+            if now - self._handed >= gap:
+                plan, self._deferred, self._handed = self._deferred, None, now
+                self._apply(plan)
         mask = 0
         for b in lingering:
             mask |= 1 << b
