@@ -189,6 +189,7 @@ class _Peer:
         "cand_top",
         "counted",
         "hb",
+        "hb_at",
         "heard",
         "id",
         "incarnation",
@@ -220,6 +221,9 @@ class _Peer:
         self.incarnation = 0
         self.seq = 0  # latest applied heartbeat
         self.heard = -math.inf  # latest valid heartbeat, any network
+        # When `hb` arrived, kept only with several networks (with one, it is `heard`): a late
+        # copy of an older heartbeat refreshes `heard` but says nothing of `hb.fresh`.
+        self.hb_at = -math.inf
         self.indirect = -math.inf  # latest time another peer vouched for this one
         self.net_seq = [0] * networks  # latest per network, kept only with several networks
         self.net_heard = [-math.inf] * networks
@@ -409,6 +413,7 @@ class Membership:
                     self._by_net[ni].move_to_end(peer.id)
             if seq <= peer.seq:
                 return bool(self._events)  # a late copy from a slower network: liveness only
+            peer.hb_at = now
         peer.seq = seq
         quick = (hb.need or peer.need_ack is not None) and self._note_need(peer, hb, now)
         old = peer.hb
@@ -763,16 +768,32 @@ class Membership:
         return self._learn_until != -math.inf
 
     def _suspect(self, p: _Peer, now: float) -> bool:
-        """`p` is silent towards us for dead_after: vouched for by a peer, or dead (True)."""
+        """`p` is silent towards us for dead_after: vouched for by a peer, kept while no peer
+        could have vouched, or dead (True)."""
         da = self._dead_after
         self._undirect(p)
-        vouched = [
-            q.heard
-            for q in self._direct.values()
-            if q.hb is not None and q.hb.digest == self._digest and q.hb.fresh >> p.index & 1
-        ]
-        if vouched:
-            p.indirect = max(p.indirect, max(vouched) - _FRESH_INTERVALS * self.config.interval)
+        self._gather(p)
+        if max(p.heard, p.indirect) + da <= now and self._direct:
+            # Nobody vouches. That is evidence of death only if a witness could have: a peer
+            # whose latest heartbeat came within _FRESH_INTERVALS, so that it would have
+            # listed `p` had it heard `p`. When every other peer has been silent that long
+            # too, we are the one who hears badly (heavy loss at this node), and `p` is kept
+            # until the latest of those peers would be due itself (at most _FRESH_INTERVALS
+            # more): by then a witness has spoken, or every peer is being buried alike.
+            multi, digest = self._multi, self._digest
+            latest = -math.inf
+            for q in self._direct.values():
+                hb = q.hb
+                if hb is not None and hb.digest == digest:
+                    t = q.hb_at if multi else q.heard
+                    if t > latest:
+                        latest = t
+            # A witness's fresh bit would keep `p` alive until t - span + dead_after (as in
+            # `_gather`, the same expression: a heartbeat at the boundary is exactly one of
+            # an expired vouch and no witness).
+            if latest - _FRESH_INTERVALS * self.config.interval + da <= now:
+                # Not evidence that `p` lives: only a later deadline, through `indirect`.
+                p.indirect = max(p.indirect, latest)
         if max(p.heard, p.indirect) + da > now:
             p.vouched = True
             self._vouched[p.id] = p
@@ -945,7 +966,12 @@ class Membership:
         return young
 
     def _fresh(self, now: float) -> int:
-        """Config-index bitmap of the peers we heard directly within _FRESH_INTERVALS."""
+        """Config-index bitmap of the peers we heard directly within _FRESH_INTERVALS.
+
+        The peers left out (silent towards us that long) and the vouched ones also gather
+        the vouching evidence of the moment (`_gather`), at every heartbeat we send: each
+        voucher's latest heartbeat is then read about once, not only the one that happens to
+        be the latest at the deadline."""
         horizon = now - _FRESH_INTERVALS * self.config.interval
         if self._heard_floor < horizon:
             self._heard_floor = min(self._heard_at, default=math.inf)
@@ -954,7 +980,26 @@ class Membership:
             for p in self._direct.values():
                 if p.heard < horizon:
                     mask &= ~(1 << p.index)
+                    self._gather(p)
+        for p in self._vouched.values():
+            self._gather(p)
         return mask
+
+    def _gather(self, p: _Peer) -> None:
+        """Raise `p.indirect` to what the latest heartbeats of the peers we hear directly
+        prove: one that lists `p` as fresh was sent at most _FRESH_INTERVALS after its
+        sender heard `p`, so `p` was alive then (up to the two one-way delays, which only
+        make the evidence later than the truth by that much; see docs/MEMBERSHIP.md)."""
+        best = p.indirect
+        span = _FRESH_INTERVALS * self.config.interval
+        multi, digest, i = self._multi, self._digest, p.index
+        for q in self._direct.values():
+            hb = q.hb
+            if hb is not None and hb.fresh >> i & 1 and hb.digest == digest:
+                t = (q.hb_at if multi else q.heard) - span
+                if t > best:
+                    best = t
+        p.indirect = best
 
     def _schedule_send(self, now: float) -> None:
         gap = self.config.interval / _TRIGGER_FRACTION
