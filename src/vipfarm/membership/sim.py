@@ -580,9 +580,7 @@ class Simulator:
         for r in targets:
             if loss and rnd() < loss:
                 continue
-            if fault and (
-                (out_lossy and rnd() < fault) or (r.lossy and rnd() < fault)
-            ):
+            if fault and ((out_lossy and rnd() < fault) or (r.lossy and rnd() < fault)):
                 continue
             copies = 2 if dup and rnd() < dup else 1
             for _ in range(copies):
