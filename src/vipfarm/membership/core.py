@@ -14,8 +14,11 @@ Theory of operation (docs/MEMBERSHIP.md has the long version and the safety argu
 - **Liveness.** Every node sends a heartbeat every `interval` on every heartbeat network. A peer
   is alive while a valid heartbeat arrived on some network within `dead_after`. A peer that is
   silent towards us but that another live peer reports hearing within two intervals (the
-  heartbeat's "fresh" bitmap) is not declared dead: a lossy link is not a failover. Silence on one
-  network while another works is a warning (`NetworkLost`).
+  heartbeat's "fresh" bitmap, gathered at every heartbeat we send) is not declared dead: a
+  lossy link is not a failover. Nor is it while no peer could have vouched (every other peer
+  silent towards us for two intervals too: the loss is ours), for at most two intervals more.
+  Both only delay a death, by at most two one-way delays for a real crash heard by others.
+  Silence on one network while another works is a warning (`NetworkLost`).
 - **Assignment.** The UP set (self and live peers whose latest heartbeat says UP), the weights
   and what every UP node owns now (its heartbeat's `owned`, our own kernel set) determine every
   bucket's owner (`assignment.rebalance`): owners keep their buckets within their quota, only the
