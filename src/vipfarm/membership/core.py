@@ -227,7 +227,10 @@ class _Peer:
         # When `hb` arrived, kept only with several networks (with one, it is `heard`): a late
         # copy of an older heartbeat refreshes `heard` but says nothing of `hb.fresh`.
         self.hb_at = -math.inf
-        self.indirect = -math.inf  # latest time another peer vouched for this one
+        # Alive until indirect + dead_after without being heard: the latest time another
+        # peer's heartbeat proved it alive (`_gather`), or, while no peer could have vouched,
+        # the latest heartbeat of any other peer (`_suspect`).
+        self.indirect = -math.inf
         self.net_seq = [0] * networks  # latest per network, kept only with several networks
         self.net_heard = [-math.inf] * networks
         self.net_lost = [True] * networks
