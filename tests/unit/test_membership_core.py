@@ -160,6 +160,11 @@ def released(h: Harness, name: str) -> list[tuple[float, frozenset[int]]]:
     return [(t, e.release) for t, e in h.events(name, ev.BucketsChanged) if e.release]
 
 
+def last_sent(h: Harness, name: str) -> float:
+    """When `name` last sent a heartbeat."""
+    return max(t for t, src, _, _ in h.tap if src == name)
+
+
 def only_owners(h: Harness) -> None:
     owners = h.owners()
     assert all(len(v) == 1 for v in owners.values()), owners
@@ -466,6 +471,110 @@ def test_lossy_link_is_not_a_failover_when_another_peer_vouches() -> None:
     [(t_dead_c, _)] = h.events("c", ev.PeerDown)
     # a learns of b's death at most 2 intervals + a delay after c does
     assert t_dead_c <= t_dead <= t_dead_c + 2 * INTERVAL + DELAY
+
+
+def test_a_node_that_hears_badly_keeps_its_peers_while_no_witness_could_speak() -> None:
+    """d hears nothing of a, and one heartbeat of b and c every 3 intervals (heavy loss at d).
+    b's heartbeats vouch for a, but each one's evidence runs out 2 intervals after it came,
+    before the next one: d used to bury a. Now, at a's deadline no peer was heard recently
+    enough to have vouched (no witness), so d keeps a until such a peer would be due itself,
+    and the next heartbeat of b vouches again."""
+    h = Harness(["a", "b", "c", "d"])
+    for n in "abcd":
+        h.start(n, 0.0)
+    h.run_until(2.0)
+    deaf = {("a", "d"), ("b", "d"), ("c", "d")}
+    h.blocked |= deaf
+    t = 2.0
+    while t < 5.0:
+        # Heartbeats go out every interval at the same phase: a window of one interval lets
+        # exactly one of b's and one of c's through.
+        h.blocked -= {("b", "d"), ("c", "d")}
+        h.run_until(t + INTERVAL)
+        h.blocked |= deaf
+        t += 3 * INTERVAL
+        h.run_until(t)
+    assert h.events("d", ev.PeerDown) == []
+    assert all(n.alive for n in h.cores["d"].snapshot(t).nodes)
+    assert all(h.events(n, ev.PeerDown) == [] for n in "abc")
+    # d hears b and c again (not a). When a dies, b's heartbeats stop vouching for it: d
+    # buries it at most two one-way delays after dead_after from its last heartbeat.
+    h.blocked -= {("b", "d"), ("c", "d")}
+    h.run_until(t + 1.0)
+    sent_a = last_sent(h, "a")
+    h.crash("a")
+    h.run_until(t + 2.0)
+    [(t_dead, down)] = h.events("d", ev.PeerDown)
+    assert down.name == "a"
+    assert sent_a + DELAY + DEAD_AFTER <= t_dead <= sent_a + 2 * DELAY + DEAD_AFTER
+    assert [t for t, _ in h.events("b", ev.PeerDown)] == [sent_a + DELAY + DEAD_AFTER]
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.01, 0.03, 0.06, 0.09, 0.12])
+def test_a_crash_is_declared_dead_after_its_last_heartbeat_despite_vouching(phase: float) -> None:
+    """Vouching evidence is gathered continuously; a survivor's heartbeat that still lists the
+    crashed peer as fresh proves it alive at most two one-way delays after its last heartbeat
+    (the survivor heard it one delay after it was sent, we hear the survivor one delay after):
+    the death is as prompt as without vouching, give or take one delay."""
+    h = Harness(["a", "b", "c"])
+    h.start("a", 0.0)
+    h.start("b", phase)
+    h.start("c", phase / 2)
+    h.run_until(2.0)
+    sent_c = last_sent(h, "c")
+    h.crash("c")
+    h.run_until(4.0)
+    for n in "ab":
+        [(t_dead, down)] = h.events(n, ev.PeerDown)
+        assert down.name == "c"
+        assert sent_c + DELAY + DEAD_AFTER <= t_dead <= sent_c + 2 * DELAY + DEAD_AFTER
+
+
+def test_a_node_cut_off_from_everyone_loses_its_buckets_on_time() -> None:
+    """The majority buries an isolated node exactly dead_after after its last heartbeat (they
+    hear one another: witnesses that do not vouch; up to one delay later through vouching, as
+    before), and takes its buckets; the isolated node
+    hears nobody, keeps its peers until the latest heard is due, then buries them all."""
+    h = Harness(["a", "b", "c", "d"])
+    h.start("a", 0.0)
+    h.start("b", 0.02)
+    h.start("c", 0.05)
+    h.start("d", 0.07)
+    h.run_until(2.0)
+    d_buckets = h.kernel["d"]
+    for n in "abc":
+        h.blocked |= {(n, "d"), ("d", n)}
+    sent_d = last_sent(h, "d")
+    sent = {n: last_sent(h, n) for n in "abc"}
+    h.run_until(4.0)
+    for n in "abc":
+        [(t_dead, down)] = h.events(n, ev.PeerDown)
+        assert down.name == "d"
+        assert sent_d + DELAY + DEAD_AFTER <= t_dead <= sent_d + 2 * DELAY + DEAD_AFTER
+    taken = frozenset().union(*(h.kernel[n] for n in "abc"))
+    assert taken == frozenset(range(16)) and d_buckets <= taken
+    latest = max(sent.values()) + DELAY + DEAD_AFTER
+    downs = h.events("d", ev.PeerDown)
+    assert sorted(e.name for _, e in downs) == ["a", "b", "c"]
+    assert all(sent[e.name] + DELAY + DEAD_AFTER <= t <= latest for t, e in downs)
+
+
+def test_two_of_three_crash_at_once_the_survivor_buries_both_at_the_later_deadline() -> None:
+    """The survivor hears nobody: the first deadline waits for the second peer's (less than an
+    interval later here), then both are buried."""
+    h = Harness(["a", "b", "c"])
+    h.start("a", 0.0)
+    h.start("b", 0.03)
+    h.start("c", 0.08)
+    h.run_until(2.0)
+    sent = {n: last_sent(h, n) for n in "bc"}
+    h.crash("b")
+    h.crash("c")
+    h.run_until(4.0)
+    downs = h.events("a", ev.PeerDown)
+    assert sorted(e.name for _, e in downs) == ["b", "c"]
+    assert {t for t, _ in downs} == {max(sent.values()) + DELAY + DEAD_AFTER}
+    assert h.kernel["a"] == frozenset(range(16))
 
 
 def test_second_network_lost_is_a_warning_not_a_failover() -> None:

@@ -50,6 +50,11 @@ def sim(
     period: float = typer.Option(4.0, "--period", help="seconds between scenario events"),
     weights: str | None = typer.Option(None, "--weights", help="per-node weights, e.g. 1,1,2"),
     networks: int = typer.Option(1, "--networks", help="heartbeat networks (1-3)"),
+    fault_loss: float = typer.Option(
+        0.5,
+        "--fault-loss",
+        help="scenario hb_loss: extra loss of the faulty node's datagrams, both ways",
+    ),
     profile: str = typer.Option(
         "tolerant",
         "--profile",
@@ -83,6 +88,7 @@ def sim(
             period=period,
             weights=_weights(weights),
             networks=networks,
+            fault_loss=fault_loss,
         )
         result = simulate(cfg)
     except ValueError as e:

@@ -14,8 +14,11 @@ Theory of operation (docs/MEMBERSHIP.md has the long version and the safety argu
 - **Liveness.** Every node sends a heartbeat every `interval` on every heartbeat network. A peer
   is alive while a valid heartbeat arrived on some network within `dead_after`. A peer that is
   silent towards us but that another live peer reports hearing within two intervals (the
-  heartbeat's "fresh" bitmap) is not declared dead: a lossy link is not a failover. Silence on one
-  network while another works is a warning (`NetworkLost`).
+  heartbeat's "fresh" bitmap, gathered at every heartbeat we send) is not declared dead: a
+  lossy link is not a failover. Nor is it while no peer could have vouched (every other peer
+  silent towards us for two intervals too: the loss is ours), for at most two intervals more.
+  Both only delay a death, by at most two one-way delays for a real crash heard by others.
+  Silence on one network while another works is a warning (`NetworkLost`).
 - **Assignment.** The UP set (self and live peers whose latest heartbeat says UP), the weights
   and what every UP node owns now (its heartbeat's `owned`, our own kernel set) determine every
   bucket's owner (`assignment.rebalance`): owners keep their buckets within their quota, only the
@@ -190,6 +193,7 @@ class _Peer:
         "cand_top",
         "counted",
         "hb",
+        "hb_at",
         "heard",
         "id",
         "incarnation",
@@ -221,7 +225,13 @@ class _Peer:
         self.incarnation = 0
         self.seq = 0  # latest applied heartbeat
         self.heard = -math.inf  # latest valid heartbeat, any network
-        self.indirect = -math.inf  # latest time another peer vouched for this one
+        # When `hb` arrived, kept only with several networks (with one, it is `heard`): a late
+        # copy of an older heartbeat refreshes `heard` but says nothing of `hb.fresh`.
+        self.hb_at = -math.inf
+        # Alive until indirect + dead_after without being heard: the latest time another
+        # peer's heartbeat proved it alive (`_gather`), or, while no peer could have vouched,
+        # the latest heartbeat of any other peer (`_suspect`).
+        self.indirect = -math.inf
         self.net_seq = [0] * networks  # latest per network, kept only with several networks
         self.net_heard = [-math.inf] * networks
         self.net_lost = [True] * networks
@@ -410,6 +420,7 @@ class Membership:
                     self._by_net[ni].move_to_end(peer.id)
             if seq <= peer.seq:
                 return bool(self._events)  # a late copy from a slower network: liveness only
+            peer.hb_at = now
         peer.seq = seq
         quick = (hb.need or peer.need_ack is not None) and self._note_need(peer, hb, now)
         old = peer.hb
@@ -764,16 +775,32 @@ class Membership:
         return self._learn_until != -math.inf
 
     def _suspect(self, p: _Peer, now: float) -> bool:
-        """`p` is silent towards us for dead_after: vouched for by a peer, or dead (True)."""
+        """`p` is silent towards us for dead_after: vouched for by a peer, kept while no peer
+        could have vouched, or dead (True)."""
         da = self._dead_after
         self._undirect(p)
-        vouched = [
-            q.heard
-            for q in self._direct.values()
-            if q.hb is not None and q.hb.digest == self._digest and q.hb.fresh >> p.index & 1
-        ]
-        if vouched:
-            p.indirect = max(p.indirect, max(vouched) - _FRESH_INTERVALS * self.config.interval)
+        self._gather(p)
+        if max(p.heard, p.indirect) + da <= now and self._direct:
+            # Nobody vouches. That is evidence of death only if a witness could have: a peer
+            # whose latest heartbeat came within _FRESH_INTERVALS, so that it would have
+            # listed `p` had it heard `p`. When every other peer has been silent that long
+            # too, we are the one who hears badly (heavy loss at this node), and `p` is kept
+            # until the latest of those peers would be due itself (at most _FRESH_INTERVALS
+            # more): by then a witness has spoken, or every peer is being buried alike.
+            multi, digest = self._multi, self._digest
+            latest = -math.inf
+            for q in self._direct.values():
+                hb = q.hb
+                if hb is not None and hb.digest == digest:
+                    t = q.hb_at if multi else q.heard
+                    if t > latest:
+                        latest = t
+            # A witness's fresh bit would keep `p` alive until t - span + dead_after (as in
+            # `_gather`, the same expression: a heartbeat at the boundary is exactly one of
+            # an expired vouch and no witness).
+            if latest - _FRESH_INTERVALS * self.config.interval + da <= now:
+                # Not evidence that `p` lives: only a later deadline, through `indirect`.
+                p.indirect = max(p.indirect, latest)
         if max(p.heard, p.indirect) + da > now:
             p.vouched = True
             self._vouched[p.id] = p
@@ -959,7 +986,12 @@ class Membership:
         return young
 
     def _fresh(self, now: float) -> int:
-        """Config-index bitmap of the peers we heard directly within _FRESH_INTERVALS."""
+        """Config-index bitmap of the peers we heard directly within _FRESH_INTERVALS.
+
+        The peers left out (silent towards us that long) and the vouched ones also gather
+        the vouching evidence of the moment (`_gather`), at every heartbeat we send: each
+        voucher's latest heartbeat is then read about once, not only the one that happens to
+        be the latest at the deadline."""
         horizon = now - _FRESH_INTERVALS * self.config.interval
         if self._heard_floor < horizon:
             self._heard_floor = min(self._heard_at, default=math.inf)
@@ -968,7 +1000,26 @@ class Membership:
             for p in self._direct.values():
                 if p.heard < horizon:
                     mask &= ~(1 << p.index)
+                    self._gather(p)
+        for p in self._vouched.values():
+            self._gather(p)
         return mask
+
+    def _gather(self, p: _Peer) -> None:
+        """Raise `p.indirect` to what the latest heartbeats of the peers we hear directly
+        prove: one that lists `p` as fresh was sent at most _FRESH_INTERVALS after its
+        sender heard `p`, so `p` was alive then (up to the two one-way delays, which only
+        make the evidence later than the truth by that much; see docs/MEMBERSHIP.md)."""
+        best = p.indirect
+        span = _FRESH_INTERVALS * self.config.interval
+        multi, digest, i = self._multi, self._digest, p.index
+        for q in self._direct.values():
+            hb = q.hb
+            if hb is not None and hb.fresh >> i & 1 and hb.digest == digest:
+                t = (q.hb_at if multi else q.heard) - span
+                if t > best:
+                    best = t
+        p.indirect = best
 
     def _schedule_send(self, now: float) -> None:
         gap = self.config.interval / _TRIGGER_FRACTION

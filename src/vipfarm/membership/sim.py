@@ -58,7 +58,7 @@ from vipfarm.membership.core import Membership, MembershipConfig
 from vipfarm.membership.driver import Driver
 from vipfarm.membership.wire import Codec, Drop, NodeState, bits_of, mask_of
 
-SCENARIOS = ("crash", "join", "drain", "partition", "flap", "rolling")
+SCENARIOS = ("crash", "join", "drain", "partition", "flap", "rolling", "hb_loss")
 RES = 1e-4  # seconds per slot
 _INV = 1.0 / RES
 _RING = 1 << 16  # slots in the timing wheel (6.5 s): longer than any delay or timer
@@ -83,6 +83,9 @@ class SimConfig:
     weights: list[int] | None = None
     period: float = 4.0  # seconds between scenario events
     networks: int = 1
+    # The hb_loss scenario (and the script's "lossy"): the extra loss of every datagram a lossy
+    # node sends or receives, on every network (chaos's hb_loss fault is 0.5 both ways).
+    fault_loss: float = 0.5
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -93,7 +96,11 @@ class SimConfig:
             raise ValueError(f"--nodes {self.nodes} is out of range: use 1..255")
         if not 0.0 <= self.loss < 1.0:
             raise ValueError(f"--loss {self.loss} is out of range: use a probability in [0, 1)")
-        for name, p in (("--dup", self.duplicate), ("--reorder", self.reorder)):
+        for name, p in (
+            ("--dup", self.duplicate),
+            ("--reorder", self.reorder),
+            ("--fault-loss", self.fault_loss),
+        ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} {p} is out of range: use a probability in [0, 1]")
         lo, hi = self.delay_ms
@@ -129,6 +136,7 @@ class _Node:
     wake: int = 2**62  # slot of the pending wake-up
     group: int = 0
     joining: bool = False  # becomes a convergence event when it turns UP
+    lossy: bool = False  # its datagrams are lost with fault_loss more, both ways (hb_loss)
 
     @property
     def core(self) -> Membership | None:
@@ -239,7 +247,8 @@ class Simulator:
     def __init__(self, cfg: SimConfig, script: Sequence[Action] | None = None) -> None:
         """`script` replaces the scenario by (time, action, node index) steps; actions are
         crash, start, drain, healthy, unhealthy, partition (nodes up to the index on one
-        side), heal and quiet (loss, duplication and reordering stop)."""
+        side), heal, quiet (loss, duplication and reordering stop), lossy (the node loses
+        fault_loss of its datagrams both ways) and lossless (it no longer does)."""
         self.cfg = replace(cfg)  # scripts may change the network; keep the caller's copy
         self.script = script
         self.rnd = random.Random(cfg.seed)
@@ -275,6 +284,7 @@ class Simulator:
         self._action_seq = 0
         self.targets: list[list[_Node]] = []
         self.partitioned = False
+        self.lossy = 0  # how many nodes are lossy (hb_loss)
         # (observer, peer) pairs where the observer believes the peer dead. When both are in
         # fact alive and connected (heavy loss hid the peer, or a partition has just healed and
         # no heartbeat got through yet), the farm is split as far as the protocol can tell.
@@ -536,8 +546,8 @@ class Simulator:
         targets = self.targets[node.index]
         m, cfg = self.m, self.cfg
         m.bytes_sent += len(payload) * (len(self.nodes) - 1)
-        if cfg.duplicate or cfg.reorder:
-            self._broadcast_each(targets, payload, net)
+        if cfg.duplicate or cfg.reorder or self.lossy:
+            self._broadcast_each(node, targets, payload, net)
             return
         # The common case, with the random draws made in bulk (see _Draws): this loop runs
         # once per delivery, 26 million times in 64 nodes x 10 minutes.
@@ -553,16 +563,24 @@ class Simulator:
         for r, d in zip(targets, draws.delays(len(targets)), strict=True):
             ring[(base + d) & wrap].append((r, payload, net))
 
-    def _broadcast_each(self, targets: list[_Node], payload: bytes, net: str) -> None:
-        """Delivery with duplication or reordering: the draws of one delivery at a time."""
+    def _broadcast_each(
+        self, sender: _Node, targets: list[_Node], payload: bytes, net: str
+    ) -> None:
+        """Delivery with duplication, reordering or a lossy node: the draws of one delivery at
+        a time. A lossy node's datagrams are lost independently per receiver (unicast, as the
+        pulse sends them), on the way out and again on the way in."""
         cfg = self.cfg
         rnd = self.draws.rnd.random
         loss, dup, reorder = cfg.loss, cfg.duplicate, cfg.reorder
+        fault = cfg.fault_loss if self.lossy else 0.0
+        out_lossy = sender.lossy
         base, span = self.k + self.dmin, self.dspan
         ring, wrap = self.ring, _RING - 1
         late = int(2 * cfg.interval * _INV)
         for r in targets:
             if loss and rnd() < loss:
+                continue
+            if fault and ((out_lossy and rnd() < fault) or (r.lossy and rnd() < fault)):
                 continue
             copies = 2 if dup and rnd() < dup else 1
             for _ in range(copies):
@@ -671,8 +689,17 @@ class Simulator:
             for n in self.nodes:
                 n.group = 0
             self._retarget()
+        elif kind == "lossy":
+            self._set_lossy(node, True)
+        elif kind == "lossless":
+            self._set_lossy(node, False)
         elif kind == "quiet":
             self.cfg.loss = self.cfg.duplicate = self.cfg.reorder = 0.0
+
+    def _set_lossy(self, node: _Node, lossy: bool) -> None:
+        if node.lossy != lossy:
+            node.lossy = lossy
+            self.lossy += 1 if lossy else -1
 
     def _warm(self, now: float) -> None:
         self.ready = True
@@ -763,6 +790,22 @@ class Simulator:
         node = self.nodes[index]
         self._drain(node, now)
         self.at(now + self.cfg.period / 2, partial(self._restart, node))
+
+    def _step_hb_loss(self, now: float) -> None:
+        """chaos's hb_loss fault: a random live node loses fault_loss of its heartbeats, both
+        ways, on every network, for half a period. Nothing should move: the convergence
+        measured from the end of the fault is 0 unless a false failover moved buckets."""
+        live = self._live()
+        if not live:
+            return
+        node = self.rnd.choice(live)
+        self._set_lossy(node, True)
+        self.at(now + self.cfg.period / 2, partial(self._hb_loss_end, node))
+
+    def _hb_loss_end(self, node: _Node, now: float) -> None:
+        self._set_lossy(node, False)
+        self._pend("hb_loss", now, node.name)
+        self._check_converged(now)
 
     # ---------------------------------------------------------------- result
     def _result(self, wall: float) -> dict[str, Any]:
