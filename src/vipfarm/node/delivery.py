@@ -301,9 +301,9 @@ class Directed:
                 # TTL). Frames of a dead node's stale kernel go one hop further at most.
                 plan = SteerPlan(mac=plan.mac, local=plan.local, peers=plan.peers)
             self._deferred = plan
+        if self._answer or self.service.entry:
+            self._entry_until = now + RECENT_ENTRY_S
         if self._deferred is not None:
-            if self._answer or self.service.entry:
-                self._entry_until = now + RECENT_ENTRY_S
             gap = STEER_GAP_S if now < self._entry_until else SLOW_GAP_S
             if now - self._handed >= gap:
                 plan, self._deferred, self._handed = self._deferred, None, now
