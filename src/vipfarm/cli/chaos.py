@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vipfarm.lab.chaos import FAULT_HELP, FAULTS, run_chaos, write_report
+from vipfarm.lab.farm import DEFAULT_DELIVERY
 from vipfarm.lab.topology import LabError
 
 
@@ -30,7 +31,7 @@ def chaos(
         False, "--no-flood", help="a switch that floods no unknown unicast (as VMware, clouds)"
     ),
     delivery: str = typer.Option(
-        "auto", "--delivery", help="the farm's delivery: flood, directed or auto"
+        DEFAULT_DELIVERY, "--delivery", help="the farm's delivery: flood, directed or auto"
     ),
 ) -> None:
     if not 0.0 <= loss < 1.0:

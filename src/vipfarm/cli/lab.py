@@ -18,6 +18,7 @@ from rich.table import Table
 from vipfarm import log as vlog
 from vipfarm.lab import testbed
 from vipfarm.lab.apps import AppKind
+from vipfarm.lab.farm import DEFAULT_DELIVERY
 from vipfarm.lab.topology import VIP4, LabError
 
 app = typer.Typer(
@@ -61,7 +62,9 @@ def up(
         help="the LAN switch floods no unknown unicast to the nodes (as VMware, clouds)",
     ),
     delivery: str = typer.Option(
-        "auto", "--delivery", help="the farm's delivery: flood, directed or auto (docs/CONFIG.md)"
+        DEFAULT_DELIVERY,
+        "--delivery",
+        help="the farm's delivery: flood, directed or auto (docs/CONFIG.md)",
     ),
 ) -> None:
     """Build a lab: switch, nodes running the vipfarm daemon and their application, clients,

@@ -73,6 +73,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vipfarm.lab import attacker, testbed
+from vipfarm.lab.farm import DEFAULT_DELIVERY
 from vipfarm.lab.load import Reply
 from vipfarm.lab.procs import ProcRecord, terminate
 from vipfarm.lab.testbed import API_PORT, Lab
@@ -677,7 +678,7 @@ def run_chaos(
     progress: Callable[[str], None] | None = None,
     faults: tuple[str, ...] = FAULTS,
     no_flood: bool = False,
-    delivery: str = "auto",
+    delivery: str = DEFAULT_DELIVERY,
     loss: float = 0.0,
 ) -> ChaosReport:
     """Build a lab of daemons, run the chaos on it, always tear it down. `no_flood` and

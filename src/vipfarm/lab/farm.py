@@ -13,11 +13,14 @@ import shlex
 import sys
 from pathlib import Path
 
+from vipfarm.config.schema import FarmSection
 from vipfarm.datapath.spec import Rule
 from vipfarm.lab.apps import AppKind, nginx_argv
 from vipfarm.lab.topology import BUCKETS, HTTP_PORT, LAN_IF, node_hb, node_lan4
 
 NODE_MACRO = "${node}"
+# The farm file names a delivery only when it is not the default, as an operator would write it.
+DEFAULT_DELIVERY: str = FarmSection.model_fields["delivery"].default.value
 
 
 def _q(value: object) -> str:
@@ -44,7 +47,7 @@ def farm_toml(
     drain_timeout_s: float = 30.0,
     token_file: Path | None = None,
     timing: str = "default",
-    delivery: str = "auto",
+    delivery: str = DEFAULT_DELIVERY,
 ) -> str:
     lines = [
         f"# Farm configuration of lab {name}, written by `vipfarm lab up --daemon`.",
@@ -52,7 +55,7 @@ def farm_toml(
         f"name = {_q(name)}",
         f"key_file = {_q(key_file)}",
         f"buckets = {BUCKETS}",
-        *([f"delivery = {_q(delivery)}"] if delivery != "auto" else []),
+        *([f"delivery = {_q(delivery)}"] if delivery != DEFAULT_DELIVERY else []),
         "",
         "[timing]",
         f"profile = {_q(timing)}",

@@ -47,7 +47,7 @@ from vipfarm.lab.apps import (
     write_nginx,
 )
 from vipfarm.lab.buckets import datapath_spec, even_split, node_key, plan_handover
-from vipfarm.lab.farm import farm_toml
+from vipfarm.lab.farm import DEFAULT_DELIVERY, farm_toml
 from vipfarm.lab.load import Reply
 from vipfarm.lab.netns import run_in_netns
 from vipfarm.lab.procs import ProcRecord, alive, spawn, terminate
@@ -95,7 +95,7 @@ class LabConfig(BaseModel):
     daemon: bool = False  # node daemons (membership, failover) instead of static runners
     timing: str = "default"  # the daemons' timing.profile
     no_flood: bool = False  # the LAN switch floods no unknown unicast to the nodes' ports
-    delivery: str = "auto"  # the farm's delivery (daemon mode): flood, directed or auto
+    delivery: str = DEFAULT_DELIVERY  # the farm's delivery (daemon mode): flood, directed or auto
 
 
 def unique_name(prefix: str = "vt") -> str:
@@ -643,17 +643,18 @@ class Lab:
         if self.config.delivery == "auto":
             self.wait_delivery_settled(READY_TIMEOUT_S)
 
-    def wait_delivery_settled(self, timeout: float, nodes: Iterable[str] | None = None) -> None:
-        """Auto delivery: until every node (of `nodes`) answers as this switch calls for: flood
+    def wait_delivery_settled(self, timeout: float) -> None:
+        """Auto delivery: until every node answers as this switch calls for: flood
         style where it floods, directed where it does not. An auto farm starts directed and
         answers in flood style only once every node heard every other's probe for a while
         (vipfarm.node.delivery), so a test of flood behaviour waits for that first."""
-        wanted = list(nodes or self.node_names)
         answers = "directed" if self.config.no_flood else "flood"
 
         def settled() -> bool:
             try:
-                return all(self.daemon_state(n)["delivery"]["answers"] == answers for n in wanted)
+                return all(
+                    self.daemon_state(n)["delivery"]["answers"] == answers for n in self.node_names
+                )
             except (OSError, KeyError, TypeError, ValueError):  # as _state_of
                 return False
 
@@ -803,7 +804,7 @@ def up(
     daemon: bool = False,
     timing: str = "default",
     no_flood: bool = False,
-    delivery: str = "auto",
+    delivery: str = DEFAULT_DELIVERY,
 ) -> Lab:
     """Build lab `name` and return it running; on any failure remove what was built.
 
@@ -887,7 +888,7 @@ class LabFactory(Protocol):
         daemon: bool = False,
         timing: str = "default",
         no_flood: bool = False,
-        delivery: str = "auto",
+        delivery: str = DEFAULT_DELIVERY,
     ) -> Lab: ...
 
 
