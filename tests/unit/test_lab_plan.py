@@ -25,6 +25,8 @@ from vipfarm.lab.topology import (
     check_name,
     host_batch,
     lab_namespaces,
+    neighbour_batch,
+    static_neighbours,
 )
 
 
@@ -114,6 +116,30 @@ def test_batches() -> None:
         "addr add 192.0.2.11/24 dev eth1",
         "link set eth1 up",
         "route add default via 198.51.100.1",
+    ]
+
+
+def test_static_neighbours_only_where_the_host_wide_table_would_overflow() -> None:
+    # 1,024 entries by default for every namespace together: 16 nodes resolve by ARP
+    # (480 entries among them), 24 (1,104) would overflow it.
+    assert not static_neighbours(16, 1024)
+    assert static_neighbours(24, 1024)
+    assert not static_neighbours(24, 8192)
+
+
+def test_neighbour_batch_pins_every_other_nodes_ipv4_addresses() -> None:
+    nodes = [h for h in Topology("nb", 3, 1, 0).hosts() if h.role is Role.NODE]
+    macs = {
+        (h.ns, link.ifname): f"02:00:00:00:0{h.index}:0{j}"
+        for h in nodes
+        for j, link in enumerate(h.links)
+    }
+    lines = neighbour_batch(nodes[0], nodes, macs)
+    assert lines == [
+        "neigh replace 198.51.100.12 lladdr 02:00:00:00:02:00 dev eth0 nud permanent",
+        "neigh replace 192.0.2.12 lladdr 02:00:00:00:02:01 dev eth1 nud permanent",
+        "neigh replace 198.51.100.13 lladdr 02:00:00:00:03:00 dev eth0 nud permanent",
+        "neigh replace 192.0.2.13 lladdr 02:00:00:00:03:01 dev eth1 nud permanent",
     ]
 
 

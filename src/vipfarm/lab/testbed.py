@@ -57,6 +57,7 @@ from vipfarm.lab.topology import (
     VIP4,
     VIPS,
     LabError,
+    Role,
     Topology,
     check_name,
     extra_hb4,
@@ -64,9 +65,11 @@ from vipfarm.lab.topology import (
     flood_batch,
     host_batch,
     lab_namespaces,
+    neighbour_batch,
     node_index,
     node_lan4,
     node_name,
+    static_neighbours,
 )
 from vipfarm.log import event
 from vipfarm.node import control
@@ -77,6 +80,11 @@ log = logging.getLogger("vipfarm.lab")
 API_PORT = 9010  # the API's default port, which the lab's farm configuration keeps
 READY_TIMEOUT_S = 30.0  # generous: a loaded 2-core machine starts a few Pythons slowly
 READY_PER_NODE_S = 2.0  # and more for every node of a lab of daemons
+# Daemons started at once. Each node starts three Pythons (daemon, pulse, manager) and its
+# application; 24 nodes started together on two cores took minutes, and most of their
+# applications missed the module's healthy_timeout_s, used up the restart policy and left the
+# nodes in STOP. Started in waves, each once the previous one runs, they come up in seconds.
+START_WAVE = 8
 KERNEL_ROLES = ("-datapath", "-daemon")  # processes that own kernel state: stopped first
 
 
@@ -633,15 +641,30 @@ class Lab:
                 delivery=self.config.delivery,
             )
         )
-        for node in self.node_names:
-            self.node_config(node).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.farm_config, self.node_config(node))
-            self.start_daemon(node, wait=False)
-        # Every node starts three Pythons (daemon, pulse, manager) at once: a big lab on two
-        # cores needs longer than a small one.
+        names = self.node_names
+        for first in range(0, len(names), START_WAVE):
+            wave = names[first : first + START_WAVE]
+            for node in wave:
+                self.node_config(node).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.farm_config, self.node_config(node))
+                self.start_daemon(node, wait=False)
+            if first + START_WAVE < len(names):
+                self._wait_answering(wave)
+        # Every node starts three Pythons (daemon, pulse, manager): a big lab on two cores
+        # needs longer than a small one.
         self.wait_farm_up(READY_TIMEOUT_S + READY_PER_NODE_S * self.config.nodes)
         if self.config.delivery == "auto":
             self.wait_delivery_settled(READY_TIMEOUT_S)
+
+    def _wait_answering(self, wave: list[str]) -> None:
+        """Until every node of `wave` has a pulse in the farm (any state but STOP, or UP),
+        so the next wave's Pythons do not compete with this one's start-up."""
+        _poll(
+            f"{wave[0]}..{wave[-1]} to start",
+            lambda: all(self._state_of(n) not in (None, "STOP") for n in wave),
+            READY_TIMEOUT_S + READY_PER_NODE_S * len(wave),
+            interval=0.2,
+        )
 
     def wait_delivery_settled(self, timeout: float) -> None:
         """Auto delivery: until every node answers as this switch calls for: flood
@@ -767,8 +790,21 @@ class Lab:
         )
         for h in topo.hosts():
             _run([self.ip, "-n", h.ns, "-batch", "-"], input="\n".join(host_batch(h)) + "\n")
+        if static_neighbours(topo.nodes, _neighbour_limit()):
+            self._pin_neighbours()
         if self.config.no_flood:
             self.set_flood(False)
+
+    def _pin_neighbours(self) -> None:
+        """Permanent neighbour entries among the nodes (`topology.static_neighbours`)."""
+        nodes = [h for h in self.topology.hosts() if h.role is Role.NODE]
+        macs = {}
+        for h in nodes:
+            links = json.loads(_run([self.ip, "-n", h.ns, "-j", "link", "show"]).stdout)
+            macs.update({(h.ns, link["ifname"]): link["address"] for link in links})
+        for h in nodes:
+            batch = "\n".join(neighbour_batch(h, nodes, macs)) + "\n"
+            _run([self.ip, "-n", h.ns, "-batch", "-"], input=batch)
 
     def set_flood(self, on: bool) -> None:
         """Turn unknown-unicast flooding of the LAN switch on or off on the node ports while
@@ -781,6 +817,14 @@ class Lab:
 
     def down(self) -> None:
         down(self.name)
+
+
+def _neighbour_limit() -> int:
+    """The host-wide ARP entry limit (read only: the root namespace is never changed)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3").read_text())
+    except (OSError, ValueError):
+        return 1024  # the kernel's default
 
 
 def _records(name: str) -> list[ProcRecord]:

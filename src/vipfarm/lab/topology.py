@@ -297,6 +297,34 @@ def flood_batch(topology: Topology, on: bool) -> list[str]:
     ]
 
 
+def static_neighbours(nodes: int, table_limit: int) -> bool:
+    """Whether the nodes need permanent neighbour entries for each other's addresses.
+
+    Every namespace's ARP entries count against one host-wide limit (the root namespace's
+    `net.ipv4.neigh.default.gc_thresh3`, 1024 by default): past it the kernel creates no new
+    entry ("neighbor table overflow") and heartbeats to a peer not yet resolved are lost, so a
+    24-node lab (2 x 24 x 23 = 1,104 entries among the nodes alone) never came up. Permanent
+    entries do not count against it. A smaller lab keeps resolving as a real LAN does; half
+    the limit leaves room for the clients, the router and another lab."""
+    return 2 * nodes * (nodes - 1) > table_limit // 2
+
+
+def neighbour_batch(node: Host, nodes: list[Host], macs: dict[tuple[str, str], str]) -> list[str]:
+    """`ip -n <node ns> -batch` lines: a permanent entry for every other node's address on
+    each link, from `macs` ((namespace, ifname) -> MAC)."""
+    lines = []
+    for other in nodes:
+        if other.ns == node.ns:
+            continue
+        for link in other.links:
+            mac = macs[(other.ns, link.ifname)]
+            for addr in link.addresses:
+                ip = addr.split("/")[0]
+                if ":" not in ip:
+                    lines.append(f"neigh replace {ip} lladdr {mac} dev {link.ifname} nud permanent")
+    return lines
+
+
 def host_batch(host: Host) -> list[str]:
     """`ip -n <host ns> -batch` lines: loopback, links up with their addresses, routes."""
     lines = ["link set lo up"]
