@@ -927,6 +927,27 @@ class Membership:
         else:
             self._low.pop(p.id, None)
 
+    def quiet(self) -> bool:
+        """Whether nothing of this node waits on a peer's next heartbeat: it is UP, holds what
+        it asked the kernel for, claims nothing, and no peer wants a bucket, needs an
+        acknowledgement or waits for its new incarnation's proof. A driver may then read
+        heartbeats on a cadence of its own instead of as each arrives (the pulse does): what
+        one can change then (a peer's state or weight, a new view) is taken up a fraction of
+        an interval later, and no handover is slowed, since every step of one makes a node
+        wait (want), be waited for (a peer wants) or confirm (held != requested). A silence is
+        judged no earlier: the driver reads what arrived before the core looks at silences,
+        and a heartbeat read late only counts as heard late."""
+        return (
+            self.state is NodeState.UP
+            and not self._want
+            and not self._wanting
+            and not self._cands
+            and not self._needing
+            and not self._unconfirmed
+            and not self._events
+            and self._held == self._requested
+        )
+
     def legacy_peers(self, now: float) -> list[str]:
         """Peers heard within dead_after that speak a version before DELIVERY_VERSION: they drop
         heartbeats with the kept and deaf flags, so while one lives nobody sends them and
