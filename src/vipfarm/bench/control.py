@@ -26,6 +26,7 @@ from vipfarm.bench.cpu import lab_tasks, task_cpu_ns
 from vipfarm.bench.framework import Context, Goal, Scenario, ScenarioResult, Settings, register
 from vipfarm.config.schema import TIMING_PROFILES
 from vipfarm.lab import testbed
+from vipfarm.lab.farm import DEFAULT_DELIVERY
 from vipfarm.lab.topology import LabError
 
 SIZES = (3, 12, 24)
@@ -88,7 +89,7 @@ def _pulse_cpu(ctx: Context) -> ScenarioResult:
                 app="builtin",
                 daemon=True,
                 timing=profile,
-                delivery=DELIVERY.get(n, testbed.DEFAULT_DELIVERY),
+                delivery=DELIVERY.get(n, DEFAULT_DELIVERY),
             )
         except LabError as e:  # one size that cannot run here does not end the whole bench
             notes[f"pulse_cpu_{n}_failed"] = str(e)

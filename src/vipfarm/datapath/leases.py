@@ -1,6 +1,6 @@
 """Lease renewal in one netlink batch, without libnftables.
 
-The pulse renews the lease of every owned bucket on every heartbeat (DESIGN section 3, point 5):
+The pulse renews the lease of every owned bucket with its heartbeats (DESIGN section 3, point 5):
 the owned set is flushed and refilled, each element with a timeout, in one nftables
 transaction, so the set is never seen half-renewed by the packet path. Through libnftables that
 costs about 0.3 ms of CPU (parsing a text command, building the netlink messages, walking its
