@@ -947,3 +947,36 @@ def test_recordings_of_two_incarnations_played_in_turn_do_not_speed_up_heartbeat
     # one heartbeat per interval, plus a quick one for each new highest incarnation at most
     assert sent <= (end - 3.0) / INTERVAL + 3, sent
     assert h.kernel["a"] == frozenset(range(16))
+
+
+def test_quiet_at_rest_and_never_while_a_handover_waits_on_a_heartbeat() -> None:
+    # A driver may read heartbeats late while the core is quiet (the pulse's calm reading), so
+    # quiet must be False whenever a heartbeat is awaited: by the node that wants buckets until
+    # it holds them, and by every owner from hearing the claim until its release is done.
+    h = Harness(["a", "b", "c"])
+    for n in ("a", "b"):
+        h.start(n, 0.0)
+    h.run_until(2.0)
+    assert all(h.cores[n].quiet() for n in ("a", "b"))
+    h.start("c", 2.0)
+    assert not h.cores["c"].quiet()  # not UP yet
+    samples: list[tuple[float, dict[str, bool], dict[str, int]]] = []
+    t = 2.0
+    while t < 4.0:
+        t += DELAY / 4
+        h.run_until(t)
+        held = {n: len(h.kernel.get(n, frozenset())) for n in h.names}
+        samples.append((t, {n: h.cores[n].quiet() for n in h.names}, held))
+    share = samples[-1][2]
+    assert share["c"] > 0 and sum(share.values()) == 16
+    up = up_at(h, "c")
+    for when, quiet, held in samples:
+        if when >= up and held["c"] < share["c"]:
+            assert not quiet["c"], when  # it wants
+        # An owner whose release c still waits for hears c's claim within one delay; from
+        # then until c holds its share it is not quiet.
+        if up + DELAY < when and held["c"] < share["c"]:
+            assert not (quiet["a"] and quiet["b"]), when
+    # Settled again: every node is quiet.
+    assert all(h.cores[n].quiet() for n in h.names)
+    only_owners(h)

@@ -5,6 +5,7 @@ be read, and takes new farm keys live."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +33,16 @@ def test_the_pulse_imports_nothing_of_the_management_plane() -> None:
 
 
 # --------------------------------------------------------------------------- heartbeat input
-def make_pulse(tmp_path: Path, key: bytes = b"k" * 32) -> Pulse:
+def make_pulse(tmp_path: Path, key: bytes = b"k" * 32, nodes: int = 2) -> Pulse:
     from tests.fakes.kernel import FakeKernel
     from vipfarm.datapath.spec import DatapathSpec, Rule
     from vipfarm.membership.core import MembershipConfig
     from vipfarm.node.pulse import Pulse, PulseSettings
 
     settings = PulseSettings(
-        membership=MembershipConfig(farm="web", node="n1", key=key, nodes={"n1": 1, "n2": 1}),
+        membership=MembershipConfig(
+            farm="web", node="n1", key=key, nodes={f"n{i}": 1 for i in range(1, nodes + 1)}
+        ),
         spec=DatapathSpec(farm="web", interface="lo", rules=[Rule(vip="192.0.2.80", port=80)]),
         listen={"lan": ("198.51.100.11", 5405)},
         peers={"lan": [("198.51.100.12", 5405)]},
@@ -51,6 +54,56 @@ def make_pulse(tmp_path: Path, key: bytes = b"k" * 32) -> Pulse:
         state_dir=tmp_path / "state",
         kernel=FakeKernel(lambda: 0.0),
     )
+
+
+def test_a_quiet_pulse_of_a_large_farm_reads_its_sockets_on_a_cadence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pulse = make_pulse(tmp_path, nodes=6)
+    quiet = [True]
+    monkeypatch.setattr(pulse.core, "quiet", lambda: quiet[0])
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+        ):
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+            pulse._socks["lan"] = sock
+            loop.add_reader(sock.fileno(), pulse._drain, "lan")
+            pulse._set_reading()
+            assert pulse._calm and pulse._calm_timer is not None
+            assert not loop.remove_reader(sock.fileno())  # out of the loop
+            peer.sendto(b"VF", sock.getsockname())
+            deadline = loop.time() + 5.0
+            while pulse.hb_received["lan"] == 0 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert pulse.hb_received["lan"] == 1  # read on the cadence
+            quiet[0] = False  # a handover began: every heartbeat is read as it arrives
+            pulse._set_reading()
+            assert not pulse._calm and pulse._calm_timer is None
+            assert loop.remove_reader(sock.fileno())
+            pulse._socks.clear()
+
+    asyncio.run(scenario())
+
+
+def test_a_small_farm_always_reads_heartbeats_as_they_arrive(tmp_path: Path) -> None:
+    pulse = make_pulse(tmp_path, nodes=3)
+    assert pulse.core.quiet() is False  # not UP: and even when quiet, 2 peers are too few
+    pulse.core.quiet = lambda: True  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        pulse._socks["lan"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            pulse._set_reading()
+            assert not pulse._calm
+        finally:
+            pulse._socks.pop("lan").close()
+
+    asyncio.run(scenario())
 
 
 def test_the_incarnation_is_persisted_in_the_state_dir_and_only_grows(tmp_path: Path) -> None:
