@@ -59,6 +59,7 @@ def make_pulse(tmp_path: Path, key: bytes = b"k" * 32, nodes: int = 2) -> Pulse:
 def test_a_quiet_pulse_of_a_large_farm_reads_its_sockets_on_a_cadence(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("vipfarm.node.pulse.DRAIN_MAX", 8)  # what one drain reads at most
     pulse = make_pulse(tmp_path, nodes=6)
     quiet = [True]
     monkeypatch.setattr(pulse.core, "quiet", lambda: quiet[0])
@@ -81,6 +82,18 @@ def test_a_quiet_pulse_of_a_large_farm_reads_its_sockets_on_a_cadence(
             while pulse.hb_received["lan"] == 0 and loop.time() < deadline:
                 await asyncio.sleep(0.01)
             assert pulse.hb_received["lan"] == 1  # read on the cadence
+            # A flood: more queued than one drain reads turns arrival reading on, quiet or not.
+            for _ in range(20):
+                peer.sendto(b"VF", sock.getsockname())
+            while pulse.hb_received["lan"] < 21 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert pulse.hb_received["lan"] == 21
+            assert not pulse._calm and pulse._calm_timer is None
+            assert loop.remove_reader(sock.fileno())
+            pulse._flooded_until = 0.0
+            loop.add_reader(sock.fileno(), pulse._drain, "lan")
+            pulse._set_reading()
+            assert pulse._calm
             quiet[0] = False  # a handover began: every heartbeat is read as it arrives
             pulse._set_reading()
             assert not pulse._calm and pulse._calm_timer is None

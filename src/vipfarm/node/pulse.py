@@ -305,6 +305,7 @@ class Pulse:
         self._renewed_at = -math.inf
         self._calm = False  # reading heartbeats on the calm cadence (no socket readers)
         self._calm_timer: asyncio.TimerHandle | None = None
+        self._flooded_until = -math.inf  # a drain found more than DRAIN_MAX queued: not calm
         self._tasks: set[asyncio.Task[None]] = set()
         self.directed = self._make_directed()
 
@@ -410,8 +411,13 @@ class Pulse:
         every timer before the core looks at silences. A heartbeat read late counts as heard
         late (a silence is judged later, never earlier: safe, and a failover is at most that
         fraction of an interval slower). Any change that makes the core wait or be waited for
-        turns arrival reading back on at once."""
-        calm = len(self.core.config.nodes) > CALM_MIN_PEERS and self.core.quiet()
+        turns arrival reading back on at once, and so does a socket found holding more than
+        one drain reads (a flood), for dead_after."""
+        calm = (
+            len(self.core.config.nodes) > CALM_MIN_PEERS
+            and self.core.quiet()
+            and time.monotonic() >= self._flooded_until
+        )
         if calm == self._calm or not self._socks:
             return
         self._calm = calm
@@ -455,6 +461,11 @@ class Pulse:
                 self.counters["heartbeat_recv_errors"] += 1
                 continue
             self.on_datagram(data, network, addr[0])
+        # More queued than one call reads: a flood (or a stall). Read as it arrives for a while,
+        # or the calm cadence would leave the rest to fill the socket and lose real heartbeats.
+        self._flooded_until = time.monotonic() + self.core.config.dead_after
+        if self._calm:
+            self._set_reading()
 
     # ------------------------------------------------------------------ the driver's I/O
     def send(self, network: str, payload: bytes) -> None:
