@@ -428,9 +428,7 @@ class Pulse:
             else:
                 loop.add_reader(sock.fileno(), self._drain, net)
         if calm:
-            self._calm_timer = loop.call_later(
-                self.core.config.interval * CALM_READ_FRACTION, self._calm_read
-            )
+            self._arm_calm_read()
         elif self._calm_timer is not None:
             self._calm_timer.cancel()
             self._calm_timer = None
@@ -441,10 +439,12 @@ class Pulse:
             self._drain(network)
         self._set_reading()
         if self._calm and self._calm_timer is None:
-            loop = asyncio.get_running_loop()
-            self._calm_timer = loop.call_later(
-                self.core.config.interval * CALM_READ_FRACTION, self._calm_read
-            )
+            self._arm_calm_read()
+
+    def _arm_calm_read(self) -> None:
+        loop = asyncio.get_running_loop()
+        period = self.core.config.interval * CALM_READ_FRACTION
+        self._calm_timer = loop.call_later(period, self._calm_read)
 
     def _drain(self, network: str) -> None:
         """Every datagram queued on `network`'s socket (bounded per call, so a flood cannot hold
