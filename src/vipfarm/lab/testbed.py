@@ -657,8 +657,9 @@ class Lab:
             self.wait_delivery_settled(READY_TIMEOUT_S)
 
     def _wait_answering(self, wave: list[str]) -> None:
-        """Until every node of `wave` has a pulse in the farm (any state but STOP, or UP),
-        so the next wave's Pythons do not compete with this one's start-up."""
+        """Until every node of `wave` reports a state other than STOP (its daemon, pulse and
+        manager run and it has joined), so the next wave's Pythons do not compete with this
+        one's start-up."""
         _poll(
             f"{wave[0]}..{wave[-1]} to start",
             lambda: all(self._state_of(n) not in (None, "STOP") for n in wave),

@@ -310,8 +310,9 @@ def static_neighbours(nodes: int, table_limit: int) -> bool:
 
 
 def neighbour_batch(node: Host, nodes: list[Host], macs: dict[tuple[str, str], str]) -> list[str]:
-    """`ip -n <node ns> -batch` lines: a permanent entry for every other node's address on
-    each link, from `macs` ((namespace, ifname) -> MAC)."""
+    """`ip -n <node ns> -batch` lines: a permanent entry for every other node's IPv4 address on
+    each link, from `macs` ((namespace, ifname) -> MAC). IPv4 only: the heartbeats are, and
+    IPv6 neighbours have a table (and limit) of their own that the nodes barely use."""
     lines = []
     for other in nodes:
         if other.ns == node.ns:
