@@ -75,8 +75,8 @@ class FakeKernel:
         expiry = self.clock() + lease_s
         self.owned[t] = {b: expiry for b in buckets}
         kept = self.kept.setdefault(t, set())
-        kept |= keep
-        kept -= unkeep
+        kept |= buckets | keep  # as `ruleset.sets_text`: kept holds every owned bucket
+        kept -= unkeep - buckets
 
     def nft_renew_owned(self, farm: str, buckets: frozenset[int], lease_s: float) -> None:
         self._maybe_fail("nft_renew_owned")
@@ -104,14 +104,12 @@ class FakeKernel:
         return frozenset(self.kept.get(t, set()))
 
     def frame(self, farm: str, bucket: int) -> str:
-        """What the ingress chain does with a frame of `bucket`: owned (and kept from now on,
-        as the packet path does), kept, or dropped."""
+        """What the ingress chain does with a frame of `bucket`: dropped (not kept), owned, or
+        kept (`ruleset.bucket_rules`)."""
         t = self._table(farm)
-        kept = self.kept.setdefault(t, set())
-        if self.owned.get(t, {}).get(bucket, -1.0) > self.clock():
-            kept.add(bucket)
-            return "owned"
-        return "kept" if bucket in kept else "dropped"
+        if bucket not in self.kept.get(t, set()):
+            return "dropped"
+        return "owned" if self.owned.get(t, {}).get(bucket, -1.0) > self.clock() else "kept"
 
     def ct_scan(self, budget: int) -> Scan:
         self._maybe_fail("ct_scan")

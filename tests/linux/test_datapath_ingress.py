@@ -69,7 +69,7 @@ def kept(lab: Lab, node: str) -> list[int]:
 
 
 def lingering(lab: Lab, node: str) -> set[int]:
-    """Kept buckets the node does not own (the kernel also keeps owned buckets with traffic)."""
+    """Kept buckets the node does not own (the kept set holds the owned ones too)."""
     return set(kept(lab, node)) - set(lab.kernel_owned([node])[node] or [])
 
 

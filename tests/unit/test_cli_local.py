@@ -287,6 +287,17 @@ def test_a_silent_pulse_is_shown() -> None:
     ]
 
 
+def test_buckets_given_away_but_still_serving_are_shown() -> None:
+    assert len(local.status_lines(answer(kept=[0, 3, 6]))[0]) == 1  # owned only: nothing to say
+    lines, _ = local.status_lines(answer(kept=[0, 1, 3, 4, 6]))
+    assert lines[1] == "still serving connections in 2 bucket(s) given away: 1, 4"
+    many = list(range(100, 112))
+    lines, _ = local.status_lines(answer(kept=many))
+    assert lines[1].endswith(": 100, 101, 102, 103, 104, 105, 106, 107, 108, 109 and 2 more")
+    st = local.node_status(answer(kept=many))
+    assert st is not None and st["kept"] == many
+
+
 @pytest.mark.parametrize(
     ("argv", "parsed"),
     [

@@ -129,18 +129,17 @@ def make_kept(tmp_path: Path) -> tuple[Datapath, FakeKernel, Clock]:
 def test_a_released_bucket_is_kept_in_the_same_transaction(tmp_path: Path) -> None:
     dp, k, _ = make_kept(tmp_path)
     dp.start([1, 2, 3])
-    assert dp.kept == set()
+    assert dp.kept == {1, 2, 3} and dp.lingering == set()  # kept holds the owned buckets
     calls = len(k.batches)
     assert dp.set_owned([3, 4]) == {3, 4}
-    assert dp.kept == {1, 2} and k.kept["vipfarm_web"] == {1, 2}
+    assert dp.kept == {1, 2, 3, 4} and k.kept["vipfarm_web"] == {1, 2, 3, 4}
+    assert dp.lingering == {1, 2}
     assert len(k.batches) == calls  # sets only: no ruleset apply
     assert dp.set_owned([1, 3]) == {1, 3}
-    assert dp.kept == {1, 2, 4} and dp.lingering == {2, 4}  # 1 is owned again
+    assert dp.kept == {1, 2, 3, 4} and dp.lingering == {2, 4}  # 1 is owned again
 
 
-def test_traffic_keeps_an_owned_bucket_so_its_connections_outlive_the_lease(
-    tmp_path: Path,
-) -> None:
+def test_an_owned_bucket_is_kept_so_its_connections_outlive_the_lease(tmp_path: Path) -> None:
     dp, k, clock = make_kept(tmp_path)
     dp.start([1, 2])
     assert k.frame("web", 1) == "owned" and k.frame("web", 9) == "dropped"
@@ -148,7 +147,9 @@ def test_traffic_keeps_an_owned_bucket_so_its_connections_outlive_the_lease(
     clock.t += 3.5  # the daemon died: nothing renews the leases
     assert dp.read_owned() == set()
     assert k.frame("web", 1) == "kept"  # its connection goes on
-    assert k.frame("web", 2) == "dropped"  # no traffic, nothing kept
+    # Kept too, connection or not: with nobody to sweep, the new owner's frames of it go on to
+    # conntrack (which drops them), instead of being dropped at ingress. It costs no connection.
+    assert k.frame("web", 2) == "kept"
     clock.t += 5
     assert dp.sweep().released == set()  # still intended: not released
 
@@ -204,7 +205,7 @@ def test_sweep_adopts_connections_whose_bucket_is_in_neither_set(tmp_path: Path)
     dp.start([1])
     k.conntrack = {1: 2, 7: 1, 9999: 1}  # 9999: not a bucket of this spec, never adopted
     result = dp.sweep()
-    assert result.adopted == {7} and dp.kept == {7}  # 1 is owned: nothing to adopt
+    assert result.adopted == {7} and dp.kept == {1, 7}  # 1 is owned (so kept): not adopted
     k.conntrack = {1: 2}
     clock.t += 2
     assert dp.sweep().released == {7}
@@ -216,7 +217,7 @@ def test_start_keeps_the_kept_buckets_a_crashed_run_left(tmp_path: Path) -> None
     dp.set_owned([2])
     dp2 = Datapath(dp.spec, k, tmp_path, clock=dp.clock)
     dp2.start([])
-    assert dp2.kept == {1, 2}  # 2 was owned when it crashed: kept by the new start's release
+    assert dp2.kept == {1, 2}  # both kept when it crashed (2 owned, so kept as well)
     dp2.stop()
     assert dp2.kept == set()
 

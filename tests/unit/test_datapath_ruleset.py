@@ -125,13 +125,12 @@ def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
         ("ranges4", ["interval"]),
     ]
     bucket = [rendered(r) for r in ruleset.bucket_rules(s)]
-    assert '"@owned"' in bucket[0] and '"|"' in bucket[0] and bucket[0].endswith('"accept": null}]')
-    assert {"set": {"op": "add", "elem": {"meta": {"key": "mark"}}, "set": "@kept"}} in (
-        ruleset.bucket_rules(s)[0]
-    )
-    # not kept either: dropped after one more lookup
-    assert '"@kept"' in bucket[1] and '"op": "!="' in bucket[1]
-    assert bucket[1].endswith('{"counter": "foreign"}, {"drop": null}]')
+    # not kept (kept holds the owned buckets too): dropped after one lookup
+    assert '"@kept"' in bucket[0] and '"op": "!="' in bucket[0]
+    assert bucket[0].endswith('{"counter": "foreign"}, {"drop": null}]')
+    assert '"@owned"' in bucket[1] and '"|"' in bucket[1] and bucket[1].endswith('"accept": null}]')
+    # the packet path writes no set
+    assert '"op": "add"' not in "".join(bucket) and '"op": "update"' not in "".join(bucket)
     # kept: a pure SYN is the new owner's, anything else goes on to conntrack
     assert '"syn", "ack"' in bucket[2] and bucket[2].endswith('{"drop": null}]')
     assert bucket[3] == '[{"accept": null}]'
@@ -246,19 +245,20 @@ def test_owned_text_leases_in_milliseconds() -> None:
     assert text.splitlines() == [
         "flush set netdev vipfarm_web owned",
         "add element netdev vipfarm_web owned { 1 timeout 300ms, 5 timeout 300ms }",
+        "add element netdev vipfarm_web kept { 1, 5 }",  # kept holds every owned bucket
     ]
     assert ruleset.owned_text("web", [], 1).splitlines() == ["flush set netdev vipfarm_web owned"]
 
 
 def test_sets_text_moves_buckets_between_owned_and_kept_in_one_batch() -> None:
-    text = ruleset.sets_text("web", [1], 1, keep=[7, 3], unkeep=[1])
+    text = ruleset.sets_text("web", [1], 1, keep=[7, 3], unkeep=[1, 4])
     assert text.splitlines() == [
         "flush set netdev vipfarm_web owned",
         "add element netdev vipfarm_web owned { 1 timeout 1000ms }",
-        "add element netdev vipfarm_web kept { 3, 7 }",
+        "add element netdev vipfarm_web kept { 1, 3, 7 }",  # an owned bucket stays kept
         # a removal that succeeds whether or not the element is there
-        "add element netdev vipfarm_web kept { 1 }",
-        "delete element netdev vipfarm_web kept { 1 }",
+        "add element netdev vipfarm_web kept { 4 }",
+        "delete element netdev vipfarm_web kept { 4 }",
     ]
     assert ruleset.sets_text("web", None, 0, keep=[2]).splitlines() == [
         "add element netdev vipfarm_web kept { 2 }"

@@ -86,6 +86,11 @@ class NodeStatus(_Model):
     share: float
     app: str = Field(description="the application supervisor's state")
     owned: list[int] = Field(description="buckets its kernel holds")
+    kept: list[int] | None = Field(
+        default=None,
+        description="buckets its kernel keeps (read back): the owned ones, and those given away "
+        "while it still serves established connections in them (docs/DATAPATH.md)",
+    )
     split_brain: bool
     drops: dict[str, int] = Field(description="rejected heartbeats by reason")
     counters: dict[str, int]

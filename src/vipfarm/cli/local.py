@@ -173,6 +173,7 @@ NODE_STATUS: Fields = (
     ("share", _float, _REQUIRED),
     ("app", _str, _REQUIRED),
     ("owned", _list(_int), _REQUIRED),
+    ("kept", _optional(_list(_int)), None),
     ("split_brain", _bool, _REQUIRED),
     ("drops", _dict(_int), _REQUIRED),
     ("counters", _dict(_int), _REQUIRED),
@@ -206,6 +207,7 @@ def print_status_json(status: dict[str, Any], out: IO[str] | None = None) -> Non
     (out or sys.stdout).write(json.dumps(status, indent=2) + "\n")
 
 
+LINGERING_SHOWN = 10
 COLUMNS = ("node", "state", "share", "weight", "alive", "last heartbeat (ms)", "config")
 
 
@@ -237,6 +239,17 @@ def status_lines(st: dict[str, Any]) -> tuple[list[str], list[tuple[str, ...]]]:
             deaf = ", ".join(delivery.get("deaf_nodes", ())) or "none"
             mode = f"auto (answers {delivery.get('answers')}; missing probes: {deaf})"
         lines.append(f"delivery {mode}, entries: {entries or '-'}")
+    lingering = sorted(set(st.get("kept") or ()) - set(st["owned"]))
+    if lingering:
+        shown = ", ".join(map(str, lingering[:LINGERING_SHOWN]))
+        more = (
+            f" and {len(lingering) - LINGERING_SHOWN} more"
+            if len(lingering) > LINGERING_SHOWN
+            else ""
+        )
+        lines.append(
+            f"still serving connections in {len(lingering)} bucket(s) given away: {shown}{more}"
+        )
     rows: list[tuple[str, ...]] = []
     for n in st["farm"]:
         ages = ", ".join(

@@ -240,6 +240,9 @@ class NodeSection(Strict):
     weight: int = Field(default=100, ge=0, le=65535)
     interface: str = "eth0"
     address: dict[str, Address] = Field(min_length=1)
+    # Exempt the node's own traffic (not to or from a VIP) from conntrack (docs/CONFIG.md):
+    # per node, as it changes the meaning of the host's own stateful firewall rules.
+    notrack_other: bool = False
 
 
 def _ports_text(value: object) -> object:
@@ -528,6 +531,7 @@ class FarmConfig(Strict):
             "seed": ("farm", "seed"),
             "lease_s": ("timing", "lease_ms"),
             "delivery": ("farm", "delivery"),
+            "notrack_other": ("node", i, "notrack_other"),
         }
         # The rules are the same on every node: checked (overlap included) with the first node
         # only, so that a file of thousands of rules is not checked 32 times over.
@@ -541,6 +545,7 @@ class FarmConfig(Strict):
                 seed=self.farm.seed,
                 lease_s=self.timing.lease_ms / 1000,
                 delivery=self.farm.delivery,
+                notrack_other=node.notrack_other,
             )
         except ValidationError as exc:
             return relocate(exc, lambda loc: spec_keys.get(str(loc[0]), loc))

@@ -10,18 +10,17 @@ crash, so a later `stop` (or the next start's cleanup) restores the operator's v
 Owned buckets are leases: `set_owned` replaces the whole set in one transaction and `refresh`
 re-leases it; the return value is always read back from the kernel.
 
-Kept buckets: the kernel adds every owned bucket that carries traffic to the kept set from the
-packet path (see `ruleset`), so the connections of a node whose daemon died go on after its
-lease ran out; a bucket that leaves the owned set is also added in the same transaction (a
-no-op when traffic already did). `sweep` (run by `vipfarm.datapath.sweeper`, outside the lock
-that orders ownership changes) reads conntrack and takes out of the kept set every bucket that
-is not owned, has held no live connection of this node, and left the owned set at least
-`KEEP_GRACE_S` before the scan began (packets accepted just before the release may still be on
-their way to conntrack; a bucket owned again meanwhile may have new connections the scan did
-not see). It also adopts buckets that hold live connections but are in neither set (a restart
-after a crash), so their connections go on. `kept` is the kept set as last read back from the
-kernel (owned buckets with traffic included); `lingering` the kept buckets this node does not
-own.
+Kept buckets: every owned bucket is in the kept set too (added by each `set_owned`, in the same
+transaction, and never released while owned), so the connections of a node whose daemon died go
+on after its lease ran out, and the ingress decision drops what is not kept with one lookup; a
+bucket that leaves the owned set stays kept. `sweep` (run by `vipfarm.datapath.sweeper`,
+outside the lock that orders ownership changes) reads conntrack and takes out of the kept set
+every bucket that is not owned, has held no live connection of this node, and left the owned
+set at least `KEEP_GRACE_S` before the scan began (packets accepted just before the release may
+still be on their way to conntrack; a bucket owned again meanwhile may have new connections the
+scan did not see). It also adopts buckets that hold live connections but are in neither set (a
+restart after a crash), so their connections go on. `kept` is the kept set as last read back
+from the kernel (owned buckets included); `lingering` the kept buckets this node does not own.
 """
 
 from __future__ import annotations
@@ -249,8 +248,8 @@ class Datapath:
 
     # owned and kept buckets
     def set_owned(self, buckets: Iterable[int]) -> frozenset[int]:
-        """Replace the owned set; released buckets are kept, in the same transaction. Returns
-        the owned set read back (and updates `kept`)."""
+        """Replace the owned set; the owned and the released buckets are kept, in the same
+        transaction. Returns the owned set read back (and updates `kept`)."""
         wanted = frozenset(buckets)
         bad = sorted(b for b in wanted if not 0 <= b < self.spec.buckets)
         if bad:

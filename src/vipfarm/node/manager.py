@@ -534,6 +534,7 @@ class Manager:
             share=own_share,
             app=self.supervisor.state.value,
             owned=owned,
+            kept=data.get("kernel_kept"),
             split_brain=snap.split_brain,
             drops=dict(snap.drops),
             counters={
