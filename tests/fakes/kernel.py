@@ -2,7 +2,8 @@
 
 It models what the logic relies on: tables appear and disappear with the JSON batches, the sets
 live in the netdev table, owned buckets expire with their lease on an injected clock, kept ones
-never do, and `frame` adds an owned bucket to them as the packet path does; `conntrack` counts
+never do, and `frame` decides as the ingress chain (and the prefilter, when attached: its
+`prefilter` bitmap per farm, with `prefilter_spec`) would; `conntrack` counts
 this node's live connections per bucket (what `ct_scan` reads); addresses and sysctls are
 dictionaries. `fail_on` makes a named operation raise, to test rollback; `scan_hook` runs in the
 middle of a scan, to test races with it.
@@ -16,7 +17,7 @@ from typing import Any
 from vipfarm.datapath import ruleset
 from vipfarm.datapath.conntrack import Scan
 from vipfarm.datapath.kernel import DatapathError
-from vipfarm.datapath.spec import IPAddress
+from vipfarm.datapath.spec import DatapathSpec, IPAddress
 
 
 class FakeKernel:
@@ -34,6 +35,9 @@ class FakeKernel:
         self.sysctls: dict[str, str] = {}
         self.uc_macs: dict[str, set[str]] = {}
         self.fail_on: set[str] = set()
+        self.prefilter: dict[str, set[int]] = {}  # farm -> the bitmap of its attached prefilter
+        self.prefilter_spec: dict[str, DatapathSpec] = {}
+        self.prefilter_loads = 0
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail_on:
@@ -103,10 +107,32 @@ class FakeKernel:
             return None
         return frozenset(self.kept.get(t, set()))
 
+    def prefilter_load(self, spec: DatapathSpec, kept: frozenset[int]) -> None:
+        self._maybe_fail("prefilter_load")
+        self.prefilter[spec.farm] = set(kept)
+        self.prefilter_spec[spec.farm] = spec
+        self.prefilter_loads += 1
+
+    def prefilter_set_kept(self, farm: str, kept: frozenset[int]) -> None:
+        self._maybe_fail("prefilter_set_kept")
+        if farm not in self.prefilter:
+            raise DatapathError(f"no prefilter for farm {farm}")
+        self.prefilter[farm] = set(kept)
+
+    def prefilter_read(self, farm: str) -> tuple[frozenset[int], int] | None:
+        got = self.prefilter.get(farm)
+        return None if got is None else (frozenset(got), 0)
+
+    def prefilter_unload(self, farm: str) -> None:
+        self.prefilter.pop(farm, None)
+        self.prefilter_spec.pop(farm, None)
+
     def frame(self, farm: str, bucket: int) -> str:
-        """What the ingress chain does with a frame of `bucket`: dropped (not kept), owned, or
-        kept (`ruleset.bucket_rules`)."""
+        """What the ingress path does with a frame of `bucket`: dropped (by the prefilter, or
+        not kept), owned, or kept (`ruleset.bucket_rules`)."""
         t = self._table(farm)
+        if farm in self.prefilter and bucket not in self.prefilter[farm]:
+            return "dropped"
         if bucket not in self.kept.get(t, set()):
             return "dropped"
         return "owned" if self.owned.get(t, {}).get(bucket, -1.0) > self.clock() else "kept"

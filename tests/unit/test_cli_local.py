@@ -287,6 +287,17 @@ def test_a_silent_pulse_is_shown() -> None:
     ]
 
 
+def test_a_prefilter_that_could_not_attach_is_shown() -> None:
+    off = {"on": False, "off_because": "prefilter not attached to eth0: no tcx", "dropped": 0}
+    lines, _ = local.status_lines(answer(prefilter=off))
+    assert lines[1] == (
+        "prefilter off (nftables alone drops other nodes' frames): prefilter not attached to "
+        "eth0: no tcx"
+    )
+    for quiet in ({"on": True, "kept": 3, "dropped": 9}, {**off, "off_because": "turned off"}):
+        assert len(local.status_lines(answer(prefilter=quiet))[0]) == 1
+
+
 def test_buckets_given_away_but_still_serving_are_shown() -> None:
     assert len(local.status_lines(answer(kept=[0, 3, 6]))[0]) == 1  # owned only: nothing to say
     lines, _ = local.status_lines(answer(kept=[0, 1, 3, 4, 6]))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,3 +255,116 @@ def test_sweeper_rests_long_with_nothing_kept_and_a_poke_wakes_it(tmp_path: Path
         assert sweeper.counters["sweeps"] >= 3
     finally:
         sweeper.stop()
+
+
+# ---- the prefilter (vipfarm.datapath.prefilter): its bitmap is always a superset of kept
+
+
+def guarded(k: FakeKernel) -> list[str]:
+    """Make `k` check, at every change of the kept set, that the prefilter's bitmap already
+    holds what nftables is about to keep (and still holds what it keeps afterwards)."""
+    seen: list[str] = []
+    set_owned, update_kept = k.nft_set_owned, k.nft_update_kept
+
+    def bits() -> set[int]:
+        return k.prefilter.get("web", set(range(4096)))  # no prefilter: nothing is dropped
+
+    def checked_set_owned(
+        farm: str,
+        buckets: frozenset[int],
+        lease_s: float,
+        keep: frozenset[int] = frozenset(),
+        unkeep: frozenset[int] = frozenset(),
+    ) -> None:
+        assert buckets | keep <= bits(), "nftables keeps a bucket the prefilter would drop"
+        set_owned(farm, buckets, lease_s, keep, unkeep)
+        seen.append("set_owned")
+
+    def checked_update_kept(farm: str, add: frozenset[int], remove: frozenset[int]) -> None:
+        assert add <= bits(), "nftables adopts a bucket the prefilter would drop"
+        update_kept(farm, add, remove)
+        assert k.kept["vipfarm_web"] <= bits()
+        seen.append("update_kept")
+
+    k.nft_set_owned = checked_set_owned  # type: ignore[method-assign]
+    k.nft_update_kept = checked_update_kept  # type: ignore[method-assign]
+    return seen
+
+
+def test_the_prefilter_never_drops_what_nftables_keeps(tmp_path: Path) -> None:
+    dp, k, clock = make_kept(tmp_path)
+    seen = guarded(k)
+    dp.start([1, 2])
+    assert dp.prefilter_state() == {"on": True, "kept": 2, "dropped": 0}
+    assert k.frame("web", 1) == "owned" and k.frame("web", 9) == "dropped"
+    rnd = random.Random(7)
+    for _ in range(300):
+        step = rnd.random()
+        if step < 0.4:
+            dp.set_owned(rnd.sample(range(16), rnd.randrange(6)))
+        elif step < 0.7:
+            k.conntrack = {b: rnd.randrange(2) for b in rnd.sample(range(16), 4)}
+        else:
+            clock.t += rnd.choice((0.2, 1.5))
+            dp.sweep()
+        assert k.kept["vipfarm_web"] <= k.prefilter["web"]
+        assert {b for b in range(16) if k.frame("web", b) != "dropped"} == k.kept["vipfarm_web"]
+    assert {"set_owned", "update_kept"} <= set(seen)
+    # released buckets leave the bitmap too (after nftables let them go)
+    dp.set_owned([])
+    k.conntrack = {}
+    clock.t += 2
+    dp.sweep()
+    assert k.kept["vipfarm_web"] == set() and k.prefilter["web"] == set()
+    dp.stop()
+    assert k.prefilter == {} and dp.prefilter_state()["on"] is False
+
+
+def test_without_a_prefilter_nftables_decides_alone_and_says_why(tmp_path: Path) -> None:
+    dp, k, _ = make_kept(tmp_path)
+    k.fail_on.add("prefilter_load")  # a kernel before 6.6: no tcx
+    assert dp.start([1]) == {1}
+    assert dp.prefilter_state() == {
+        "on": False,
+        "off_because": "injected failure in prefilter_load",
+        "dropped": 0,
+    }
+    assert k.frame("web", 1) == "owned" and k.frame("web", 2) == "dropped"  # nftables still
+    k.fail_on.clear()
+    dp.update(dp.spec.model_copy(update={"lease_s": 2.0}))  # an update tries again
+    assert dp.prefilter_state()["on"] is True and k.prefilter["web"] == {1}
+    dp.update(dp.spec.model_copy(update={"prefilter": False}))
+    assert dp.prefilter_state()["off_because"] == "turned off" and "web" not in k.prefilter
+    dp.update(dp.spec.model_copy(update={"prefilter": True, "decide_at": "prerouting"}))
+    assert "web" not in k.prefilter  # the old decision point is measured without it
+
+
+def test_a_failed_bitmap_write_takes_the_prefilter_away_before_nftables_keeps(
+    tmp_path: Path,
+) -> None:
+    dp, k, _ = make_kept(tmp_path)
+    guarded(k)
+    dp.start([1])
+    k.fail_on.add("prefilter_set_kept")
+    assert dp.set_owned([1, 5]) == {1, 5}  # the guard saw no bucket the prefilter would drop
+    assert "web" not in k.prefilter and k.frame("web", 5) == "owned"
+    assert str(dp.prefilter_state()["off_because"]).endswith("prefilter_set_kept")
+
+
+def test_new_rules_pass_everything_until_the_new_program_is_in(tmp_path: Path) -> None:
+    dp, k, _ = make_kept(tmp_path)
+    dp.start([1])
+    bits_at_apply: list[set[int]] = []
+    apply = k.nft_apply
+
+    def watched(batch: list[dict[str, Any]]) -> None:
+        bits_at_apply.append(set(k.prefilter["web"]))
+        apply(batch)
+
+    k.nft_apply = watched  # type: ignore[method-assign]
+    loads = k.prefilter_loads
+    new = dp.spec.model_copy(update={"rules": [Rule(vip=V4, port=80, affinity="client-ip-port")]})
+    dp.update(new)
+    assert bits_at_apply == [set(range(256))]  # the old program passed every bucket meanwhile
+    assert k.prefilter_loads == loads + 1 and k.prefilter_spec["web"] is new
+    assert k.prefilter["web"] == {1}  # then back to the truth: kept, owned included

@@ -105,6 +105,11 @@ class NodeStatus(_Model):
         description="how frames reach the nodes: mode, each VIP's entry node, peer MACs "
         "(directed delivery, docs/DATAPATH.md)",
     )
+    prefilter: dict[str, Any] | None = Field(
+        default=None,
+        description="the BPF prefilter that drops other nodes' frames before nftables: on, "
+        "frames dropped, or why it is off (docs/DATAPATH.md)",
+    )
 
 
 class StopRequest(_Request):

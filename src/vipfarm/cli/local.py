@@ -182,6 +182,7 @@ NODE_STATUS: Fields = (
     ("farm", _list(_model(FARM_NODE)), _REQUIRED),
     ("processes", _optional(_model(NODE_PROCESSES)), None),
     ("delivery", _optional(_dict(_as_is)), None),
+    ("prefilter", _optional(_dict(_as_is)), None),
 )
 _status = _model(NODE_STATUS)
 
@@ -239,6 +240,11 @@ def status_lines(st: dict[str, Any]) -> tuple[list[str], list[tuple[str, ...]]]:
             deaf = ", ".join(delivery.get("deaf_nodes", ())) or "none"
             mode = f"auto (answers {delivery.get('answers')}; missing probes: {deaf})"
         lines.append(f"delivery {mode}, entries: {entries or '-'}")
+    pf = st.get("prefilter") or {}
+    if pf.get("on") is False and pf.get("off_because") not in (None, "turned off"):
+        lines.append(
+            f"prefilter off (nftables alone drops other nodes' frames): {pf['off_because']}"
+        )
     lingering = sorted(set(st.get("kept") or ()) - set(st["owned"]))
     if lingering:
         shown = ", ".join(map(str, lingering[:LINGERING_SHOWN]))

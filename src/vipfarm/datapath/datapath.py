@@ -36,7 +36,7 @@ from pathlib import Path
 
 from vipfarm.datapath import ruleset
 from vipfarm.datapath.kernel import DatapathError, Kernel
-from vipfarm.datapath.spec import DatapathSpec, IPAddress
+from vipfarm.datapath.spec import DatapathSpec, DecisionPoint, IPAddress
 from vipfarm.files import write_atomic
 from vipfarm.log import event
 
@@ -99,6 +99,10 @@ class Datapath:
         self._steer_lock = threading.Lock()
         self._vips_added: list[IPAddress] = []
         self._macs_added: list[str] = []
+        # The prefilter's bitmap as written (None: no prefilter), always a superset of the
+        # kernel's kept set (`vipfarm.datapath.prefilter`); changed under `_owned_lock`.
+        self._pf_bits: frozenset[int] | None = None
+        self.prefilter_off: str | None = None  # why there is no prefilter, if there is none
 
     @property
     def _sysctl_file(self) -> Path:
@@ -147,6 +151,8 @@ class Datapath:
             # `set_owned` keeps them (the sweeper releases the empty ones).
             self._left_owned = dict.fromkeys(self.read_kept(), self.clock())
             self._owned = self.read_owned()
+            undo.append(lambda: self._prefilter_stop(None))
+            self._prefilter(self.spec)
             # conntrack is loaded by the ruleset's `ct` expressions, so its sysctl exists only now.
             self.kernel.write_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")
             undo.append(self._remove_macs)
@@ -178,6 +184,7 @@ class Datapath:
         for step in (
             self._remove_vips,
             self._remove_macs,
+            lambda: self._prefilter_stop(None),
             lambda: self.kernel.nft_apply(ruleset.remove_batch(self.spec.farm)),
             self._restore_sysctls,
         ):
@@ -206,12 +213,19 @@ class Datapath:
             self._owned = frozenset()
         old_vips = set(self.spec.vips)
         was_directed = self.spec.delivery.steers
+        old = self.spec
+        if (old.rules, old.buckets, old.seed) != (spec.rules, spec.buckets, spec.seed):
+            # Until the new program is in, the old one hashes by the old rules: it passes
+            # everything meanwhile, so it never drops a frame the new rules serve.
+            with self._owned_lock:
+                self._prefilter_keep(frozenset(range(max(old.buckets, spec.buckets))))
         with self._steer_lock:
             plan = self._initial_plan(spec)
             stale = self._steer_chains if was_directed else None
             self.kernel.nft_apply(ruleset.ruleset_batch(spec, False, True, plan, stale))
             self._set_steered(spec, plan)
         self.spec = spec
+        self._prefilter(spec)
         self._add_macs(spec)
         self._add_vips(spec)
         for vip in old_vips - set(spec.vips):
@@ -258,6 +272,7 @@ class Datapath:
             )
         with self._owned_lock:
             released = self._owned - wanted
+            self._prefilter_keep(wanted | released)  # before nftables keeps them
             self.kernel.nft_set_owned(self.spec.farm, wanted, self.spec.lease_s, released)
             self._owned = wanted
             now = self.clock()
@@ -321,7 +336,9 @@ class Datapath:
                 if 0 <= b < self.spec.buckets and b not in self._owned
             )
             if release or adopt:
+                self._prefilter_keep(adopt)
                 self.kernel.nft_update_kept(self.spec.farm, adopt, release)
+                self._prefilter_release(release)  # after nftables released them
                 now = self.clock()
                 for b in adopt:
                     self._left_owned[b] = now
@@ -341,6 +358,65 @@ class Datapath:
     @property
     def intended(self) -> frozenset[int]:
         return self._owned
+
+    # the prefilter (vipfarm.datapath.prefilter): its bitmap only ever errs on the side of
+    # keeping, so it drops nothing nftables would not
+    def _prefilter(self, spec: DatapathSpec) -> None:
+        """Attach, swap or take away the prefilter for `spec`; a kernel that cannot take it
+        leaves nftables to decide alone, and says why (`prefilter_off`)."""
+        with self._owned_lock:
+            if not spec.prefilter or spec.decide_at is not DecisionPoint.INGRESS:
+                why = "turned off" if not spec.prefilter else f"decide_at is {spec.decide_at}"
+                self._prefilter_stop(why)
+                return
+            bits = self.read_kept() | self._owned  # nothing changes them but under this lock
+            try:
+                self.kernel.prefilter_load(spec, bits)
+            except DatapathError as e:
+                self._prefilter_stop(str(e))
+                return
+            if self._pf_bits is None:
+                event(log, "prefilter_attached", farm=spec.farm, interface=spec.interface)
+            self._pf_bits, self.prefilter_off = bits, None
+
+    def _prefilter_stop(self, why: str | None) -> None:
+        if self._pf_bits is not None and why is not None:
+            event(log, "prefilter_detached", logging.WARNING, farm=self.spec.farm, reason=why)
+        elif self._pf_bits is None and why is not None and why != self.prefilter_off:
+            event(log, "prefilter_off", farm=self.spec.farm, reason=why)
+        self.kernel.prefilter_unload(self.spec.farm)
+        self._pf_bits, self.prefilter_off = None, why
+
+    def _prefilter_keep(self, buckets: frozenset[int]) -> None:
+        if self._pf_bits is None or buckets <= self._pf_bits:
+            return
+        bits = self._pf_bits | buckets
+        try:
+            self.kernel.prefilter_set_kept(self.spec.farm, bits)
+        except DatapathError as e:
+            # It may now drop frames nftables is about to keep: take it away first.
+            self._prefilter_stop(str(e))
+            return
+        self._pf_bits = bits
+
+    def _prefilter_release(self, buckets: frozenset[int]) -> None:
+        if self._pf_bits is None or not buckets & self._pf_bits:
+            return
+        bits = self._pf_bits - buckets
+        try:
+            self.kernel.prefilter_set_kept(self.spec.farm, bits)
+        except DatapathError as e:  # extra bits are safe: it drops less, nftables the rest
+            event(log, "prefilter_write_failed", logging.WARNING, error=e)
+            return
+        self._pf_bits = bits
+
+    def prefilter_state(self) -> dict[str, object]:
+        """Whether the prefilter is on and what it dropped, read back from the kernel."""
+        got = self.kernel.prefilter_read(self.spec.farm)
+        if got is None:
+            return {"on": False, "off_because": self.prefilter_off, "dropped": 0}
+        kept, dropped = got
+        return {"on": True, "kept": len(kept), "dropped": dropped}
 
     # pieces
     def _save_sysctls(self) -> None:

@@ -2,7 +2,8 @@
 
 `Kernel` lists every kernel operation the data path needs; `LinuxKernel` does them with
 libnftables (JSON API for the ruleset, its text syntax for leases and kept buckets), pyroute2
-(addresses, unicast MAC filter), ctnetlink (`vipfarm.datapath.conntrack`) and /proc/sys;
+(addresses, unicast MAC filter), ctnetlink (`vipfarm.datapath.conntrack`), bpf(2) (the
+prefilter, `vipfarm.datapath.prefilter`) and /proc/sys;
 `tests.fakes.kernel.FakeKernel` keeps the same state in memory for unit tests. Every
 method acts on the network namespace of the calling process.
 """
@@ -17,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from vipfarm.datapath import conntrack, ruleset
+from vipfarm.datapath import conntrack, prefilter, ruleset
+from vipfarm.datapath.bpf import BpfError
 from vipfarm.datapath.conntrack import Scan
 from vipfarm.datapath.leases import LeaseError, LeaseRenewer
-from vipfarm.datapath.spec import IPAddress
+from vipfarm.datapath.spec import DatapathSpec, IPAddress
 from vipfarm.errors import VipfarmError
 
 
@@ -56,6 +58,17 @@ class Kernel(Protocol):
         """The kept set, or None when the farm's table does not exist."""
         ...
 
+    def prefilter_load(self, spec: DatapathSpec, kept: frozenset[int]) -> None:
+        """Attach the prefilter for `spec` with `kept` in its bitmap, or swap in the program of
+        a new spec (`vipfarm.datapath.prefilter`)."""
+        ...
+
+    def prefilter_set_kept(self, farm: str, kept: frozenset[int]) -> None: ...
+    def prefilter_read(self, farm: str) -> tuple[frozenset[int], int] | None:
+        """The prefilter's bitmap and the frames it dropped, or None when it is not attached."""
+        ...
+
+    def prefilter_unload(self, farm: str) -> None: ...
     def ct_scan(self, budget: int) -> Scan:
         """The buckets with a live conntrack entry this node accepted (see `conntrack`)."""
         ...
@@ -115,6 +128,7 @@ class LinuxKernel:
         self._apply_lock = threading.Lock()
         self._lease_lock = threading.Lock()
         self._renewers: dict[str, LeaseRenewer] = {}
+        self._prefilters: dict[str, prefilter.Loaded] = {}
         # pyroute2 0.9's synchronous IPRoute runs its own event loop and refuses to work in a
         # thread where one is already running (the daemon's), so it lives in a thread of its own.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -126,6 +140,9 @@ class LinuxKernel:
     def close(self) -> None:
         for renewer in self._renewers.values():
             renewer.close()
+        for loaded in self._prefilters.values():
+            loaded.close()  # detaches: nftables decides alone from now on
+        self._prefilters.clear()
         self._nl(self._ipr.close)
         self._pool.shutdown()
 
@@ -192,6 +209,36 @@ class LinuxKernel:
 
     def nft_read_kept(self, farm: str) -> frozenset[int] | None:
         return self._read_set(farm, ruleset.KEPT_SET)
+
+    def prefilter_load(self, spec: DatapathSpec, kept: frozenset[int]) -> None:
+        current = self._prefilters.get(spec.farm)
+        try:
+            self._prefilters[spec.farm] = prefilter.load(spec, kept, current)
+        except (BpfError, prefilter.Unsupported, OSError) as e:
+            raise DatapathError(f"prefilter not attached to {spec.interface}: {e}") from e
+
+    def prefilter_set_kept(self, farm: str, kept: frozenset[int]) -> None:
+        loaded = self._prefilters.get(farm)
+        if loaded is None:
+            raise DatapathError(f"no prefilter for farm {farm}")
+        try:
+            prefilter.set_kept(loaded, kept)
+        except BpfError as e:
+            raise DatapathError(f"cannot write the prefilter's kept buckets: {e}") from e
+
+    def prefilter_read(self, farm: str) -> tuple[frozenset[int], int] | None:
+        loaded = self._prefilters.get(farm)
+        if loaded is None:
+            return None
+        try:
+            return prefilter.read(loaded)
+        except BpfError as e:
+            raise DatapathError(f"cannot read the prefilter's maps: {e}") from e
+
+    def prefilter_unload(self, farm: str) -> None:
+        loaded = self._prefilters.pop(farm, None)
+        if loaded is not None:
+            loaded.close()
 
     def ct_scan(self, budget: int) -> Scan:
         try:

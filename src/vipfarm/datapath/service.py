@@ -49,6 +49,9 @@ class DatapathService:
         """The kept buckets as last read back from the kernel (by a change or a sweep)."""
         return self.datapath.kept
 
+    def prefilter_state(self) -> dict[str, object]:
+        return self.datapath.prefilter_state()
+
     def _start_responders(self, spec: DatapathSpec) -> None:
         self._stop_responders()
         if spec.delivery is Delivery.FLOOD:

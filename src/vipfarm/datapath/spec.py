@@ -106,6 +106,11 @@ class DatapathSpec(_Strict):
         default=False,
         description="exempt traffic that is not to or from a VIP from conntrack (see ruleset)",
     )
+    prefilter: bool = Field(
+        default=True,
+        description="drop other nodes' frames in a BPF program at tc ingress, before nftables "
+        "(vipfarm.datapath.prefilter; Linux 6.6 or later, else nftables alone decides)",
+    )
 
     @field_validator("rules")
     @classmethod

@@ -554,6 +554,7 @@ class Manager:
                 pulse_timer_late_ms=data.get("timer_late_ms"),
             ),
             delivery=data.get("delivery"),
+            prefilter=data.get("prefilter"),
         )
 
     async def farm_status(self) -> NodeStatus:
@@ -915,7 +916,8 @@ class Manager:
                 errors={**data["counters"], **self.counters},
                 events=data["core_events"],
                 flows=flows,
-                foreign_dropped=foreign,
+                # the prefilter's drops never reach the netdev table's counter
+                foreign_dropped=foreign + int(data.get("prefilter", {}).get("dropped") or 0),
                 checkers=self.supervisor.checker_results(),
                 api_refused=dict(self.api_counters.refused),
                 api_connections=self.api_counters.connections,

@@ -64,7 +64,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from vipfarm.datapath.kernel import Kernel
+from vipfarm.datapath.kernel import DatapathError, Kernel
 from vipfarm.datapath.service import DatapathService
 from vipfarm.datapath.spec import DatapathSpec, Rule
 from vipfarm.errors import VipfarmError
@@ -861,6 +861,7 @@ class Pulse:
             "kernel_owned": sorted(self.kernel_owned),
             # given away, established connections still served (read back by the sweeper)
             "kernel_kept": sorted(self.datapath.kept),
+            "prefilter": self._prefilter_state(),
             "app_healthy": self.core.app_healthy,
             "link_ok": self._link_ok,
             "counters": dict(self.counters),
@@ -871,6 +872,12 @@ class Pulse:
             "timer_late_ms": self.lateness.summary(now),
             "delivery": self.directed.state(),
         }
+
+    def _prefilter_state(self) -> dict[str, object]:
+        try:
+            return self.datapath.prefilter_state()
+        except DatapathError as e:  # a report must not fail for want of a counter
+            return {"on": None, "error": str(e)}
 
     def _emit(self, name: str, level: int = logging.INFO, /, **fields: Any) -> None:
         """An event for the module log: to the manager, or printed and kept until one comes."""
