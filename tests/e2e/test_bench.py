@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vipfarm.bench.wrk import Mode
 
-BENCH_NS = re.compile(r"^vb[0-9a-f]{6}-")
+BENCH_NS = re.compile(r"^v[bd][0-9a-f]{6}-")  # labs, and drop_decision's veth pair
 
 
 def _bench_namespaces() -> set[str]:
@@ -54,6 +54,13 @@ def test_quick_bench_writes_results_plots_and_summary(tmp_path: Path) -> None:
         assert all(v > 0 for v in results[key].values()), (key, results[key])
     for key in ("farm_vs_haproxy_rps", "datapath_overhead_pct", "drop_cpu_us"):
         assert set(results[key]) == {str(m) for m in Mode}, key
+    for key in ("drop_cpu_us_per_packet_nft", "drop_cpu_us_per_packet_prerouting"):
+        assert set(results[key]) == {str(m) for m in Mode}, key
+    # The decision alone: the floor and what each decision point adds to it, per kind of frame.
+    for kind in ("syn", "established"):
+        assert results[f"decision_floor_ns_{kind}"] > 0
+        for point in ("prefilter", "nft", "prerouting"):
+            assert isinstance(results[f"decision_ns_{point}_{kind}"], float), (point, kind)
     # Non-owners receive the flooded frames (a few per request), and none when not flooded.
     assert results["drop_packets_per_request"]["close"] > 2
     assert results["drop_isolated_packets_per_request"]["close"] < 0.1

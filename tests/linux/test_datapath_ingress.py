@@ -319,6 +319,26 @@ def test_connections_outlive_the_lease_of_a_node_whose_runner_died(
         assert probe["nodes"].get("node2") == on_node2
 
 
+def test_a_runner_that_dies_takes_its_prefilter_with_it(lab_factory: LabFactory) -> None:
+    """The prefilter's link belongs to the process: its death leaves nftables to decide."""
+    lab = lab_factory(nodes=2, clients=1, app="builtin")
+    lab.set_owned({"node1": list(range(BUCKETS)), "node2": []})
+    assert lab.http_get("client1").node == "node1"
+    wait_for("the sweeper to empty node2's kept set", lambda: not kept(lab, "node2"))
+
+    def flood() -> int:
+        before = foreign_dropped(lab, "node2")
+        argv = [sys.executable, "-c", FLOOD, str(VIP4), "500", "500", "0"]
+        done = lab.exec("client1", argv, timeout=90)
+        assert done.returncode == 0 and int(done.stdout) == 1000, done.stderr
+        return foreign_dropped(lab, "node2") - before
+
+    assert flood() == 0  # all dropped by the prefilter, nftables saw none
+    os.kill(lab.runners()["node2"].pid, signal.SIGKILL)
+    wait_for("nftables to see node2's foreign frames again", lambda: flood() >= 1000)
+    assert ct_report(lab, "node2")["entries"] == []
+
+
 def test_the_nodes_own_processes_reach_the_vip_whatever_its_buckets(
     lab_factory: LabFactory,
 ) -> None:

@@ -384,6 +384,8 @@ def test_perf_samples_are_kept_for_the_lab_only_and_grouped_by_area() -> None:
     assert samples[("nginx (user)", "[nginx]")] == 1
     assert samples[("other kernel", "some_new_function")] == 1
     assert area_of("ksoftirqd/0", "x", "/usr/lib/x.so") == "ksoftirqd (user)"
+    assert area_of("wrk", "bpf_prog_3b185187f1855c4c_vipfarm_web", "[unknown]") == "bpf prefilter"
+    assert area_of("wrk", "tcx_run", "[kernel.kallsyms]") == "bpf prefilter"
 
     b = breakdown(samples, cpu_us=70.0, top=3)
     assert b["samples"] == 7 and b["cpu_us"] == 70.0

@@ -64,6 +64,7 @@ name = "node2"
 weight = 50
 interface = "ens3"
 notrack_other = true
+prefilter = false
 address = { lan = "198.51.100.12", hb2 = "192.0.2.12" }
 
 [[rule]]
@@ -132,6 +133,7 @@ def test_good_file(farm_dir: Path) -> None:
     assert spec.farm == "web" and spec.interface == "ens3" and spec.lease_s == 0.15
     assert spec.buckets == 256
     assert spec.notrack_other and not cfg.datapath_spec("node1").notrack_other
+    assert not spec.prefilter and cfg.datapath_spec("node1").prefilter
     udp = spec.rules[1]
     assert (udp.port, udp.port_end, udp.affinity, udp.prefix4) == (
         5000,

@@ -12,9 +12,9 @@ client namespace, every variant in both modes, rounds interleaved (see `vipfarm.
   every frame sent to the VMAC (the switch floods it) and drop it. The CPU this costs is the
   difference in CPU per request between runs where the switch floods the non-owners and runs
   where their switch ports do not flood unknown unicast (`bridge_slave flood off`), everything
-  else equal; measured for each decision point (`DecisionPoint`: the netdev ingress chain, the
-  default, and the inet prerouting chain after conntrack, as before issue 14), switched on the
-  running lab between runs.
+  else equal; measured for each decision point (`DROP_POINTS`: the BPF prefilter ahead of
+  nftables, the default; the nftables netdev ingress chain alone; the inet prerouting chain after
+  conntrack, as before issue 14), switched on the running lab between runs.
 
 In every lab the switch floods the VMAC to the nodes only (`vipfarm.bench.switch`), and CPU per
 request counts the lab's own tasks, softirq included (`vipfarm.bench.cpu`).
@@ -22,6 +22,7 @@ request counts the lab's own tasks, softirq included (`vipfarm.bench.cpu`).
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -350,8 +351,30 @@ OVERHEAD = register(
 # ---- CPU cost of the traffic a node drops
 
 
+@dataclasses.dataclass(frozen=True)
+class DropPoint:
+    """Where a non-owner drops other nodes' frames: the spec changes that put the decision
+    there, and how the figures say it."""
+
+    changes: Mapping[str, Any]
+    where: str
+
+
 # Variant name suffix per decision point: the default keeps the historical names.
-DROP_POINTS = {DecisionPoint.INGRESS: "", DecisionPoint.PREROUTING: "_prerouting"}
+DROP_POINTS = {
+    "": DropPoint(
+        {"decide_at": DecisionPoint.INGRESS, "prefilter": True},
+        "dropped by the prefilter, a BPF program at tc ingress ahead of nftables (the default)",
+    ),
+    "_nft": DropPoint(
+        {"decide_at": DecisionPoint.INGRESS, "prefilter": False},
+        "dropped by nftables at netdev ingress, before conntrack (the prefilter off)",
+    ),
+    "_prerouting": DropPoint(
+        {"decide_at": DecisionPoint.PREROUTING, "prefilter": False},
+        "dropped in prerouting after conntrack (before issue 14)",
+    ),
+}
 
 
 def _drop_cost(ctx: Context) -> ScenarioResult:
@@ -366,11 +389,11 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
         def counters() -> dict[str, int]:
             return {"dropper_rx_packets": tx_packets(lab, ports)}
 
-        def setup(point: DecisionPoint, flood: bool) -> Callable[[], None]:
+        def setup(point: DropPoint, flood: bool) -> Callable[[], None]:
             def before() -> None:
-                if lab.spec.decide_at is not point:
-                    ctx.status(f"drop_cost: decision point {point}")
-                    lab.update_spec(decide_at=point)
+                if any(getattr(lab.spec, k) != v for k, v in point.changes.items()):
+                    ctx.status(f"drop_cost: {point.where}")
+                    lab.update_spec(**point.changes)
                 set_flood(lab, ports, flood)
 
             return before
@@ -379,7 +402,7 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
             f"drop_{kind}{suffix}": Target(
                 lab, url_for(), before=setup(point, kind == "flooded"), counters=counters
             )
-            for point, suffix in DROP_POINTS.items()
+            for suffix, point in DROP_POINTS.items()
             for kind in ("flooded", "isolated")
         }
         runs = ctx.interleave("drop_cost", targets)
@@ -406,7 +429,7 @@ def _drop_cost(ctx: Context) -> ScenarioResult:
 
     f = FigureSet()
     f.add_wrk(runs, list(targets))
-    for suffix in DROP_POINTS.values():
+    for suffix in DROP_POINTS:
         pair = (f"drop_flooded{suffix}", f"drop_isolated{suffix}")
         f.add(f"drop_cpu_us{suffix}", paired_values(runs, *pair, per_node_us))
         f.add(f"drop_cpu_pct{suffix}", paired_values(runs, *pair, per_node_pct))
@@ -461,8 +484,10 @@ def _plot_drop(figures: Mapping[str, Any], out: Path) -> list[Path]:
         "µs per request",
         figures,
         [
-            ("drop_flooded_cpu_us", "flooded, ingress drop"),
-            ("drop_isolated_cpu_us", "not flooded, ingress drop"),
+            ("drop_flooded_cpu_us", "flooded, prefilter drop"),
+            ("drop_isolated_cpu_us", "not flooded, prefilter drop"),
+            ("drop_flooded_nft_cpu_us", "flooded, nftables ingress drop"),
+            ("drop_isolated_nft_cpu_us", "not flooded, nftables ingress drop"),
             ("drop_flooded_prerouting_cpu_us", "flooded, prerouting drop"),
             ("drop_isolated_prerouting_cpu_us", "not flooded, prerouting drop"),
         ],
@@ -477,11 +502,8 @@ def _drop_steps(s: Settings) -> int:
 
 def _drop_meanings() -> dict[str, str]:
     out: dict[str, str] = {}
-    for point, suffix in DROP_POINTS.items():
-        where = {
-            DecisionPoint.INGRESS: "dropped at netdev ingress, before conntrack (the default)",
-            DecisionPoint.PREROUTING: "dropped in prerouting after conntrack (before issue 14)",
-        }[point]
+    for suffix, point in DROP_POINTS.items():
+        where = point.where
         out.update(
             _wrk_meanings(
                 {
@@ -522,13 +544,14 @@ DROP_COST = register(
             "the number of non-owners, is the CPU one non-owner spends on the traffic it drops. "
             "It includes the software bridge copying each frame to that port, which a hardware "
             "switch does for free, so it is an upper bound. Both variants are measured for each "
-            "decision point: the netdev ingress chain (the default: the bucket is computed "
-            "there and foreign frames never reach conntrack) and, suffixed `_prerouting`, the "
-            "old one (the ingress chain drops nothing, so each foreign frame is looked up in "
-            "conntrack, a SYN's entry allocated and freed, and dropped by the inet chain at "
-            "-150). The lab switches decision point between runs (a spec reload of every "
-            "runner); XDP was not tried (a compiled BPF object needs clang and libbpf on every "
-            "node)."
+            "decision point: the prefilter (the default: a BPF program at tc ingress, ahead of "
+            "nftables, hashes the frame and drops it when its bucket is not kept), suffixed "
+            "`_nft` the nftables netdev ingress chain alone (the prefilter off: the bucket is "
+            "computed there and foreign frames never reach conntrack) and, suffixed "
+            "`_prerouting`, the old one (the ingress chain drops nothing, so each foreign frame "
+            "is looked up in conntrack, a SYN's entry allocated and freed, and dropped by the "
+            "inet chain at -150). The lab switches decision point between runs (a spec reload "
+            "of every runner). `drop_decision` measures the decision alone, without the switch."
         ),
         steps=_drop_steps,
         run=_drop_cost,

@@ -2,8 +2,9 @@
 
 `perf record -a` samples every CPU while wrk runs; only samples of the lab's own tasks (the lab's
 processes, wrk, ksoftirqd) are kept, so other tenants of the machine do not blur the picture. Each
-kernel sample is put in an area by its symbol (conntrack, nftables, bridge, device and veth, TCP/IP,
-memory, syscalls and scheduling), each user-space sample under its program. An area's share times
+kernel sample is put in an area by its symbol (conntrack, the BPF prefilter, nftables, bridge,
+device and veth, TCP/IP, memory, syscalls and scheduling), each user-space sample under its
+program. An area's share times
 the run's CPU per request (`vipfarm.bench.cpu`) gives microseconds per request, which compare
 across variants: that is the table the summary shows next to a goal that falls short.
 """
@@ -30,6 +31,7 @@ KERNEL_DSO = "[kernel.kallsyms]"
 AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("conntrack", ("nf_conntrack", "__nf_conntrack", "nf_ct_", "__nf_ct_", "nf_confirm",
                    "ipv4_conntrack", "hash_conntrack", "tcp_in_window", "nf_nat")),
+    ("bpf prefilter", ("bpf_prog", "tcx_", "__bpf_prog", "bpf_")),
     ("netfilter/nftables", ("nft_", "__nft_", "nf_tables", "nf_hook", "jhash")),
     ("bridge", ("br_", "__br_", "nbp_")),
     ("device/veth", ("veth_", "__dev_", "dev_", "netif_", "__netif_", "process_backlog",
@@ -57,6 +59,8 @@ _LINE = re.compile(
 
 def area_of(comm: str, sym: str, dso: str) -> str:
     """The area a sample belongs to: a kernel area by symbol, or `<program> (user)`."""
+    if sym.startswith("bpf_prog_"):  # JIT-compiled: perf may not name the kernel as its DSO
+        return "bpf prefilter"
     if dso != KERNEL_DSO:
         program = "wrk" if comm == "wrk" else comm.split("/")[0].split(":")[0]
         return f"{program} (user)"

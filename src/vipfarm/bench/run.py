@@ -34,6 +34,7 @@ from rich.progress import (
 from rich.table import Table
 
 import vipfarm.bench.control  # registers pulse_cpu
+import vipfarm.bench.decision  # registers drop_decision
 import vipfarm.bench.directed  # registers directed (issue 15)
 import vipfarm.bench.failover  # registers failover and rebalance
 import vipfarm.bench.figures  # noqa: F401  (registers the data-path scenarios)

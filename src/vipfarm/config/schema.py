@@ -243,6 +243,9 @@ class NodeSection(Strict):
     # Exempt the node's own traffic (not to or from a VIP) from conntrack (docs/CONFIG.md):
     # per node, as it changes the meaning of the host's own stateful firewall rules.
     notrack_other: bool = False
+    # The BPF prefilter ahead of nftables (docs/DATAPATH.md): off only for a node whose tc
+    # ingress must hold nothing but its own programs.
+    prefilter: bool = True
 
 
 def _ports_text(value: object) -> object:
@@ -532,6 +535,7 @@ class FarmConfig(Strict):
             "lease_s": ("timing", "lease_ms"),
             "delivery": ("farm", "delivery"),
             "notrack_other": ("node", i, "notrack_other"),
+            "prefilter": ("node", i, "prefilter"),
         }
         # The rules are the same on every node: checked (overlap included) with the first node
         # only, so that a file of thousands of rules is not checked 32 times over.
@@ -546,6 +550,7 @@ class FarmConfig(Strict):
                 lease_s=self.timing.lease_ms / 1000,
                 delivery=self.farm.delivery,
                 notrack_other=node.notrack_other,
+                prefilter=node.prefilter,
             )
         except ValidationError as exc:
             return relocate(exc, lambda loc: spec_keys.get(str(loc[0]), loc))
