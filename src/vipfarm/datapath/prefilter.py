@@ -107,11 +107,10 @@ def _step(op: int, dst: int, x: int, k: int) -> list[Item]:
 def _mix() -> list[Item]:
     a, b, c = _A, _B, _C
     out: list[Item] = []
-    for x, y, z, k in ((a, b, c, 4), (b, c, a, 6), (c, a, b, 8), (a, b, c, 16), (b, c, a, 19)):
-        # x -= z; x ^= rol(z, k); z += y
+    # x -= z; x ^= rol(z, k); z += y
+    steps = ((a, b, c, 4), (b, c, a, 6), (c, a, b, 8), (a, b, c, 16), (b, c, a, 19), (c, a, b, 4))
+    for x, y, z, k in steps:
         out += [bpf.alu32x(SUB, x, z), *_step(XOR, x, z, k), bpf.alu32x(ADD, z, y)]
-    # c -= b; c ^= rol(b, 4); b += a
-    out += [bpf.alu32x(SUB, c, b), *_step(XOR, c, b, 4), bpf.alu32x(ADD, b, a)]
     return out
 
 
