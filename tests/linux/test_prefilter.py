@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vipfarm.datapath import bpf, prefilter
+from vipfarm.datapath import bpf, prefilter, ruleset
 from vipfarm.datapath.jhash import bucket_of
 from vipfarm.datapath.spec import DatapathSpec, IPAddress, Rule
 
@@ -60,12 +60,15 @@ class Loaded:
         code = bpf.assemble(prefilter.program(spec, self.kept_fd, self.drops_fd))
         self.prog_fd = bpf.prog_load(code, "t_prefilter")
         self.handle = prefilter.Loaded(0, self.kept_fd, self.drops_fd, self.prog_fd)
+        self.mark = 0
 
     def keep(self, buckets: set[int]) -> None:
         prefilter.set_kept(self.handle, buckets)
 
     def run(self, packet: bytes) -> int:
-        return bpf.test_run(self.prog_fd, packet)
+        verdict, mark = bpf.test_run(self.prog_fd, packet)
+        self.mark = mark
+        return verdict
 
 
 @pytest.fixture
@@ -99,6 +102,8 @@ def test_drops_exactly_the_buckets_it_does_not_keep(loaded: Loaded) -> None:
             verdict = loaded.run(frame(spec, rule.vip, proto, client, sport, dport))
             want = bpf.TC_NEXT if bucket in kept else bpf.TC_DROP
             assert verdict == want, (str(rule.vip), rule.affinity, str(client), sport, bucket)
+            if verdict == bpf.TC_NEXT:  # its bucket for nftables, tagged
+                assert loaded.mark == ruleset.PREFILTER_TAG | bucket, (hex(loaded.mark), bucket)
             dropped += verdict == bpf.TC_DROP
     assert dropped and prefilter.read(loaded.handle) == (frozenset(kept), dropped)
     loaded.keep(set(range(spec.buckets)))  # everything kept: nothing dropped
@@ -144,6 +149,7 @@ def test_leaves_everything_else_to_nftables(loaded: Loaded) -> None:
     }
     for what, packet in others.items():
         assert loaded.run(packet) == bpf.TC_NEXT, what
+        assert loaded.mark == 0, what  # not one of its frames: nftables decides as ever
     assert loaded.run(frame(spec, v6, 6, c6, 1234, 80)) == bpf.TC_DROP
     assert loaded.run(frame(spec, ipaddress.ip_address(V4B), 6, c4, 1, 8100)) == bpf.TC_DROP
 

@@ -86,8 +86,16 @@ def test_ingress_hashes_each_rule_and_decides_per_bucket() -> None:
     )
     hooked = [rendered(r) for r in ruleset.ingress_rules(s)]
     assert vmac_for("web", V4) in hooked[0] and '"pkttype"' in hooked[0]
-    assert '"jump": {"target": "vip"}' in hooked[1] and '"ip"' in hooked[1]
-    assert '"ip6"' in hooked[2]
+    # a frame the prefilter hashed and let through: its bucket, untagged, to the decision
+    tag, mask = ruleset.PREFILTER_TAG, ruleset.BUCKET_MASK
+    assert f'"&": [{{"meta": {{"key": "mark"}}}}, {tag}]' in hooked[1]
+    assert f'{{"&": [{{"meta": {{"key": "mark"}}}}, {mask}]}}' in hooked[1]
+    assert hooked[1].endswith('{"goto": {"target": "bucket"}}]')
+    assert '"jump": {"target": "vip"}' in hooked[2] and '"ip"' in hooked[2]
+    assert '"ip6"' in hooked[3]
+    for off in ({"prefilter": False}, {"decide_at": DecisionPoint.PREROUTING}):
+        rules = [rendered(r) for r in ruleset.ingress_rules(s.model_copy(update=off))]
+        assert len(rules) == 3 and str(tag) not in "".join(rules), off
     # one map lookup per family sends a rule's frames to the chain of its hash key
     texts = [rendered(r) for r in ruleset.decide_rules(s)]
     assert '"vmap"' in texts[0] and '"@rules4"' in texts[0] and '"th"' in texts[0]

@@ -276,10 +276,15 @@ def link_update(link_fd: int, prog_fd: int) -> None:
     _bpf(_LINK_UPDATE, attr, "replace the attached BPF program")
 
 
-def test_run(prog_fd: int, packet: bytes) -> int:
-    """The program's verdict on one packet (`BPF_PROG_TEST_RUN`)."""
+SK_BUFF_SIZE = 192  # struct __sk_buff, Linux 6.x
+SK_BUFF_MARK = 8
+
+
+def test_run(prog_fd: int, packet: bytes) -> tuple[int, int]:
+    """The program's verdict on one packet and the mark it left (`BPF_PROG_TEST_RUN`)."""
     data = ctypes.create_string_buffer(packet)
     out = ctypes.create_string_buffer(len(packet) + 256)
+    ctx = ctypes.create_string_buffer(SK_BUFF_SIZE)
     attr = _attr(
         80,
         (0, "<I", prog_fd),
@@ -288,10 +293,13 @@ def test_run(prog_fd: int, packet: bytes) -> int:
         (16, "<Q", _addr(data)),
         (24, "<Q", _addr(out)),
         (32, "<I", 1),
+        (44, "<I", SK_BUFF_SIZE),
+        (56, "<Q", _addr(ctx)),
     )
     _bpf(_PROG_TEST_RUN, attr, "test-run the BPF program")
     retval: int = struct.unpack_from("<i", attr, 4)[0]
-    return retval
+    mark: int = struct.unpack_from("<I", ctx, SK_BUFF_MARK)[0]
+    return retval, mark
 
 
 def possible_cpus() -> int:

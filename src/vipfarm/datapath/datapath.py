@@ -215,10 +215,10 @@ class Datapath:
         was_directed = self.spec.delivery.steers
         old = self.spec
         if (old.rules, old.buckets, old.seed) != (spec.rules, spec.buckets, spec.seed):
-            # Until the new program is in, the old one hashes by the old rules: it passes
-            # everything meanwhile, so it never drops a frame the new rules serve.
+            # The program hashes by the old rules, and nftables trusts the buckets it marks:
+            # nftables alone decides until the new program is in.
             with self._owned_lock:
-                self._prefilter_keep(frozenset(range(max(old.buckets, spec.buckets))))
+                self._prefilter_stop(None)
         with self._steer_lock:
             plan = self._initial_plan(spec)
             stale = self._steer_chains if was_directed else None

@@ -12,8 +12,11 @@ nftables, which stays the authority:
   exactly as nftables does (`vipfarm.datapath.jhash`: lookup3 over the key's registers, then
   ``(h * buckets) >> 32``), and if the bucket is not in the prefilter's kept bitmap the frame is
   dropped and counted (a per-CPU counter);
-* anything else (another MAC, ARP, ICMP, fragments, options, ports no rule has, a bucket in the
-  bitmap) goes on unchanged (``TC_ACT_UNSPEC``: the next program, then nftables, decides).
+* a frame of a bucket in the bitmap goes on with its bucket in the mark, tagged
+  (`ruleset.PREFILTER_TAG`): the nftables ingress chain takes it from there instead of looking
+  up the rule and hashing again (some 130 ns of an owned frame's path);
+* anything else (another MAC, ARP, ICMP, fragments, options, ports no rule has) goes on
+  unchanged (``TC_ACT_UNSPEC``: the next program, then nftables, decides).
 
 Safety rests on one invariant, kept by `vipfarm.datapath.datapath.Datapath`: the bitmap always
 holds every bucket of the nftables kept set (which holds every owned bucket). Buckets are added
@@ -37,7 +40,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from vipfarm.datapath import bpf
+from vipfarm.datapath import bpf, ruleset
 from vipfarm.datapath.bpf import (
     ADD,
     AND,
@@ -270,6 +273,7 @@ def program(spec: DatapathSpec, kept_fd: int, drops_fd: int) -> list[Item]:
         bpf.alu32x(MOV, 0, _C),  # zero-extended
         bpf.alu64(MUL, 0, spec.buckets),
         bpf.alu64(RSH, 0, 32),  # reciprocal_scale: the bucket, < spec.buckets
+        bpf.mov64(9, 0),
         bpf.mov64(1, 0),
         bpf.alu64(RSH, 1, 5),
         bpf.alu64(LSH, 1, 2),
@@ -280,7 +284,12 @@ def program(spec: DatapathSpec, kept_fd: int, drops_fd: int) -> list[Item]:
         bpf.alu64(AND, 0, 31),
         bpf.alu32x(RSH, 3, 0),
         bpf.alu32(AND, 3, 1),
-        bpf.jmp(JNE, 3, 0, "pass"),
+        bpf.jmp(bpf.JEQ, 3, 0, "foreign"),
+        # Kept: nftables takes the bucket from the mark instead of hashing again.
+        bpf.alu32(OR, 9, ruleset.PREFILTER_TAG),
+        bpf.store(W, _CTX, 9, bpf.SK_BUFF_MARK),
+        bpf.goto("pass"),
+        Label("foreign"),
         bpf.store_imm(W, 10, -4, 0),
         bpf.mov64(2, 10),
         bpf.alu64(ADD, 2, -4),

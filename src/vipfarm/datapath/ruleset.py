@@ -117,6 +117,10 @@ RAW_OUT_CHAIN = "raw_out"  # inet, optional: notrack for what is not from a VIP
 # also tells vipfarm's conntrack entries from everybody else's (mark 0).
 OWNED_MARK = 0x8000_0000
 BUCKET_MASK = 0xFFFF
+# Set at tc ingress by the prefilter (`vipfarm.datapath.prefilter`) with the bucket of a frame it
+# hashed and let through: the ingress chain then goes straight to the decision. Nothing from the
+# wire sets a mark, and the chain replaces it with the bare bucket before anything else reads it.
+PREFILTER_TAG = 0x4000_0000
 
 # A socket lookup: it only matches when a socket would take the packet (a listener, for a SYN).
 # A node whose application is down thus drops new flows silently instead of answering RST, and
@@ -225,6 +229,15 @@ def ingress_rules(spec: DatapathSpec) -> list[list[Json]]:
             {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}},
         ]
     ]
+    if spec.prefilter and spec.decide_at is DecisionPoint.INGRESS:
+        # Hashed by the prefilter already (same rules, same hash): its bucket is in the mark.
+        out.append(
+            [
+                _match({"&": [_MARK, PREFILTER_TAG]}, PREFILTER_TAG),
+                {"mangle": {"key": _MARK, "value": {"&": [_MARK, BUCKET_MASK]}}},
+                {"goto": {"target": BUCKET_CHAIN}},
+            ]
+        )
     for _version, l3, vips in _families(spec):
         if vips:
             out.append(
