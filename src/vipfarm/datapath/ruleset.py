@@ -4,9 +4,11 @@ Two tables per farm; docs/DATAPATH.md draws the whole path.
 
 * ``netdev vipfarm_<farm>`` decides, before conntrack, which frames this node looks at. Its ingress
   chain on the LAN interface turns frames addressed to a VMAC from ``PACKET_OTHERHOST`` into
-  ``PACKET_HOST`` (so IP input accepts them), and sends every IPv4/IPv6 packet to a VIP to the
-  chain ``vip``. There one lookup in a verdict map (``rules4``/``rules6``: VIP . protocol .
-  port or port range, an interval map) sends a balanced rule's frames to the chain of its hash
+  ``PACKET_HOST`` (so IP input accepts them), sends a frame the prefilter hashed already
+  (`PREFILTER_TAG` in the mark, `vipfarm.datapath.prefilter`) with its bucket straight to the
+  chain ``bucket``, and every other IPv4/IPv6 packet to a VIP to the chain ``vip``. There one
+  lookup in a verdict map (``rules4``/``rules6``: VIP . protocol . port or port range, an
+  interval map) sends a balanced rule's frames to the chain of its hash
   key (one per affinity, family and protocol or prefix, see `hash_chain`), which computes the
   bucket with the same expression as before (``meta mark set jhash <key> mod B seed S``, so
   `vipfarm.datapath.jhash` still predicts it): every frame to a VIP passes here, so its cost
