@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import struct
@@ -234,7 +235,8 @@ def map_update(fd: int, key: bytes, value: bytes) -> None:
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes:
-    k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value_size)
+    # The kernel writes the map's own value size: slack, should `fd` ever name another map.
+    k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(max(value_size, 1 << 16))
     attr = _attr(32, (0, "<I", fd), (8, "<Q", _addr(k)), (16, "<Q", _addr(v)))
     _bpf(_MAP_LOOKUP_ELEM, attr, "read a BPF map")
     return v.raw[:value_size]
@@ -302,6 +304,7 @@ def test_run(prog_fd: int, packet: bytes) -> tuple[int, int]:
     return retval, mark
 
 
+@functools.cache
 def possible_cpus() -> int:
     """How many values a per-CPU map holds per key (the kernel's possible CPUs)."""
     try:

@@ -363,21 +363,35 @@ class Datapath:
     # keeping, so it drops nothing nftables would not
     def _prefilter(self, spec: DatapathSpec) -> None:
         """Attach, swap or take away the prefilter for `spec`; a kernel that cannot take it
-        leaves nftables to decide alone, and says why (`prefilter_off`)."""
-        with self._owned_lock:
-            if not spec.prefilter or spec.decide_at is not DecisionPoint.INGRESS:
-                why = "turned off" if not spec.prefilter else f"decide_at is {spec.decide_at}"
+        leaves nftables to decide alone, and says why (`prefilter_off`).
+
+        The program is loaded (the verifier may take milliseconds) outside the lock that lease
+        renewals take, with a bitmap that passes every bucket: nftables then decides each frame
+        itself, which is always right. The true bitmap is written under the lock."""
+        if not spec.prefilter or spec.decide_at is not DecisionPoint.INGRESS:
+            why = "turned off" if not spec.prefilter else f"decide_at is {spec.decide_at}"
+            with self._owned_lock:
                 self._prefilter_stop(why)
-                return
+            return
+        everything = frozenset(range(spec.buckets))
+        try:
+            self.kernel.prefilter_load(spec, everything)
+        except DatapathError as e:
+            with self._owned_lock:
+                self._prefilter_stop(str(e))
+            return
+        with self._owned_lock:
             bits = self.read_kept() | self._owned  # nothing changes them but under this lock
+            first = self._pf_bits is None
+            self._pf_bits = everything  # what the kernel holds: set_owned may add to it
             try:
-                self.kernel.prefilter_load(spec, bits)
-            except DatapathError as e:
+                self.kernel.prefilter_set_kept(spec.farm, bits)
+            except DatapathError as e:  # it passes everything: safe, but useless
                 self._prefilter_stop(str(e))
                 return
-            if self._pf_bits is None:
-                event(log, "prefilter_attached", farm=spec.farm, interface=spec.interface)
             self._pf_bits, self.prefilter_off = bits, None
+        if first:
+            event(log, "prefilter_attached", farm=spec.farm, interface=spec.interface)
 
     def _prefilter_stop(self, why: str | None) -> None:
         if self._pf_bits is not None and why is not None:

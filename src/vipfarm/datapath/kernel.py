@@ -129,6 +129,10 @@ class LinuxKernel:
         self._lease_lock = threading.Lock()
         self._renewers: dict[str, LeaseRenewer] = {}
         self._prefilters: dict[str, prefilter.Loaded] = {}
+        # A program may be loaded in a worker thread while the pulse's loop reads the counters:
+        # a read must never use a descriptor being closed (its number could be another map's).
+        self._pf_lock = threading.Lock()
+        self._pf_read: dict[str, tuple[frozenset[int], int]] = {}
         # pyroute2 0.9's synchronous IPRoute runs its own event loop and refuses to work in a
         # thread where one is already running (the daemon's), so it lives in a thread of its own.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
@@ -140,9 +144,10 @@ class LinuxKernel:
     def close(self) -> None:
         for renewer in self._renewers.values():
             renewer.close()
-        for loaded in self._prefilters.values():
-            loaded.close()  # detaches: nftables decides alone from now on
-        self._prefilters.clear()
+        with self._pf_lock:
+            for loaded in self._prefilters.values():
+                loaded.close()  # detaches: nftables decides alone from now on
+            self._prefilters.clear()
         self._nl(self._ipr.close)
         self._pool.shutdown()
 
@@ -211,34 +216,45 @@ class LinuxKernel:
         return self._read_set(farm, ruleset.KEPT_SET)
 
     def prefilter_load(self, spec: DatapathSpec, kept: frozenset[int]) -> None:
-        current = self._prefilters.get(spec.farm)
-        try:
-            self._prefilters[spec.farm] = prefilter.load(spec, kept, current)
-        except (BpfError, prefilter.Unsupported, OSError) as e:
-            raise DatapathError(f"prefilter not attached to {spec.interface}: {e}") from e
+        with self._pf_lock:
+            current = self._prefilters.get(spec.farm)
+            try:
+                self._prefilters[spec.farm] = prefilter.load(spec, kept, current)
+            except (BpfError, prefilter.Unsupported, OSError) as e:
+                raise DatapathError(f"prefilter not attached to {spec.interface}: {e}") from e
 
     def prefilter_set_kept(self, farm: str, kept: frozenset[int]) -> None:
-        loaded = self._prefilters.get(farm)
-        if loaded is None:
-            raise DatapathError(f"no prefilter for farm {farm}")
-        try:
-            prefilter.set_kept(loaded, kept)
-        except BpfError as e:
-            raise DatapathError(f"cannot write the prefilter's kept buckets: {e}") from e
+        with self._pf_lock:
+            loaded = self._prefilters.get(farm)
+            if loaded is None:
+                raise DatapathError(f"no prefilter for farm {farm}")
+            try:
+                prefilter.set_kept(loaded, kept)
+            except BpfError as e:
+                raise DatapathError(f"cannot write the prefilter's kept buckets: {e}") from e
 
     def prefilter_read(self, farm: str) -> tuple[frozenset[int], int] | None:
-        loaded = self._prefilters.get(farm)
-        if loaded is None:
-            return None
+        # The pulse's loop asks: it never waits behind a program being verified.
+        if not self._pf_lock.acquire(blocking=False):
+            return self._pf_read.get(farm)
         try:
-            return prefilter.read(loaded)
-        except BpfError as e:
-            raise DatapathError(f"cannot read the prefilter's maps: {e}") from e
+            loaded = self._prefilters.get(farm)
+            if loaded is None:
+                self._pf_read.pop(farm, None)
+                return None
+            try:
+                got = self._pf_read[farm] = prefilter.read(loaded)
+            except BpfError as e:
+                raise DatapathError(f"cannot read the prefilter's maps: {e}") from e
+            return got
+        finally:
+            self._pf_lock.release()
 
     def prefilter_unload(self, farm: str) -> None:
-        loaded = self._prefilters.pop(farm, None)
-        if loaded is not None:
-            loaded.close()
+        with self._pf_lock:
+            loaded = self._prefilters.pop(farm, None)
+            if loaded is not None:
+                loaded.close()
 
     def ct_scan(self, budget: int) -> Scan:
         try:
