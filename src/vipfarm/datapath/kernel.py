@@ -220,7 +220,7 @@ class LinuxKernel:
             current = self._prefilters.get(spec.farm)
             try:
                 self._prefilters[spec.farm] = prefilter.load(spec, kept, current)
-            except (BpfError, prefilter.Unsupported, OSError) as e:
+            except (BpfError, OSError, ValueError) as e:  # Unsupported is a ValueError
                 raise DatapathError(f"prefilter not attached to {spec.interface}: {e}") from e
 
     def prefilter_set_kept(self, farm: str, kept: frozenset[int]) -> None:
