@@ -200,18 +200,11 @@ def test_udp_flows_stay_with_their_node_while_kept_and_the_bucket_is_released_af
 
 FLOOD = r"""
 import os, random, socket, struct, sys, time
+from vipfarm.datapath.packet import inet_checksum as checksum
 vip, syns, acks, udps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 probe.connect((vip, 80))
 src = probe.getsockname()[0]
-
-def checksum(data):
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 def tcp(sport, flags, payload=b""):
     seq, ack = random.getrandbits(32), random.getrandbits(32)

@@ -154,8 +154,6 @@ def test_leaves_everything_else_to_nftables(loaded: Loaded) -> None:
     assert loaded.run(frame(spec, ipaddress.ip_address(V4B), 6, c4, 1, 8100)) == bpf.TC_DROP
 
 
-def test_a_spec_with_too_many_rules_is_left_to_nftables() -> None:
-    rules = [Rule(vip=V4, port=p) for p in range(1, prefilter.MAX_RULES + 2)]
-    spec = DatapathSpec(farm="t", interface="eth0", rules=rules)
-    with pytest.raises(prefilter.Unsupported, match="1025 rules"):
-        prefilter.program(spec, 0, 0)
+def test_a_program_the_verifier_refuses_says_why() -> None:
+    with pytest.raises(bpf.BpfError, match=r"verifier: .*R0 !read_ok"):
+        bpf.prog_load(bpf.assemble([bpf.exit_()]), "t_refused")  # exits with r0 unset

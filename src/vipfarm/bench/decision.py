@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from vipfarm.bench.framework import (
@@ -47,17 +47,10 @@ VARIANTS = ("floor", "prefilter", "nft", "prerouting")
 
 SEND = r"""
 import ctypes, json, os, socket, struct, sys, time
+from vipfarm.datapath.packet import inet_checksum as csum
 ifname, dst, src, vip, count, syn = sys.argv[1:7]
 count, syn = int(count), syn == "1"
 os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-
-def csum(data):
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 def frame(sport):
     flags = 0x02 if syn else 0x10
@@ -189,6 +182,14 @@ def _prefilter_held(pair: Pair, spec: DatapathSpec) -> Iterator[None]:
             proc.wait()
 
 
+def _spec_of(spec: DatapathSpec, variant: str) -> DatapathSpec:
+    """The data path each variant runs: the prefilter's, nftables alone, or prerouting."""
+    if variant == "prefilter":
+        return spec
+    point = DecisionPoint.PREROUTING if variant == "prerouting" else DecisionPoint.INGRESS
+    return spec.model_copy(update={"decide_at": point, "prefilter": False})
+
+
 def _count(settings: Settings) -> int:
     return 50_000 if settings.quick else 400_000
 
@@ -203,14 +204,13 @@ def _drop_decision(ctx: Context) -> ScenarioResult:
     try:
         pair.up()
         for r in range(ctx.settings.rounds):
-            for variant in VARIANTS[r % 4 :] + VARIANTS[: r % 4]:
+            turn = r % len(VARIANTS)
+            for variant in VARIANTS[turn:] + VARIANTS[:turn]:
                 ctx.status(f"drop_decision: round {r + 1}/{ctx.settings.rounds} {variant}")
                 pair.nft(ruleset.remove_batch(spec.farm))
                 if variant != "floor":
-                    point = DecisionPoint.PREROUTING if variant == "prerouting" else None
-                    applied = spec.model_copy(update={"decide_at": point or spec.decide_at})
-                    pair.nft(ruleset.ruleset_batch(applied, fresh=True))
-                held = _prefilter_held(pair, spec) if variant == "prefilter" else _nothing()
+                    pair.nft(ruleset.ruleset_batch(_spec_of(spec, variant), fresh=True))
+                held = _prefilter_held(pair, spec) if variant == "prefilter" else nullcontext()
                 try:
                     with held:
                         for kind in KINDS:
@@ -233,11 +233,6 @@ def _drop_decision(ctx: Context) -> ScenarioResult:
     notes: dict[str, Any] = {"frames_per_run": count, "prefilter_unavailable": unavailable}
     notes |= {f"{v}_{k}_ns_all": [round(x, 1) for x in xs] for (v, k), xs in per.items()}
     return ScenarioResult(figures=figures, notes=notes)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _produces() -> dict[str, str]:

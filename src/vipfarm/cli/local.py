@@ -248,11 +248,8 @@ def status_lines(st: dict[str, Any]) -> tuple[list[str], list[tuple[str, ...]]]:
     lingering = sorted(set(st.get("kept") or ()) - set(st["owned"]))
     if lingering:
         shown = ", ".join(map(str, lingering[:LINGERING_SHOWN]))
-        more = (
-            f" and {len(lingering) - LINGERING_SHOWN} more"
-            if len(lingering) > LINGERING_SHOWN
-            else ""
-        )
+        hidden = len(lingering) - LINGERING_SHOWN
+        more = f" and {hidden} more" if hidden > 0 else ""
         lines.append(
             f"still serving connections in {len(lingering)} bucket(s) given away: {shown}{more}"
         )

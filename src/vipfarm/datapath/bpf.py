@@ -2,8 +2,8 @@
 
 No compiler, no libbpf, no object file: `vipfarm.datapath.prefilter` writes its program as a
 list of `Insn` (the kernel's instruction set, include/uapi/linux/bpf.h, encoded as the kernel
-reads it), and this module loads it with the `bpf` system call through ctypes, creates its two
-array maps, attaches it with a tcx link (Linux 6.6 and later; the link belongs to the file
+reads it), and this module loads it with the `bpf` system call through ctypes, creates array
+maps, attaches it with a tcx link (Linux 6.6 and later; the link belongs to the file
 descriptor, so a process that dies takes its program with it) and runs it on test packets
 (`BPF_PROG_TEST_RUN`, for the tests). Every failure is an `BpfError` carrying the kernel's
 errno text and, for a program the verifier refused, the end of its log.
@@ -136,6 +136,11 @@ def jmp(op: int, dst: int, imm: int, target: str) -> Insn:
     return Insn(JMP | op | K, dst, 0, target, imm)
 
 
+def jmp32(op: int, dst: int, imm: int, target: str) -> Insn:
+    """A jump on the low 32 bits: a 64-bit compare would sign-extend an immediate >= 2**31."""
+    return Insn(JMP32 | op | K, dst, 0, target, imm)
+
+
 def jmpx(op: int, dst: int, src: int, target: str) -> Insn:
     return Insn(JMP | op | X, dst, src, target)
 
@@ -222,8 +227,9 @@ def _addr(obj: ctypes.Array[ctypes.c_char]) -> int:
 
 
 def map_create(kind: int, key_size: int, value_size: int, entries: int, name: str) -> int:
-    attr = _attr(72, (0, "<I", kind), (4, "<I", key_size), (8, "<I", value_size))
-    struct.pack_into("<I", attr, 12, entries)
+    attr = _attr(
+        72, (0, "<I", kind), (4, "<I", key_size), (8, "<I", value_size), (12, "<I", entries)
+    )
     struct.pack_into("16s", attr, 28, name.encode()[:15])
     return _bpf(_MAP_CREATE, attr, f"create the BPF map {name}")
 
@@ -246,26 +252,34 @@ LOG_SIZE = 1 << 20
 
 
 def prog_load(code: bytes, name: str, kind: int = PROG_SCHED_CLS) -> int:
-    """Load a program; a refusal carries the verifier's log (its last lines say why)."""
+    """Load a program; a refusal carries the verifier's log (its last lines say why). The log
+    is asked for only to explain a refusal: writing it slows every verification."""
     insns = ctypes.create_string_buffer(code)
     lic = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(LOG_SIZE)
-    attr = _attr(
-        128,
-        (0, "<I", kind),
-        (4, "<I", len(code) // 8),
-        (8, "<Q", _addr(insns)),
-        (16, "<Q", _addr(lic)),
-        (24, "<I", 1),
-        (28, "<I", LOG_SIZE),
-        (32, "<Q", _addr(log)),
-    )
-    struct.pack_into("16s", attr, 48, name.encode()[:15])
-    try:
+
+    def attempt(log: ctypes.Array[ctypes.c_char] | None) -> int:
+        attr = _attr(
+            128,
+            (0, "<I", kind),
+            (4, "<I", len(code) // 8),
+            (8, "<Q", _addr(insns)),
+            (16, "<Q", _addr(lic)),
+        )
+        if log is not None:
+            for off, fmt, value in ((24, "<I", 1), (28, "<I", len(log)), (32, "<Q", _addr(log))):
+                struct.pack_into(fmt, attr, off, value)
+        struct.pack_into("16s", attr, 48, name.encode()[:15])
         return _bpf(_PROG_LOAD, attr, f"load the BPF program {name}")
-    except BpfError as e:
-        tail = log.value.decode(errors="replace").strip().splitlines()[-6:]
-        raise BpfError(e.errno, f"{e.strerror}; verifier: {' | '.join(tail)}") from None
+
+    try:
+        return attempt(None)
+    except BpfError as first:
+        log = ctypes.create_string_buffer(LOG_SIZE)
+        try:
+            return attempt(log)  # refused again, with the reason this time
+        except BpfError as e:
+            tail = log.value.decode(errors="replace").strip().splitlines()[-6:]
+            raise BpfError(e.errno, f"{e.strerror}; verifier: {' | '.join(tail)}") from first
 
 
 def link_tcx_ingress(prog_fd: int, ifindex: int) -> int:

@@ -211,8 +211,6 @@ class Datapath:
             # connections hash into new buckets too, and ingress drops those this node neither
             # owns nor keeps: a change of buckets or seed breaks connections (documented).
             self._owned = frozenset()
-        old_vips = set(self.spec.vips)
-        was_directed = self.spec.delivery.steers
         old = self.spec
         if (old.rules, old.buckets, old.seed) != (spec.rules, spec.buckets, spec.seed):
             # The program hashes by the old rules, and nftables trusts the buckets it marks:
@@ -221,14 +219,14 @@ class Datapath:
                 self._prefilter_stop(None)
         with self._steer_lock:
             plan = self._initial_plan(spec)
-            stale = self._steer_chains if was_directed else None
+            stale = self._steer_chains if old.delivery.steers else None
             self.kernel.nft_apply(ruleset.ruleset_batch(spec, False, True, plan, stale))
             self._set_steered(spec, plan)
         self.spec = spec
         self._prefilter(spec)
         self._add_macs(spec)
         self._add_vips(spec)
-        for vip in old_vips - set(spec.vips):
+        for vip in set(old.vips) - set(spec.vips):
             self._del_vip(vip)
         self._remove_macs(keep={spec.vmac(v) for v in spec.vips})
         return self.set_owned(self._owned)

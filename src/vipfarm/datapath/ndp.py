@@ -22,7 +22,7 @@ import struct
 from collections import Counter
 
 from vipfarm.datapath.arp import mac_bytes
-from vipfarm.datapath.packet import BpfInsn, bpf_match_all
+from vipfarm.datapath.packet import BpfInsn, bpf_match_all, inet_checksum
 
 ETH_P_IPV6 = 0x86DD
 ICMPV6 = 58
@@ -54,13 +54,7 @@ def ns_filter() -> list[BpfInsn]:
 
 
 def _checksum(src: bytes, dst: bytes, icmp: bytes) -> int:
-    data = src + dst + struct.pack("!I3xB", len(icmp), ICMPV6) + icmp
-    if len(data) % 2:
-        data += b"\x00"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return inet_checksum(src + dst + struct.pack("!I3xB", len(icmp), ICMPV6) + icmp)
 
 
 def build_na(

@@ -38,6 +38,16 @@ class Responder(Protocol):
     def announcements(self) -> list[bytes]: ...
 
 
+def inet_checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`, a pseudo-header included by the caller."""
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def bpf_match_all(checks: list[tuple[int, int, int]]) -> list[BpfInsn]:
     """A filter accepting frames where every (offset, size, value) check holds."""
     prog: list[BpfInsn] = []

@@ -38,6 +38,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vipfarm.datapath import bpf, ruleset
@@ -58,7 +59,6 @@ from vipfarm.datapath.bpf import (
     B,
     BpfError,
     H,
-    Insn,
     Item,
     Label,
     W,
@@ -84,11 +84,6 @@ class Unsupported(ValueError):
 def _le32(raw: bytes) -> int:
     value: int = struct.unpack("<I", raw)[0]
     return value
-
-
-def _jmp32(op: int, dst: int, imm: int, target: str) -> Insn:
-    """A jump on the low 32 bits: a 64-bit compare would sign-extend an immediate >= 2**31."""
-    return Insn(bpf.JMP32 | op | bpf.K, dst, 0, target, imm)
 
 
 def _rol(dst: int, x: int, k: int) -> list[Item]:
@@ -185,7 +180,7 @@ def _match_rules(rules: list[Rule], daddr_regs: list[int]) -> list[Item]:
         nxt = f"r{rule.vip.version}_{i}"
         packed = rule.vip.packed
         for j, reg in enumerate(daddr_regs):
-            out.append(_jmp32(JNE, reg, _le32(packed[4 * j : 4 * j + 4]), nxt))
+            out.append(bpf.jmp32(JNE, reg, _le32(packed[4 * j : 4 * j + 4]), nxt))
         out.append(bpf.jmp(JNE, _PROTO_REG, _PROTO[rule.proto], nxt))
         end = rule.port if rule.port_end is None else rule.port_end
         if end == rule.port:
@@ -250,7 +245,7 @@ def program(spec: DatapathSpec, kept_fd: int, drops_fd: int) -> list[Item]:
     for i, mac in enumerate(vmacs):
         raw = bytes.fromhex(mac.replace(":", ""))
         out += [
-            _jmp32(JNE, 2, _le32(raw[:4]), f"mac{i}"),
+            bpf.jmp32(JNE, 2, _le32(raw[:4]), f"mac{i}"),
             bpf.jmp(bpf.JEQ, 3, struct.unpack("<H", raw[4:])[0], "vmac"),
             Label(f"mac{i}"),
         ]
@@ -309,7 +304,7 @@ def program(spec: DatapathSpec, kept_fd: int, drops_fd: int) -> list[Item]:
     return out
 
 
-def bitmap(buckets: frozenset[int] | set[int]) -> bytes:
+def bitmap(buckets: Iterable[int]) -> bytes:
     words = [0] * (BITMAP_BYTES // 4)
     for b in buckets:
         words[b >> 5] |= 1 << (b & 31)
@@ -318,7 +313,7 @@ def bitmap(buckets: frozenset[int] | set[int]) -> bytes:
 
 def from_bitmap(raw: bytes) -> frozenset[int]:
     words = struct.unpack(f"<{len(raw) // 4}I", raw)
-    return frozenset(32 * i + j for i, w in enumerate(words) for j in range(32) if w >> j & 1)
+    return frozenset(32 * i + j for i, w in enumerate(words) if w for j in range(32) if w >> j & 1)
 
 
 @dataclass
@@ -367,7 +362,7 @@ def load(spec: DatapathSpec, kept: frozenset[int], current: Loaded | None) -> Lo
         except BpfError:
             os.close(prog_fd)
             raise
-    except (BpfError, Unsupported):
+    except Exception:  # a refusal, or a program that does not assemble
         if fresh:
             current.close()
         raise
@@ -377,7 +372,7 @@ def load(spec: DatapathSpec, kept: frozenset[int], current: Loaded | None) -> Lo
     return current
 
 
-def set_kept(loaded: Loaded, kept: frozenset[int] | set[int]) -> None:
+def set_kept(loaded: Loaded, kept: Iterable[int]) -> None:
     bpf.map_update(loaded.kept_fd, _KEY0, bitmap(kept))
 
 
