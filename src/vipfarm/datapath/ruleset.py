@@ -225,21 +225,21 @@ def _rule(table: str, chain: str, expr: list[Json], family: str = "inet") -> Jso
 def ingress_rules(spec: DatapathSpec) -> list[list[Json]]:
     """The hooked ingress chain: VMAC frames become `host`, VIP packets go to the decision."""
     vmacs = sorted({spec.vmac(v) for v in spec.vips})
-    out: list[list[Json]] = [
-        [
-            _match(_payload("ether", "daddr"), {"set": vmacs}),
-            {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}},
-        ]
-    ]
+    to_host: Json = {"mangle": {"key": {"meta": {"key": "pkttype"}}, "value": "host"}}
+    out: list[list[Json]] = []
     if spec.prefilter and spec.decide_at is DecisionPoint.INGRESS:
-        # Hashed by the prefilter already (same rules, same hash): its bucket is in the mark.
+        # Hashed by the prefilter already (same rules, same hash): its bucket is in the mark,
+        # and it tags frames to a VMAC only, so a register compare stands in for the VMAC
+        # lookup. First, because every frame a node serves through the VIP comes this way.
         out.append(
             [
                 _match({"&": [_MARK, PREFILTER_TAG]}, PREFILTER_TAG),
+                to_host,
                 {"mangle": {"key": _MARK, "value": {"&": [_MARK, BUCKET_MASK]}}},
                 {"goto": {"target": BUCKET_CHAIN}},
             ]
         )
+    out.append([_match(_payload("ether", "daddr"), {"set": vmacs}), to_host])
     for _version, l3, vips in _families(spec):
         if vips:
             out.append(
