@@ -19,8 +19,9 @@ import pytest
 
 from vipfarm.datapath.jhash import bucket_of
 from vipfarm.datapath.ruleset import FOREIGN_COUNTER, OWNED_MARK, table_name
-from vipfarm.datapath.spec import Affinity, Proto, Rule
+from vipfarm.datapath.spec import Affinity, DecisionPoint, Proto, Rule
 from vipfarm.lab.buckets import even_split
+from vipfarm.lab.procs import alive
 from vipfarm.lab.testbed import Lab, LabFactory, url_for
 from vipfarm.lab.topology import BUCKETS, ECHO_PORT, VIP4, VIP6, client_lan4, node_lan4
 
@@ -344,3 +345,75 @@ def test_the_nodes_own_processes_reach_the_vip_whatever_its_buckets(
     assert lab.http_get("node2", source_port=34100).node == "node2"
     # and the LAN still goes to the owner
     assert lab.http_get("client1", source_port=34200).node == "node1"
+
+
+OPERATOR_TABLES = """\
+table inet host {
+	set admins {
+		type ipv4_addr
+		elements = { 192.0.2.10 }
+	}
+
+	chain pre {
+		type filter hook prerouting priority raw; policy accept;
+		tcp dport 2222 ip saddr != @admins counter drop
+	}
+
+	chain out {
+		type filter hook output priority filter; policy accept;
+		ct state established counter accept
+	}
+}
+table netdev host_nd {
+	chain ingress {
+		type filter hook ingress device "eth0" priority 10; policy accept;
+		ether type arp counter accept
+	}
+}
+"""
+
+
+def test_the_hosts_own_tables_and_traffic_are_left_as_they_were(lab_factory: LabFactory) -> None:
+    """Every change vipfarm makes (ownership, notrack, decision point, prefilter, stop) leaves
+    the operator's tables, a netdev chain on the same interface included, exactly as they were,
+    and the node's own service answers on its real address throughout."""
+    lab = lab_factory(nodes=2, clients=1, app="builtin")
+    lab.exec("node1", ["nft", "-f", "-"], input=OPERATOR_TABLES, check=True)
+
+    def operator_tables() -> str:
+        return "".join(
+            lab.exec("node1", ["nft", "-s", "list", "table", *t], check=True).stdout
+            for t in (("inet", "host"), ("netdev", "host_nd"))
+        )
+
+    def check(step: str) -> None:
+        assert operator_tables() == before, step
+        for port in (34000, 34001):
+            direct = lab.http_get("client1", f"http://{node_lan4(1)}/", source_port=port)
+            assert direct.node == "node1", (step, direct.error)
+
+    before = operator_tables()
+    assert "192.0.2.10" in before and '"eth0"' in before
+    check("started")
+    lab.set_owned({"node1": list(range(BUCKETS)), "node2": []})
+    assert lab.http_get("client1").node == "node1"
+    split: dict[int | str, list[int]] = {k: v for k, v in even_split(2).items()}
+    lab.set_owned(split)
+    check("ownership moved away and back")
+    for changes in (
+        {"notrack_other": True},
+        {"prefilter": False},
+        {"decide_at": DecisionPoint.PREROUTING},
+        {"notrack_other": False, "prefilter": True, "decide_at": DecisionPoint.INGRESS},
+    ):
+        lab.update_spec(**changes)
+        check(f"spec {changes}")
+    tables = lab.exec("node1", ["nft", "list", "tables"], check=True).stdout
+    assert f"netdev {table_name(lab.name)}" in tables and f"inet {table_name(lab.name)}" in tables
+    runner = lab.runners()["node1"]
+    os.kill(runner.pid, signal.SIGTERM)
+    wait_for("node1's runner to stop", lambda: not alive(runner))
+    check("stopped")
+    # Nothing of vipfarm's is left, and nothing else was added.
+    ruleset = lab.exec("node1", ["nft", "-s", "list", "ruleset"], check=True).stdout
+    assert ruleset == before
